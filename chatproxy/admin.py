@@ -1,0 +1,60 @@
+"""Staff review transcripts here; the transcript is an audit trail, so nothing is editable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest
+
+from .models import Conversation, Message
+
+
+class ReadOnlyMixin:
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class MessageInline(ReadOnlyMixin, admin.StackedInline):
+    model = Message
+    extra = 0
+    can_delete = False
+    classes = ["chatproxy-transcript"]
+    fields = [
+        ("role", "status", "model", "finish_reason", "error_code"),
+        "content",
+        "raw_content",
+        ("prompt_tokens", "completion_tokens", "total_tokens", "cost"),
+        ("first_token_ms", "duration_ms", "created_at", "finished_at"),
+    ]
+    readonly_fields = [f for row in fields for f in ((row,) if isinstance(row, str) else row)]
+
+
+@admin.register(Conversation)
+class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ["__str__", "owner", "model", "message_count", "status", "created_at"]
+    list_filter = ["status", "model", "created_at"]
+    search_fields = ["title", "messages__content", "owner__username", "owner__email"]
+    readonly_fields = ["id", "owner", "session_key", "title", "model", "status", "created_at", "updated_at"]
+    date_hierarchy = "created_at"
+    inlines = [MessageInline]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
+        return super().get_queryset(request).select_related("owner").annotate(Count("messages"))
+
+    @admin.display(description="messages", ordering="messages__count")
+    def message_count(self, obj: Conversation) -> int:
+        return int(obj.messages__count)  # type: ignore[attr-defined]
+
+
+@admin.register(Message)
+class MessageAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ["__str__", "conversation", "role", "status", "model", "total_tokens", "created_at"]
+    list_filter = ["role", "status", "model", "created_at"]
+    search_fields = ["content", "conversation__title"]
+    readonly_fields = [f.name for f in Message._meta.fields]
+    list_select_related = ["conversation"]

@@ -1,0 +1,106 @@
+"""The only reader of ``django.conf.settings`` in chatproxy.
+
+Every setting is a property, so it is read on each access and ``override_settings`` just works.
+The README's settings table lists the same names with the same defaults (a test keeps them in step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+DEMO_MODEL = "chatproxy-demo"
+
+DEFAULT_PARAMETERS: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "max_tokens": (1, 4096),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "seed": (0, 2**31 - 1),
+}
+
+
+class Settings:
+    @property
+    def CHATPROXY_API_KEY(self) -> str:
+        return str(getattr(settings, "CHATPROXY_API_KEY", "") or "")
+
+    @property
+    def CHATPROXY_BASE_URL(self) -> str:
+        return str(getattr(settings, "CHATPROXY_BASE_URL", "") or "https://api.openai.com/v1")
+
+    @property
+    def CHATPROXY_DEMO(self) -> bool:
+        """Answer from the built-in offline demo model: true while no API key is set."""
+        return not self.CHATPROXY_API_KEY
+
+    @property
+    def CHATPROXY_TIMEOUT(self) -> float:
+        return float(getattr(settings, "CHATPROXY_TIMEOUT", 60.0))
+
+    @property
+    def CHATPROXY_CONNECT_TIMEOUT(self) -> float:
+        return float(getattr(settings, "CHATPROXY_CONNECT_TIMEOUT", 5.0))
+
+    @property
+    def CHATPROXY_MAX_RETRIES(self) -> int:
+        return int(getattr(settings, "CHATPROXY_MAX_RETRIES", 1))
+
+    @property
+    def CHATPROXY_DEFAULT_MODEL(self) -> str:
+        default = DEMO_MODEL if self.CHATPROXY_DEMO else "gpt-4o-mini"
+        return str(getattr(settings, "CHATPROXY_DEFAULT_MODEL", default))
+
+    @property
+    def CHATPROXY_MODELS(self) -> list[str]:
+        models = getattr(settings, "CHATPROXY_MODELS", None)
+        return list(models) if models is not None else [self.CHATPROXY_DEFAULT_MODEL]
+
+    @property
+    def CHATPROXY_PARAMETERS(self) -> dict[str, tuple[float, float]]:
+        return dict(getattr(settings, "CHATPROXY_PARAMETERS", DEFAULT_PARAMETERS))
+
+    @property
+    def CHATPROXY_MAX_MESSAGES(self) -> int:
+        return int(getattr(settings, "CHATPROXY_MAX_MESSAGES", 100))
+
+    @property
+    def CHATPROXY_MAX_CHARS(self) -> int:
+        return int(getattr(settings, "CHATPROXY_MAX_CHARS", 40_000))
+
+    @property
+    def CHATPROXY_MAX_BODY_BYTES(self) -> int:
+        return int(getattr(settings, "CHATPROXY_MAX_BODY_BYTES", 256 * 1024))
+
+    @property
+    def CHATPROXY_ALLOW_ANONYMOUS(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_ALLOW_ANONYMOUS", False))
+
+    @property
+    def CHATPROXY_ALLOW_SYSTEM_MESSAGES(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_ALLOW_SYSTEM_MESSAGES", False))
+
+    @property
+    def CHATPROXY_STREAM_USAGE(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_STREAM_USAGE", True))
+
+    @property
+    def CHATPROXY_HEARTBEAT(self) -> float:
+        return float(getattr(settings, "CHATPROXY_HEARTBEAT", 15.0))
+
+    @property
+    def CHATPROXY_COALESCE_DELTAS(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_COALESCE_DELTAS", False))
+
+    @property
+    def CHATPROXY_DEMO_DELAY(self) -> float:
+        return float(getattr(settings, "CHATPROXY_DEMO_DELAY", 0.03))
+
+    def raw(self, name: str) -> Any:
+        """Return a setting exactly as the project wrote it, for the system checks."""
+        return getattr(settings, name, None)
+
+
+conf = Settings()

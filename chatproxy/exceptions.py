@@ -1,0 +1,91 @@
+"""Errors chatproxy raises, each with a stable ``code`` that reaches the client.
+
+    ChatproxyError
+    ├── RequestError           the client must change its request; a 4xx before the first byte,
+    │                          or an ``error`` frame on a WebSocket
+    └── TurnError              a running turn ended early; the stream's terminal ``error`` event
+        ├── UpstreamError      the upstream API failed, timed out or misbehaved
+        ├── TurnRejectedError  an interceptor refused the turn on purpose
+        └── ContentBlockedError  a guardrail stopped the answer mid-stream
+
+Messages are written for the person reading the error: they say what happened and what to do,
+and never carry an API key, an upstream body or a traceback.
+"""
+
+from __future__ import annotations
+
+ERROR_CODES: dict[str, str] = {
+    # Client errors, answered before streaming (HTTP status in brackets).
+    "invalid_json": "The body is not valid UTF-8 JSON (400).",
+    "invalid_request": "The body is JSON but not the expected shape: wrong type or field (400).",
+    "unknown_field": "The body has a field chatproxy does not accept (400).",
+    "invalid_messages": "`messages` is missing, empty, or holds a malformed message (400).",
+    "role_not_allowed": "A message has a role the client may not send (400).",
+    "too_many_messages": "More messages than CHATPROXY_MAX_MESSAGES (400).",
+    "too_many_characters": "More characters than CHATPROXY_MAX_CHARS (400).",
+    "model_not_allowed": "The requested model is not in CHATPROXY_MODELS (400).",
+    "parameter_not_allowed": "A sampling parameter not in CHATPROXY_PARAMETERS (400).",
+    "invalid_parameter": "A sampling parameter that is not a number (400).",
+    "authentication_required": "The request carries no logged-in user (401).",
+    "csrf_failed": "A session-authenticated request without a valid CSRF token (403).",
+    "conversation_not_found": "No conversation with that id belongs to you (404).",
+    "method_not_allowed": "Only POST is accepted (405).",
+    "unsupported_media_type": "The body is not sent as application/json (415).",
+    "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",
+    # Errors after the first line: the terminal `error` event.
+    "upstream_timeout": "The upstream did not answer, or went silent, within CHATPROXY_TIMEOUT.",
+    "upstream_unreachable": "The upstream could not be reached.",
+    "upstream_disconnected": "The upstream dropped the connection mid-answer.",
+    "upstream_rate_limited": "The upstream refused the call with 429 (rate limit or quota).",
+    "upstream_auth_failed": "The upstream refused chatproxy's API key (401/403): a server-side fix.",
+    "upstream_rejected": "The upstream refused the request (another 4xx), e.g. a context too long.",
+    "upstream_error": "The upstream failed (5xx) or reported an error inside the stream.",
+    "upstream_bad_response": "The upstream sent a chunk chatproxy could not read.",
+    "internal_error": "chatproxy itself failed; the traceback is in the server log.",
+}
+
+
+class ChatproxyError(Exception):
+    """Raised for every failure chatproxy reports to a client; ``code`` is in ERROR_CODES."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class RequestError(ChatproxyError):
+    """Raised when the client's request is wrong; ``status`` is the HTTP answer."""
+
+    def __init__(self, code: str, message: str, *, status: int = 400) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+
+
+class TurnError(ChatproxyError):
+    """Raised to end a running turn; the saved answer gets ``status`` and ``code``."""
+
+    status = "failed"
+
+
+class UpstreamError(TurnError):
+    """Raised when the upstream API fails, times out or sends something unreadable."""
+
+    code = "upstream_error"
+
+
+class TurnRejectedError(TurnError):
+    """Raised by an interceptor to refuse a turn with its own code and message."""
+
+    code = "turn_rejected"
+    status = "failed"
+
+
+class ContentBlockedError(TurnError):
+    """Raised when a guardrail stops an answer; the saved answer becomes ``blocked``."""
+
+    code = "content_blocked"
+    status = "blocked"

@@ -1,0 +1,232 @@
+"""Conversations and their messages; persistence helpers live on the managers."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import models, transaction
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+TITLE_LENGTH = 80
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Owner:
+    """Who a conversation belongs to: a user, or for anonymous chat a session."""
+
+    user_id: int | None = None
+    session_key: str | None = None
+
+    def filter(self) -> dict[str, Any]:
+        if self.user_id is not None:
+            return {"owner_id": self.user_id}
+        return {"owner__isnull": True, "session_key": self.session_key or ""}
+
+
+class Status(models.TextChoices):
+    STREAMING = "streaming", _("streaming")
+    COMPLETED = "completed", _("completed")
+    INTERRUPTED = "interrupted", _("interrupted")
+    FAILED = "failed", _("failed")
+    BLOCKED = "blocked", _("blocked")
+
+
+class Role(models.TextChoices):
+    SYSTEM = "system", _("system")
+    USER = "user", _("user")
+    ASSISTANT = "assistant", _("assistant")
+
+
+@dataclasses.dataclass(slots=True)
+class TurnOutcome:
+    """The final state of an assistant answer, written once when the turn ends."""
+
+    content: str
+    status: str
+    raw_content: str = ""
+    finish_reason: str = ""
+    model: str | None = None
+    response_id: str = ""
+    error_code: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    first_token_ms: int | None = None
+    duration_ms: int | None = None
+    cost: Decimal | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class ConversationManager(models.Manager["Conversation"]):
+    def owned_by(self, owner: Owner) -> models.QuerySet[Conversation]:
+        return self.filter(**owner.filter())
+
+    @sync_to_async
+    def history(self, owner: Owner, conversation_id: uuid.UUID) -> list[dict[str, str]] | None:
+        """Return the stored messages of the owner's conversation, or None if there is none."""
+        if not self.owned_by(owner).filter(pk=conversation_id).exists():
+            return None
+        rows = Message.objects.filter(conversation_id=conversation_id).exclude(content="")
+        return [{"role": r, "content": c} for r, c in rows.values_list("role", "content")]
+
+    def start_turn(
+        self,
+        owner: Owner,
+        conversation_id: uuid.UUID | None,
+        messages: list[dict[str, str]],
+        model: str,
+    ) -> tuple[uuid.UUID, uuid.UUID]:
+        """Save the new messages and a ``streaming`` answer; return (conversation, answer) ids."""
+        with transaction.atomic():
+            if conversation_id is None:
+                title = next((m["content"] for m in messages if m["role"] == Role.USER), "")
+                conversation = self.create(
+                    owner_id=owner.user_id,
+                    session_key="" if owner.user_id else owner.session_key or "",
+                    title=" ".join(title.split())[:TITLE_LENGTH],
+                    model=model,
+                    status=Status.STREAMING,
+                )
+                position = 0
+            else:
+                # Lock the row so two turns on one conversation cannot take the same positions.
+                conversation = self.select_for_update().get(pk=conversation_id)
+                last = conversation.messages.aggregate(last=models.Max("position"))["last"]
+                position = -1 if last is None else last
+                position += 1
+                self.filter(pk=conversation_id).update(
+                    status=Status.STREAMING, model=model, updated_at=timezone.now()
+                )
+            rows = [
+                Message(conversation=conversation, position=position + i, **m)
+                for i, m in enumerate(messages)
+            ]
+            answer = Message(
+                conversation=conversation,
+                position=position + len(rows),
+                role=Role.ASSISTANT,
+                status=Status.STREAMING,
+                model=model,
+            )
+            Message.objects.bulk_create([*rows, answer])
+        return conversation.pk, answer.pk
+
+
+class Conversation(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="chat_conversations",
+        verbose_name=_("owner"),
+        help_text=_("Empty for anonymous chat, which belongs to a session instead."),
+    )
+    session_key = models.CharField(_("session key"), max_length=40, blank=True, db_index=True)
+    title = models.CharField(_("title"), max_length=TITLE_LENGTH, blank=True)
+    model = models.CharField(_("model"), max_length=100, blank=True)
+    status = models.CharField(
+        _("last status"),
+        max_length=16,
+        choices=Status.choices,
+        blank=True,
+        help_text=_("Status of the latest answer."),
+    )
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    objects = ConversationManager()
+
+    class Meta:
+        verbose_name = _("conversation")
+        verbose_name_plural = _("conversations")
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["owner", "-created_at"]),
+            models.Index(fields=["-created_at"]),
+            models.Index(fields=["status"]),
+            models.Index(fields=["model"]),
+        ]
+
+    def __str__(self) -> str:
+        return self.title or str(self.pk)
+
+
+class MessageManager(models.Manager["Message"]):
+    def finish_turn(
+        self, conversation_id: uuid.UUID, answer_id: uuid.UUID, outcome: TurnOutcome
+    ) -> None:
+        """Write the answer's final state and the conversation's last status in one transaction."""
+        fields = {f.name: getattr(outcome, f.name) for f in dataclasses.fields(outcome)}
+        fields = {name: value for name, value in fields.items() if value is not None}
+        now = timezone.now()
+        with transaction.atomic():
+            self.filter(pk=answer_id).update(finished_at=now, **fields)
+            Conversation.objects.filter(pk=conversation_id).update(
+                status=outcome.status, updated_at=now
+            )
+
+    async def checkpoint(self, answer_id: uuid.UUID, content: str) -> None:
+        """Save the text so far of an answer still streaming, so a crash leaves it behind."""
+        await self.filter(pk=answer_id, status=Status.STREAMING).aupdate(content=content)
+
+
+class Message(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    conversation = models.ForeignKey(
+        Conversation,
+        on_delete=models.CASCADE,
+        related_name="messages",
+        verbose_name=_("conversation"),
+    )
+    position = models.PositiveIntegerField(_("position"), help_text=_("Order in the conversation."))
+    role = models.CharField(_("role"), max_length=16, choices=Role.choices)
+    content = models.TextField(_("content"), blank=True, help_text=_("The text the client saw."))
+    raw_content = models.TextField(
+        _("upstream text"),
+        blank=True,
+        help_text=_("What the upstream sent, kept only when interceptors changed it."),
+    )
+    status = models.CharField(_("status"), max_length=16, choices=Status.choices, blank=True)
+    finish_reason = models.CharField(_("finish reason"), max_length=32, blank=True)
+    model = models.CharField(_("model"), max_length=100, blank=True)
+    response_id = models.CharField(_("upstream response id"), max_length=200, blank=True)
+    error_code = models.CharField(_("error code"), max_length=64, blank=True)
+    prompt_tokens = models.PositiveIntegerField(_("prompt tokens"), null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(_("completion tokens"), null=True, blank=True)
+    total_tokens = models.PositiveIntegerField(_("total tokens"), null=True, blank=True)
+    first_token_ms = models.PositiveIntegerField(
+        _("time to first token (ms)"), null=True, blank=True
+    )
+    duration_ms = models.PositiveIntegerField(_("duration (ms)"), null=True, blank=True)
+    cost = models.DecimalField(_("cost"), max_digits=12, decimal_places=6, null=True, blank=True)
+    metadata = models.JSONField(_("metadata"), default=dict, blank=True)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
+
+    objects = MessageManager()
+
+    class Meta:
+        verbose_name = _("message")
+        verbose_name_plural = _("messages")
+        ordering = ["conversation", "position"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["conversation", "position"], name="chatproxy_message_position"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["status"]),
+            models.Index(fields=["model"]),
+            models.Index(fields=["-created_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.role} #{self.position}"

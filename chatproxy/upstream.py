@@ -1,0 +1,156 @@
+"""The only module that imports ``openai``: the client factory, the stream, the error mapping.
+
+Everything past this module sees :class:`Chunk` tuples and :class:`UpstreamError`; no other
+module catches an ``openai`` exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
+from weakref import WeakKeyDictionary
+
+import httpx2
+import openai
+
+from .conf import conf
+from .demo import DemoTransport
+from .events import Usage
+from .exceptions import UpstreamError
+
+logger = logging.getLogger("chatproxy.upstream")
+
+DEMO_BASE_URL = "http://chatproxy-demo.invalid/v1"
+
+
+class Chunk(NamedTuple):
+    """What chatproxy needs from one upstream chunk."""
+
+    content: str
+    finish_reason: str | None
+    usage: Usage | None
+    response_id: str
+
+
+# One client per event loop: pooled connections belong to the loop that opened them, so a
+# client shared across loops (tests, management commands, WSGI) fails with "Event loop is closed".
+_clients: WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], openai.AsyncOpenAI]]
+_clients = WeakKeyDictionary()
+
+
+def get_client() -> openai.AsyncOpenAI:
+    """Return the ``AsyncOpenAI`` client for the running loop and the current settings."""
+    demo = conf.CHATPROXY_DEMO
+    key = (
+        demo,
+        conf.CHATPROXY_BASE_URL,
+        conf.CHATPROXY_API_KEY,
+        conf.CHATPROXY_TIMEOUT,
+        conf.CHATPROXY_CONNECT_TIMEOUT,
+        conf.CHATPROXY_MAX_RETRIES,
+    )
+    per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
+    client = per_loop.get(key)
+    if client is None:
+        _, base_url, api_key, read, connect, retries = key
+        http_client = httpx2.AsyncClient(transport=DemoTransport()) if demo else None
+        client = per_loop[key] = openai.AsyncOpenAI(
+            api_key=api_key or "offline-demo",
+            base_url=DEMO_BASE_URL if demo else base_url,
+            timeout=httpx2.Timeout(read, connect=connect),
+            max_retries=retries,
+            http_client=http_client,
+        )
+    return client
+
+
+async def stream_chat(
+    model: str, messages: list[dict[str, str]], params: dict[str, Any]
+) -> AsyncIterator[Chunk]:
+    """Yield the chunks of one streamed chat completion; raise ``UpstreamError`` on failure.
+
+    Closing this generator (or cancelling the task iterating it) closes the upstream
+    connection, so the upstream stops generating and no more tokens are paid for.
+    """
+    extra: dict[str, Any] = {}
+    if conf.CHATPROXY_STREAM_USAGE:
+        extra["stream_options"] = {"include_usage": True}
+    try:
+        stream = await get_client().chat.completions.create(
+            model=model, messages=messages, stream=True, **params, **extra  # type: ignore[arg-type]
+        )
+    except openai.APIError as exc:
+        raise _map_error(exc, streaming=False) from None
+    try:
+        async for chunk in stream:
+            usage = chunk.usage
+            if chunk.choices:
+                choice = chunk.choices[0]
+                yield Chunk(
+                    choice.delta.content or "",
+                    choice.finish_reason,
+                    None,
+                    chunk.id,
+                )
+            elif usage is not None:
+                yield Chunk(
+                    "",
+                    None,
+                    {
+                        "prompt_tokens": usage.prompt_tokens,
+                        "completion_tokens": usage.completion_tokens,
+                        "total_tokens": usage.total_tokens,
+                    },
+                    chunk.id,
+                )
+    except openai.APIError as exc:
+        raise _map_error(exc, streaming=True) from None
+    except ValueError:  # a JSON or UTF-8 decoding error inside the SSE stream
+        logger.warning("Upstream sent an unreadable chunk", exc_info=True)
+        raise UpstreamError(
+            "The model's server sent a response chatproxy could not read.",
+            code="upstream_bad_response",
+        ) from None
+    finally:
+        await stream.close()
+
+
+def _map_error(exc: openai.APIError, *, streaming: bool) -> UpstreamError:
+    # Log the upstream's request id, never its body: bodies can echo keys or internal URLs.
+    request_id = getattr(exc, "request_id", None)
+    logger.warning("Upstream error %s (request id %s)", type(exc).__name__, request_id)
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamError(
+            "The model's server did not answer in time. Try again.", code="upstream_timeout"
+        )
+    if isinstance(exc, openai.APIConnectionError):
+        if streaming:
+            return UpstreamError(
+                "The connection to the model's server dropped mid-answer. Try again.",
+                code="upstream_disconnected",
+            )
+        return UpstreamError(
+            "The model's server could not be reached. Try again later.",
+            code="upstream_unreachable",
+        )
+    if isinstance(exc, openai.RateLimitError):
+        return UpstreamError(
+            "The model's server is rate-limiting requests. Wait a moment and try again.",
+            code="upstream_rate_limited",
+        )
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return UpstreamError(
+            "The model's server refused this site's credentials. Tell the site's administrator.",
+            code="upstream_auth_failed",
+        )
+    if isinstance(exc, openai.APIStatusError) and exc.status_code < 500:
+        return UpstreamError(
+            f"The model's server refused the request (HTTP {exc.status_code}). "
+            "Shorten the conversation or change the parameters and try again.",
+            code="upstream_rejected",
+        )
+    return UpstreamError(
+        "The model's server failed while answering. Try again.", code="upstream_error"
+    )

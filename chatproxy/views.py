@@ -1,0 +1,99 @@
+"""The HTTP transport: check the request, then stream the turn's NDJSON lines."""
+
+from __future__ import annotations
+
+from django.contrib.auth.models import AnonymousUser
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.request import RawPostDataException
+from django.core.exceptions import RequestDataTooBig
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.csrf import csrf_exempt
+
+from .conf import conf
+from .exceptions import RequestError
+from .models import Owner
+from .payload import ChatRequest, decode_json, validate_request
+from .pipeline import prepare_turn, run_turn
+
+STREAM_HEADERS = {
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+}
+
+
+def error_response(exc: RequestError) -> JsonResponse:
+    """Return the 4xx JSON answer ``{"error": {"code", "message"}}`` for ``exc``."""
+    response = JsonResponse({"error": {"code": exc.code, "message": exc.message}}, status=exc.status)
+    if exc.status == 405:
+        response["Allow"] = "POST"
+    return response
+
+
+@csrf_exempt  # checked below, for session-authenticated requests only
+async def completions(request: HttpRequest) -> HttpResponse:
+    """Stream one chat turn as NDJSON: ``analyzing``, ``answering``…, ``completed``/``error``."""
+    try:
+        if request.method != "POST":
+            raise RequestError(
+                "method_not_allowed", "Send the chat request with POST.", status=405
+            )
+        owner = await authenticate(request)
+        turn = await prepare_turn(owner, read_chat_request(request))
+    except RequestError as exc:
+        return error_response(exc)
+    return StreamingHttpResponse(
+        run_turn(turn), content_type="application/x-ndjson", headers=STREAM_HEADERS
+    )
+
+
+async def authenticate(request: HttpRequest) -> Owner:
+    """Return who is chatting; raise if nobody is, or if a session request lacks CSRF."""
+    user = await request.auser()
+    if user.is_authenticated:
+        # Like Django's own views, a session-authenticated request must carry the CSRF token.
+        csrf = CsrfViewMiddleware(lambda r: HttpResponse())
+        csrf.process_request(request)
+        if csrf.process_view(request, None, (), {}) is not None:
+            raise RequestError(
+                "csrf_failed",
+                "CSRF check failed. Send the csrftoken cookie's value in the X-CSRFToken header.",
+                status=403,
+            )
+        return Owner(user_id=user.pk)
+    if not conf.CHATPROXY_ALLOW_ANONYMOUS:
+        raise RequestError(
+            "authentication_required", "Log in to chat: this endpoint needs a user.", status=401
+        )
+    return Owner(session_key=await anonymous_session_key(request, user))
+
+
+async def anonymous_session_key(request: HttpRequest, user: AnonymousUser) -> str:
+    """Return the session key that owns an anonymous user's conversations, creating it."""
+    session = request.session
+    if session.session_key is None:
+        session["chatproxy"] = True  # marks the session modified, so the cookie is sent
+        await session.asave()
+    return str(session.session_key)
+
+
+def read_chat_request(request: HttpRequest) -> ChatRequest:
+    """Check the body's size, type and content; the limits come from the settings."""
+    limit = conf.CHATPROXY_MAX_BODY_BYTES
+    too_large = RequestError(
+        "body_too_large", f"The body is larger than {limit} bytes. Send less.", status=413
+    )
+    try:
+        if int(request.headers.get("Content-Length") or 0) > limit:
+            raise too_large
+        body = request.body
+    except (RequestDataTooBig, RawPostDataException, ValueError):
+        raise too_large from None
+    if len(body) > limit:
+        raise too_large
+    if request.content_type != "application/json":
+        raise RequestError(
+            "unsupported_media_type",
+            "Send the body as JSON with the header Content-Type: application/json.",
+            status=415,
+        )
+    return validate_request(decode_json(body))

@@ -1,0 +1,114 @@
+"""The demo project: chatproxy behind Django's admin and auth, configured from the environment.
+
+With no OPENAI_API_KEY the offline demo model answers and anonymous chat is allowed; with a key,
+chat needs a logged-in user unless CHATPROXY_ALLOW_ANONYMOUS=1 says otherwise.
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "demo-only-insecure-secret-key-change-me")
+DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
+CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "chatproxy",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+ASGI_APPLICATION = "project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+SQLITE = {
+    "ENGINE": "django.db.backends.sqlite3",
+    "NAME": BASE_DIR / "db.sqlite3",
+    "OPTIONS": {
+        # IMMEDIATE takes the write lock at BEGIN, so concurrent turns queue instead of
+        # failing with "database is locked"; WAL lets readers run beside the writer.
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    },
+}
+if os.environ.get("DATABASE_URL"):
+    default = dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=0)
+    if default["ENGINE"] == "django.db.backends.postgresql":
+        default.setdefault("OPTIONS", {})["pool"] = {"min_size": 2, "max_size": 20, "timeout": 10}
+    DATABASES = {"default": default}
+else:
+    DATABASES = {"default": SQLITE}
+
+if os.environ.get("REDIS_URL"):
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [os.environ["REDIS_URL"]]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+LOGIN_URL = "admin:login"
+
+# chatproxy, from the environment
+CHATPROXY_API_KEY = os.environ.get("OPENAI_API_KEY", "")
+CHATPROXY_BASE_URL = os.environ.get("OPENAI_BASE_URL", "")
+if os.environ.get("CHATPROXY_MODELS"):
+    CHATPROXY_MODELS = os.environ["CHATPROXY_MODELS"].split(",")
+if os.environ.get("CHATPROXY_DEFAULT_MODEL"):
+    CHATPROXY_DEFAULT_MODEL = os.environ["CHATPROXY_DEFAULT_MODEL"]
+# Anonymous chat only while the offline demo model answers, unless said explicitly.
+CHATPROXY_ALLOW_ANONYMOUS = os.environ.get(
+    "CHATPROXY_ALLOW_ANONYMOUS", "0" if CHATPROXY_API_KEY else "1"
+) == "1"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"chatproxy": {"handlers": ["console"], "level": "INFO"}},
+}
