@@ -19,7 +19,7 @@ class ReadOnlyMixin:
         return False
 
 
-class MessageInline(ReadOnlyMixin, admin.StackedInline):
+class MessageInline(ReadOnlyMixin, admin.StackedInline):  # type: ignore[type-arg]
     model = Message
     extra = 0
     can_delete = False
@@ -35,16 +35,26 @@ class MessageInline(ReadOnlyMixin, admin.StackedInline):
 
 
 @admin.register(Conversation)
-class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ["__str__", "owner", "model", "message_count", "status", "created_at"]
     list_filter = ["status", "model", "created_at"]
     search_fields = ["title", "messages__content", "owner__username", "owner__email"]
-    readonly_fields = ["id", "owner", "session_key", "title", "model", "status", "created_at", "updated_at"]
+    readonly_fields = [
+        "id",
+        "owner",
+        "session_key",
+        "title",
+        "model",
+        "status",
+        "created_at",
+        "updated_at",
+    ]
     date_hierarchy = "created_at"
     inlines = [MessageInline]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
-        return super().get_queryset(request).select_related("owner").annotate(Count("messages"))
+        queryset: QuerySet[Conversation] = super().get_queryset(request)
+        return queryset.select_related("owner").annotate(Count("messages"))
 
     @admin.display(description="messages", ordering="messages__count")
     def message_count(self, obj: Conversation) -> int:
@@ -52,8 +62,16 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
 
 @admin.register(Message)
-class MessageAdmin(ReadOnlyMixin, admin.ModelAdmin):
-    list_display = ["__str__", "conversation", "role", "status", "model", "total_tokens", "created_at"]
+class MessageAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = [
+        "__str__",
+        "conversation",
+        "role",
+        "status",
+        "model",
+        "total_tokens",
+        "created_at",
+    ]
     list_filter = ["role", "status", "model", "created_at"]
     search_fields = ["content", "conversation__title"]
     readonly_fields = [f.name for f in Message._meta.fields]

@@ -68,7 +68,9 @@ def _errors() -> list[CheckMessage]:
         )
     for name in _POSITIVE_INTS:
         value = conf.raw(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
             errors.append(Error(f"{name} must be a positive integer.", id="chatproxy.E004"))
     for name in _SECONDS:
         value = conf.raw(name)
@@ -77,7 +79,9 @@ def _errors() -> list[CheckMessage]:
                 Error(f"{name} must be a number of seconds, 0 or more.", id="chatproxy.E005")
             )
     retries = conf.raw("CHATPROXY_MAX_RETRIES")
-    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
+    if retries is not None and (
+        not isinstance(retries, int) or isinstance(retries, bool) or retries < 0
+    ):
         errors.append(
             Error("CHATPROXY_MAX_RETRIES must be an integer, 0 or more.", id="chatproxy.E006")
         )
@@ -96,7 +100,7 @@ def _warnings() -> list[CheckMessage]:
                 id="chatproxy.W001",
             )
         )
-    if conf.CHATPROXY_DEMO:
+    if conf.demo:
         warnings.append(
             Warning(
                 "CHATPROXY_API_KEY is not set: the offline demo model answers every chat.",
@@ -132,7 +136,7 @@ def _warnings() -> list[CheckMessage]:
                     id="chatproxy.W005",
                 )
             )
-    if conf.CHATPROXY_ALLOW_ANONYMOUS and not conf.CHATPROXY_DEMO:
+    if conf.CHATPROXY_ALLOW_ANONYMOUS and not conf.demo:
         warnings.append(
             Warning(
                 "CHATPROXY_ALLOW_ANONYMOUS is on with a real API key: anyone can spend it.",

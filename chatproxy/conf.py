@@ -32,7 +32,7 @@ class Settings:
         return str(getattr(settings, "CHATPROXY_BASE_URL", "") or "https://api.openai.com/v1")
 
     @property
-    def CHATPROXY_DEMO(self) -> bool:
+    def demo(self) -> bool:
         """Answer from the built-in offline demo model: true while no API key is set."""
         return not self.CHATPROXY_API_KEY
 
@@ -50,7 +50,7 @@ class Settings:
 
     @property
     def CHATPROXY_DEFAULT_MODEL(self) -> str:
-        default = DEMO_MODEL if self.CHATPROXY_DEMO else "gpt-4o-mini"
+        default = DEMO_MODEL if self.demo else "gpt-4o-mini"
         return str(getattr(settings, "CHATPROXY_DEFAULT_MODEL", default))
 
     @property

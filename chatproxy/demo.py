@@ -26,7 +26,8 @@ def demo_reply(messages: list[dict[str, str]]) -> str:
     if len(said) > 120:
         said = said[:117] + "..."
     return (
-        f"Hello! I am {DEMO_MODEL}, chatproxy's offline demo model, and you said: \u201c{said}\u201d. "
+        f"Hello! I am {DEMO_MODEL}, chatproxy's offline demo model, "
+        f"and you said: \u201c{said}\u201d. "
         "I stream this reply through the real OpenAI SDK, a few characters at a time, "
         "so you can watch it arrive. "
         "Set OPENAI_API_KEY to talk to a real model instead."

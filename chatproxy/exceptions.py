@@ -37,11 +37,13 @@ ERROR_CODES: dict[str, str] = {
     "upstream_unreachable": "The upstream could not be reached.",
     "upstream_disconnected": "The upstream dropped the connection mid-answer.",
     "upstream_rate_limited": "The upstream refused the call with 429 (rate limit or quota).",
-    "upstream_auth_failed": "The upstream refused chatproxy's API key (401/403): a server-side fix.",
+    "upstream_auth_failed": "The upstream refused the site's API key (401/403): a server fix.",
     "upstream_rejected": "The upstream refused the request (another 4xx), e.g. a context too long.",
     "upstream_error": "The upstream failed (5xx) or reported an error inside the stream.",
     "upstream_bad_response": "The upstream sent a chunk chatproxy could not read.",
     "internal_error": "chatproxy itself failed; the traceback is in the server log.",
+    # Saved on an answer, never sent: nobody is listening any more.
+    "client_disconnected": "Saved on an interrupted answer: the client left mid-turn.",
 }
 
 

@@ -40,9 +40,7 @@ def decode_json(body: bytes | str) -> Any:
 def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
     """Check a decoded request against the settings; ``ignore`` names transport-level keys."""
     if not isinstance(data, dict):
-        raise RequestError(
-            "invalid_request", f"The body must be a JSON object, such as {EXAMPLE}."
-        )
+        raise RequestError("invalid_request", f"The body must be a JSON object, such as {EXAMPLE}.")
     allowed = conf.CHATPROXY_PARAMETERS
     for key in data:
         if key not in FIELDS and key not in allowed and key not in ignore:
@@ -55,7 +53,9 @@ def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
     return ChatRequest(
         messages=messages,
         model=_model(data.get("model")),
-        params={name: _parameter(name, data[name], *allowed[name]) for name in allowed if name in data},
+        params={
+            name: _parameter(name, data[name], *allowed[name]) for name in allowed if name in data
+        },
         conversation_id=conversation_id,
     )
 
@@ -83,7 +83,7 @@ def _messages(value: Any, *, continuing: bool) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise RequestError(
             "invalid_messages",
-            f"messages must be a non-empty list of {{\"role\", \"content\"}} objects, as in {EXAMPLE}.",
+            f'messages must be a non-empty list of {{"role", "content"}} objects, as in {EXAMPLE}.',
         )
     limit = conf.CHATPROXY_MAX_MESSAGES
     if len(value) > limit:
@@ -115,12 +115,14 @@ def _messages(value: Any, *, continuing: bool) -> list[dict[str, str]]:
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "user":
         raise RequestError(
-            "invalid_messages", "The last message must have the role 'user': it is what gets answered."
+            "invalid_messages",
+            "The last message must have the role 'user': it is what gets answered.",
         )
     if total > conf.CHATPROXY_MAX_CHARS:
         raise RequestError(
             "too_many_characters",
-            f"Send at most {conf.CHATPROXY_MAX_CHARS} characters of content; this request has {total}.",
+            f"Send at most {conf.CHATPROXY_MAX_CHARS} characters of content; "
+            f"this request has {total}.",
         )
     return messages
 
@@ -154,4 +156,5 @@ def _parameter(name: str, value: Any, low: float, high: float) -> int | float:
         kind = "an integer" if integral else "a number"
         raise RequestError("invalid_parameter", f"{name} must be {kind} from {low} to {high}.")
     # Out-of-range values are clamped rather than refused: the request is still meaningful.
-    return min(max(value, low), high)
+    clamped = min(max(value, low), high)
+    return int(clamped) if integral else float(clamped)

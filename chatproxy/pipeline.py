@@ -18,7 +18,7 @@ from asgiref.sync import sync_to_async
 from django.db import close_old_connections
 
 from .conf import conf
-from .events import PING, Encoder, error_event
+from .events import PING, Encoder, Usage, error_event
 from .exceptions import RequestError, TurnError
 from .models import Conversation, Message, Owner, Status, TurnOutcome
 from .payload import ChatRequest
@@ -71,7 +71,7 @@ class TurnState:
         self.status = Status.STREAMING
         self.error_code = ""
         self.finish_reason: str | None = None
-        self.usage: dict[str, int] | None = None
+        self.usage: Usage | None = None
         self.response_id = ""
         self.started = time.monotonic()
         self.first_token_at: float | None = None
@@ -82,7 +82,7 @@ class TurnState:
         if finish_reason:
             self.finish_reason = finish_reason
         if usage is not None:
-            self.usage = dict(usage)
+            self.usage = usage
         if text:
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
@@ -91,7 +91,9 @@ class TurnState:
 
     def end(self, status: Status, error_code: str = "") -> None:
         if self.status is not Status.STREAMING:
-            raise RuntimeError(f"Expected {Status.STREAMING!r}, but got {self.status!r}")
+            raise RuntimeError(
+                f"Expected {Status.STREAMING.value!r}, but got {self.status.value!r}"
+            )
         self.status, self.error_code = status, error_code
 
     @property
@@ -99,7 +101,7 @@ class TurnState:
         return "".join(self.parts)
 
     def outcome(self) -> TurnOutcome:
-        usage = self.usage or {}
+        usage = self.usage
         now = time.monotonic()
         first = self.first_token_at
         return TurnOutcome(
@@ -108,9 +110,9 @@ class TurnState:
             finish_reason=self.finish_reason or "",
             response_id=self.response_id,
             error_code=self.error_code,
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            total_tokens=usage.get("total_tokens"),
+            prompt_tokens=usage["prompt_tokens"] if usage else None,
+            completion_tokens=usage["completion_tokens"] if usage else None,
+            total_tokens=usage["total_tokens"] if usage else None,
             first_token_ms=None if first is None else round((first - self.started) * 1000),
             duration_ms=round((now - self.started) * 1000),
         )

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 from weakref import WeakKeyDictionary
 
 import httpx2
 import openai
+from openai.types.chat import ChatCompletionChunk
 
 from .conf import conf
 from .demo import DemoTransport
@@ -42,7 +43,7 @@ _clients = WeakKeyDictionary()
 
 def get_client() -> openai.AsyncOpenAI:
     """Return the ``AsyncOpenAI`` client for the running loop and the current settings."""
-    demo = conf.CHATPROXY_DEMO
+    demo = conf.demo
     key = (
         demo,
         conf.CHATPROXY_BASE_URL,
@@ -78,8 +79,12 @@ async def stream_chat(
     if conf.CHATPROXY_STREAM_USAGE:
         extra["stream_options"] = {"include_usage": True}
     try:
-        stream = await get_client().chat.completions.create(
-            model=model, messages=messages, stream=True, **params, **extra  # type: ignore[arg-type]
+        # `**params` hides `stream=True` from the overloads, hence the cast.
+        stream = cast(
+            "openai.AsyncStream[ChatCompletionChunk]",
+            await get_client().chat.completions.create(
+                model=model, messages=cast(Any, messages), stream=True, **params, **extra
+            ),
         )
     except openai.APIError as exc:
         raise _map_error(exc, streaming=False) from None

@@ -14,7 +14,9 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "demo-only-insecure-secret-key-change-me")
 DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
-CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+CSRF_TRUSTED_ORIGINS = [
+    o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o
+]
 
 INSTALLED_APPS = [
     "daphne",
@@ -102,9 +104,9 @@ if os.environ.get("CHATPROXY_MODELS"):
 if os.environ.get("CHATPROXY_DEFAULT_MODEL"):
     CHATPROXY_DEFAULT_MODEL = os.environ["CHATPROXY_DEFAULT_MODEL"]
 # Anonymous chat only while the offline demo model answers, unless said explicitly.
-CHATPROXY_ALLOW_ANONYMOUS = os.environ.get(
-    "CHATPROXY_ALLOW_ANONYMOUS", "0" if CHATPROXY_API_KEY else "1"
-) == "1"
+CHATPROXY_ALLOW_ANONYMOUS = (
+    os.environ.get("CHATPROXY_ALLOW_ANONYMOUS", "0" if CHATPROXY_API_KEY else "1") == "1"
+)
 
 LOGGING = {
     "version": 1,

@@ -47,9 +47,8 @@ class Reply:
     first_delay: float = 0.0  # extra wait before the first content token (after the role chunk)
     finish_reason: str = "stop"
     usage: bool = True  # send the usage chunk if the request asked for include_usage
-    fail: str | None = (
-        None  # "drop" | "stall" | "malformed_json" | "malformed_sse" | "inband_error"
-    )
+    # None | "drop" | "stall" | "malformed_json" | "malformed_sse" | "inband_error"
+    fail: str | None = None
     fail_after: int = 0  # content tokens sent before the failure (clamped to len(tokens))
     error_message: str = "upstream exploded"  # tests assert this never leaks to end users
 
@@ -101,8 +100,8 @@ def http_chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-_DONE = http_chunk(sse_chunk(b"[DONE]")) + b"0\r\n\r\n"
 _END = b"0\r\n\r\n"  # the terminating zero-length chunk
+_DONE = http_chunk(sse_chunk(b"[DONE]")) + _END
 _CHUNK_HEAD = (
     b'{"id":"chatcmpl-%d","object":"chat.completion.chunk","created":%d,"model":%b,'
     b'"system_fingerprint":null,"choices":['
@@ -209,9 +208,11 @@ class _Exchange:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     async def _finish(self, data: bytes) -> bool:
+        # Set *before* the last write so a test that has read the whole body always sees it
+        # set (no race with this thread); _respond clears it again if the write fails.
+        self.rec.completed.set()
         self.writer.write(data)
         await self.writer.drain()
-        self.rec.completed.set()
         return not self.close
 
     async def json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> bool:
@@ -297,13 +298,14 @@ async def _respond(conn: _Conn, rec: RecordedRequest, sending: Coroutine[Any, An
         # Let both really finish: a cancelled reader.read() holds the StreamReader until its
         # task resumes, and the next keep-alive request needs it.
         await asyncio.wait((sender, watcher))
-    exc = None if sender.cancelled() else sender.exception()
-    if not sender.cancelled() and exc is None:
-        return sender.result()
-    if isinstance(exc, EOFError):  # our own "drop"
-        return False
-    if exc is not None and not isinstance(exc, OSError):  # ConnectionError is an OSError
-        raise exc
+    if not sender.cancelled():  # else the watcher saw the client leave first
+        if (exc := sender.exception()) is None:
+            return sender.result()
+        if isinstance(exc, EOFError):  # our own "drop"
+            return False
+        if not isinstance(exc, OSError):  # a write hitting a closed socket is ConnectionError
+            raise exc
+    rec.completed.clear()  # before closed_by_client, which is what tests wait on
     rec.closed_by_client.set()
     return False
 
@@ -473,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"listening on {upstream.port}", flush=True)
         await asyncio.get_running_loop().create_future()  # forever
 
-    try:  # uvloop (if installed) roughly halves the per-chunk overhead on one core
+    try:  # uvloop, when installed, cuts per-chunk overhead: the benchmark runs on one core
         import uvloop
 
         run: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run

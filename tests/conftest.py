@@ -1,0 +1,99 @@
+"""Shared fixtures: a real fake upstream over loopback, users, and NDJSON helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from django.test import AsyncClient
+
+from tests.fake_upstream import FakeUpstream
+
+
+@pytest.fixture(scope="session")
+def upstream_server() -> Iterator[FakeUpstream]:
+    server = FakeUpstream()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def upstream(upstream_server: FakeUpstream, settings: Any) -> Iterator[FakeUpstream]:
+    """The fake upstream, emptied, with chatproxy pointed at it."""
+    upstream_server.reset()
+    settings.CHATPROXY_BASE_URL = upstream_server.base_url
+    yield upstream_server
+    upstream_server.reset()
+
+
+@pytest.fixture
+def user(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_user("alice", password="pw")
+
+
+@pytest.fixture
+def other_user(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_user("bob", password="pw")
+
+
+@pytest.fixture
+async def client(user: Any) -> AsyncClient:
+    """An async test client logged in as ``user``."""
+    c = AsyncClient()
+    await c.aforce_login(user)
+    return c
+
+
+async def chat(client: AsyncClient, body: Any, **kwargs: Any) -> Any:
+    data = body if isinstance(body, bytes | str) else orjson.dumps(body)
+    return await client.post(
+        "/completions", data, content_type=kwargs.pop("content_type", "application/json"), **kwargs
+    )
+
+
+async def read_body(response: Any) -> bytes:
+    return b"".join([chunk async for chunk in response.streaming_content])
+
+
+async def read_events(response: Any) -> list[dict[str, Any]]:
+    body = await read_body(response)
+    assert body.endswith(b"\n"), body
+    return [orjson.loads(line) for line in body.splitlines()]
+
+
+def answer_text(events: list[dict[str, Any]]) -> str:
+    return "".join(e["content"] for e in events if e["event"] == "answering")
+
+
+def http_scope(path: str, *, cookies: str = "", method: str = "POST") -> dict[str, Any]:
+    """A minimal ASGI HTTP scope for driving the real ASGI app with ApplicationCommunicator."""
+    headers = [(b"host", b"testserver"), (b"content-type", b"application/json")]
+    if cookies:
+        headers.append((b"cookie", cookies.encode()))
+        headers.append((b"x-csrftoken", CSRF_TOKEN.encode()))
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+
+
+async def session_cookie(user: Any) -> str:
+    """The Cookie header value of a logged-in session for ``user``."""
+    c = AsyncClient()
+    await c.aforce_login(user)
+    return f"sessionid={c.cookies['sessionid'].value}; csrftoken={CSRF_TOKEN}"
+
+
+CSRF_TOKEN = "t" * 32

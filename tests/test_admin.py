@@ -1,0 +1,110 @@
+"""Staff read transcripts in the admin; nobody edits them; non-staff see nothing."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.test import Client
+
+from chatproxy.models import Conversation, Message, Owner
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def conversation(user):
+    conversation_id, answer_id = Conversation.objects.start_turn(
+        Owner(user_id=user.pk),
+        None,
+        [{"role": "user", "content": "What is <b>2+2</b>?"}],
+        "gpt-test",
+    )
+    Message.objects.filter(pk=answer_id).update(
+        content="It is 4.", status="completed", total_tokens=12, first_token_ms=35, duration_ms=120
+    )
+    Conversation.objects.filter(pk=conversation_id).update(status="completed")
+    return Conversation.objects.get(pk=conversation_id)
+
+
+@pytest.fixture
+def staff_client(django_user_model):
+    staff = django_user_model.objects.create_user("staff", password="pw", is_staff=True)
+    staff.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_conversation", "view_message"])
+    )
+    c = Client()
+    c.force_login(staff)
+    return c
+
+
+def test_staff_see_the_conversation_list_with_title_owner_and_status(staff_client, conversation):
+    response = staff_client.get("/admin/chatproxy/conversation/")
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "What is &lt;b&gt;2+2&lt;/b&gt;?" in html
+    assert "alice" in html
+    assert "gpt-test" in html
+
+
+def test_staff_read_the_transcript_in_order_and_read_only(staff_client, conversation):
+    response = staff_client.get(f"/admin/chatproxy/conversation/{conversation.pk}/change/")
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert html.index("What is &lt;b&gt;2+2&lt;/b&gt;?") < html.index("It is 4.")
+    assert "<b>2+2</b>" not in html
+    assert 'name="_save"' not in html
+    assert "120" in html and "35" in html
+
+
+def test_search_finds_conversations_by_message_text(staff_client, conversation):
+    response = staff_client.get("/admin/chatproxy/conversation/", {"q": "It is 4"})
+
+    assert response.context["cl"].result_count == 1
+
+
+def test_filter_by_status(staff_client, conversation):
+    assert (
+        staff_client.get("/admin/chatproxy/conversation/", {"status": "failed"})
+        .context["cl"]
+        .result_count
+        == 0
+    )
+    assert (
+        staff_client.get("/admin/chatproxy/conversation/", {"status": "completed"})
+        .context["cl"]
+        .result_count
+        == 1
+    )
+
+
+def test_messages_cannot_be_changed_or_added_in_admin(staff_client, conversation):
+    answer = Message.objects.get(role="assistant")
+
+    post = staff_client.post(
+        f"/admin/chatproxy/message/{answer.pk}/change/", {"content": "rewritten"}
+    )
+    add = staff_client.get("/admin/chatproxy/message/add/")
+
+    assert post.status_code == 403
+    assert add.status_code == 403
+    answer.refresh_from_db()
+    assert answer.content == "It is 4."
+
+
+def test_non_staff_users_are_sent_to_the_login_page(user, conversation):
+    c = Client()
+    c.force_login(user)
+
+    response = c.get("/admin/chatproxy/conversation/")
+
+    assert response.status_code == 302
+    assert "/admin/login/" in response["Location"]
+
+
+def test_staff_without_view_permission_are_refused(django_user_model, conversation):
+    c = Client()
+    c.force_login(django_user_model.objects.create_user("clerk", password="pw", is_staff=True))
+
+    assert c.get(f"/admin/chatproxy/conversation/{conversation.pk}/change/").status_code == 403

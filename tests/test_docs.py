@@ -1,0 +1,55 @@
+"""The README is the manual: every setting, error code, event and check id is in it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from chatproxy.conf import Settings
+from chatproxy.exceptions import ERROR_CODES
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+SETTINGS = sorted(name for name in dir(Settings) if name.startswith("CHATPROXY_"))
+
+
+def table_rows(first_cell: str) -> list[str]:
+    return re.findall(rf"^\| `({first_cell})` \|", README, flags=re.MULTILINE)
+
+
+def test_every_setting_is_in_the_settings_table():
+    assert sorted(table_rows("CHATPROXY_[A-Z_]+")) == SETTINGS
+
+
+@pytest.mark.parametrize("code", sorted(ERROR_CODES))
+def test_every_error_code_is_in_the_error_table(code):
+    assert f"| `{code}` |" in README
+
+
+def test_error_table_lists_no_unknown_code():
+    listed = set(
+        re.findall(r"^\| `([a-z_]+)` \| (?:\d{3}|in-band|saved only) \|", README, re.MULTILINE)
+    )
+    assert listed == set(ERROR_CODES)
+
+
+@pytest.mark.parametrize("event", ["analyzing", "answering", "ping", "completed", "error"])
+def test_every_event_is_in_the_event_table(event):
+    assert f"| `{event}` |" in README
+
+
+def test_every_check_id_is_documented():
+    source = (Path(__file__).parent.parent / "chatproxy" / "checks.py").read_text()
+    ids = sorted(set(re.findall(r'id="(chatproxy\.[EW]\d{3})"', source)))
+    assert ids and ids == sorted(table_rows(r"chatproxy\.[EW]\d{3}"))
+
+
+def test_readme_transcript_is_valid_ndjson_in_protocol_order():
+    import orjson
+
+    block = README.split("```", 2)[1]
+    lines = [line for line in block.splitlines() if line.startswith("{")]
+    events = [orjson.loads(line)["event"] for line in lines]
+    assert events[0] == "analyzing" and events[-1] == "completed"
+    assert set(events[1:-1]) == {"answering"}

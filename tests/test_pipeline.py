@@ -1,0 +1,177 @@
+"""A turn's life beyond the happy path: upstream failures, disconnects, and the pure state."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from asgiref.testing import ApplicationCommunicator
+from django.core.asgi import get_asgi_application
+
+from chatproxy.models import Message, Status
+from chatproxy.pipeline import TurnState
+from chatproxy.upstream import Chunk
+from tests.conftest import answer_text, chat, http_scope, read_body, read_events, session_cookie
+from tests.fake_upstream import Reply
+
+HI = {"messages": [{"role": "user", "content": "Hi"}]}
+KEY = "sk-test-NEVER-LEAK-0123456789abcdef"
+
+db = pytest.mark.django_db(transaction=True)
+
+
+def test_turn_state_assembles_text_usage_and_finish_reason():
+    state = TurnState()
+    fed = [
+        state.feed(Chunk("", None, None, "r1")),
+        state.feed(Chunk("Hel", None, None, "r1")),
+        state.feed(Chunk("lo", "stop", None, "r1")),
+        state.feed(
+            Chunk("", None, {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, "r1")
+        ),
+    ]
+    state.end(Status.COMPLETED)
+
+    outcome = state.outcome()
+    assert fed == ["", "Hel", "lo", ""]
+    assert (outcome.content, outcome.status, outcome.finish_reason) == (
+        "Hello",
+        "completed",
+        "stop",
+    )
+    assert (outcome.prompt_tokens, outcome.completion_tokens, outcome.total_tokens) == (1, 2, 3)
+    assert outcome.response_id == "r1"
+    assert outcome.first_token_ms is not None
+
+
+def test_turn_state_refuses_a_second_ending():
+    state = TurnState()
+    state.end(Status.COMPLETED)
+
+    with pytest.raises(RuntimeError, match="Expected 'streaming', but got 'completed'"):
+        state.end(Status.FAILED)
+
+
+async def run_failing_turn(client, upstream, reply):
+    if reply is not None:
+        upstream.enqueue(reply)
+    response = await chat(client, HI)
+    assert response.status_code == 200
+    body = await read_body(response)
+    events = [orjson.loads(line) for line in body.splitlines()]
+    answer = await Message.objects.aget(role="assistant")
+    return body, events, answer
+
+
+FAILURES = [
+    (Reply(status=429, headers={"Retry-After": "0"}), "upstream_rate_limited", ""),
+    (Reply(status=500), "upstream_error", ""),
+    (Reply(status=503), "upstream_error", ""),
+    (Reply(status=401), "upstream_auth_failed", ""),
+    (Reply(status=400), "upstream_rejected", ""),
+    (Reply(tokens=["a", "b", "c"], fail="drop", fail_after=2), "upstream_disconnected", "ab"),
+    (Reply(tokens=["a", "b", "c"], fail="inband_error", fail_after=1), "upstream_error", "a"),
+    (
+        Reply(tokens=["a", "b", "c"], fail="malformed_json", fail_after=1),
+        "upstream_bad_response",
+        "a",
+    ),
+    (
+        Reply(tokens=["a", "b", "c"], fail="malformed_sse", fail_after=1),
+        "upstream_bad_response",
+        "a",
+    ),
+]
+
+
+@db
+@pytest.mark.parametrize(("reply", "code", "partial"), FAILURES)
+async def test_upstream_failure_ends_with_error_event_and_failed_row(
+    client, upstream, reply, code, partial
+):
+    body, events, answer = await run_failing_turn(client, upstream, reply)
+
+    assert [e["event"] for e in events] == ["analyzing"] + ["answering"] * len(partial) + ["error"]
+    assert events[-1]["error"]["code"] == code
+    assert events[-1]["message_id"] == str(answer.pk)
+    assert answer_text(events) == partial
+    assert (answer.status, answer.error_code, answer.content) == ("failed", code, partial)
+    # Nothing of the upstream's error body, the API key or a traceback reaches the client.
+    assert b"upstream exploded" not in body and KEY.encode() not in body
+    assert b"Traceback" not in body
+
+
+@db
+async def test_stalled_upstream_ends_with_upstream_timeout(client, upstream, settings):
+    settings.CHATPROXY_TIMEOUT = 0.3
+    body, events, answer = await run_failing_turn(
+        client, upstream, Reply(tokens=["a", "b"], fail="stall", fail_after=1)
+    )
+
+    assert events[-1]["error"]["code"] == "upstream_timeout"
+    assert (answer.status, answer.content) == ("failed", "a")
+    assert await upstream.requests[0].wait_closed_by_client()
+
+
+@db
+async def test_unreachable_upstream_ends_with_upstream_unreachable(client, settings):
+    settings.CHATPROXY_BASE_URL = "http://127.0.0.1:9/v1"  # discard port: nothing listens
+
+    body, events, answer = await run_failing_turn(client, None, None)
+
+    assert events[-1]["error"]["code"] == "upstream_unreachable"
+    assert answer.status == "failed"
+
+
+@db
+async def test_heartbeat_pings_while_the_upstream_is_silent(client, upstream, settings):
+    settings.CHATPROXY_HEARTBEAT = 0.05
+    upstream.enqueue(Reply(tokens=["late"], first_delay=0.4))
+
+    events = await read_events(await chat(client, HI))
+
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "analyzing" and kinds[-2:] == ["answering", "completed"]
+    assert kinds.count("ping") >= 2
+    assert answer_text(events) == "late"
+
+
+@db
+async def test_coalescing_joins_deltas_already_waiting(client, upstream, settings):
+    settings.CHATPROXY_COALESCE_DELTAS = True
+    upstream.enqueue(Reply(tokens=[f"t{i} " for i in range(50)]))
+
+    events = await read_events(await chat(client, HI))
+
+    assert answer_text(events) == "".join(f"t{i} " for i in range(50))
+    assert events[-1]["event"] == "completed"
+    answer = await Message.objects.aget(role="assistant")
+    assert answer.content == answer_text(events)
+
+
+@db
+async def test_partial_answer_saved_when_client_disconnects(user, upstream):
+    upstream.enqueue(Reply(tokens=[f"w{i} " for i in range(200)], delay=0.02))
+    app = ApplicationCommunicator(
+        get_asgi_application(), http_scope("/completions", cookies=await session_cookie(user))
+    )
+    await app.send_input(
+        {"type": "http.request", "body": b'{"messages":[{"role":"user","content":"Hi"}]}'}
+    )
+    start = await app.receive_output(5)
+    assert start["status"] == 200
+    received = b""
+    while received.count(b'"answering"') < 3:
+        received += (await app.receive_output(5))["body"]
+
+    await app.send_input({"type": "http.disconnect"})
+    await app.wait(5)
+
+    assert await upstream.requests[0].wait_closed_by_client()
+    answer = await Message.objects.aget(role="assistant")
+    assert answer.status == "interrupted"
+    assert answer.error_code == "client_disconnected"
+    delivered = "".join(
+        orjson.loads(line)["content"] for line in received.splitlines() if b'"answering"' in line
+    )
+    assert answer.content.startswith(delivered) and len(answer.content) >= len(delivered)
+    assert len(answer.content) < len("".join(f"w{i} " for i in range(200)))
