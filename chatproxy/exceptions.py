@@ -42,6 +42,8 @@ ERROR_CODES: dict[str, str] = {
     "upstream_error": "The upstream failed (5xx) or reported an error inside the stream.",
     "upstream_bad_response": "The upstream sent a chunk chatproxy could not read.",
     "internal_error": "chatproxy itself failed; the traceback is in the server log.",
+    "busy": "WebSocket only: a turn is already running on this socket.",
+    "cancelled": "WebSocket only: the client's cancel stopped the answer (saved `interrupted`).",
     # Saved on an answer, never sent: nobody is listening any more.
     "client_disconnected": "Saved on an interrupted answer: the client left mid-turn.",
 }

@@ -36,6 +36,17 @@ class Turn:
     request: ChatRequest
     history: list[dict[str, str]] = dataclasses.field(default_factory=list)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Filled in as the turn runs; read by the transport (e.g. to report a cancel).
+    conversation_id: uuid.UUID | None = None
+    answer_id: uuid.UUID | None = None
+    # The error code an unfinished answer is saved with; a transport that stops the turn on
+    # purpose sets its own reason before cancelling.
+    interrupt_code: str = "client_disconnected"
+
+    def ids(self) -> dict[str, str]:
+        if self.answer_id is None:
+            return {}
+        return {"conversation_id": str(self.conversation_id), "message_id": str(self.answer_id)}
 
     @property
     def upstream_messages(self) -> list[dict[str, str]]:
@@ -132,14 +143,16 @@ def _finish(conversation_id: uuid.UUID, answer_id: uuid.UUID, outcome: TurnOutco
     close_old_connections()
 
 
-async def _save(begin: asyncio.Future[tuple[uuid.UUID, uuid.UUID]], state: TurnState) -> bool:
+async def _save(
+    begin: asyncio.Future[tuple[uuid.UUID, uuid.UUID]], state: TurnState, turn: Turn
+) -> bool:
     """Write the answer's final state; an unfinished one is ``interrupted``. Return success."""
     try:
         conversation_id, answer_id = await begin
     except Exception:
         return False  # nothing was written, so there is nothing to finalize
     if state.status is Status.STREAMING:
-        state.end(Status.INTERRUPTED, "client_disconnected")
+        state.end(Status.INTERRUPTED, turn.interrupt_code)
     try:
         await sync_to_async(_finish)(conversation_id, answer_id, state.outcome())
     except Exception:
@@ -169,7 +182,8 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
             logger.exception("Starting a chat turn failed")
             yield encoder.event(_internal_error())
             return
-        ids = {"conversation_id": str(conversation_id), "message_id": str(answer_id)}
+        turn.conversation_id, turn.answer_id = conversation_id, answer_id
+        ids = turn.ids()
         yield encoder.event({"event": "analyzing", **ids, "model": request.model})
         relay = Relay(stream_chat(request.model, turn.upstream_messages, request.params))
         try:
@@ -199,7 +213,7 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
             state.end(Status.FAILED, "internal_error")
             terminal = _internal_error(**ids)
         await relay.aclose()
-        save = asyncio.ensure_future(_save(begin, state))
+        save = asyncio.ensure_future(_save(begin, state, turn))
         # Saved before the terminal line goes out, so a client that continues the
         # conversation right after `completed` finds this answer in its history.
         if not await asyncio.shield(save):
@@ -210,5 +224,5 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
         if relay is not None:
             await relay.aclose()
         if save is None:
-            save = asyncio.ensure_future(_save(begin, state))
+            save = asyncio.ensure_future(_save(begin, state, turn))
         await asyncio.shield(save)

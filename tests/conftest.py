@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
 from django.test import AsyncClient
 
 from tests.fake_upstream import FakeUpstream
+
+
+@pytest.fixture(autouse=True)
+async def close_thread_connections() -> AsyncIterator[None]:
+    """Close the connection of asgiref's shared sync thread, where async ORM calls made outside
+    a request run; left open it would keep PostgreSQL from dropping the test database."""
+    yield
+    await sync_to_async(connections.close_all)()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,141 @@
+"""The WebSocket transport: the same turns and events as HTTP, many turns per socket, cancel.
+
+Each turn runs in a task the consumer owns, so a ``cancel`` frame or a disconnect is handled at
+once: Channels dispatches one message at a time, and a turn run inside ``receive_json`` would
+hold every later frame until its answer ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from .conf import conf
+from .events import Encoder, error_event
+from .exceptions import RequestError
+from .models import Owner
+from .payload import decode_json, validate_request
+from .pipeline import Turn, prepare_turn, run_turn
+
+CLOSE_UNAUTHENTICATED = 4401
+FRAME_FIELDS = ("type", "request_id")
+
+
+def turn_group(answer_id: uuid.UUID | str) -> str:
+    """The channel-layer group of one running turn; ``turn.cancel`` sent to it stops the turn."""
+    return f"chatproxy.turn.{answer_id}"
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+    owner: Owner
+    task: asyncio.Task[None] | None = None
+    turn: Turn | None = None
+
+    async def connect(self) -> None:
+        """Called when a client opens the socket: accept it only for someone allowed to chat."""
+        user = self.scope.get("user")
+        await self.accept()
+        if user is not None and user.is_authenticated:
+            self.owner = Owner(user_id=user.pk)
+        elif conf.CHATPROXY_ALLOW_ANONYMOUS:
+            # A socket cannot set a cookie, so an anonymous socket owns its conversations
+            # under a key of its own unless the browser already has a session.
+            session = self.scope.get("session")
+            key = getattr(session, "session_key", None) or f"ws-{uuid.uuid4().hex}"
+            self.owner = Owner(session_key=key)
+        else:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Called with each frame: answer a malformed one with an ``error`` frame, keep going."""
+        try:
+            if text_data is None:
+                raise RequestError("invalid_json", "Send frames as JSON text, not binary.")
+            if len(text_data.encode()) > conf.CHATPROXY_MAX_BODY_BYTES:
+                raise RequestError(
+                    "body_too_large",
+                    f"The frame is larger than {conf.CHATPROXY_MAX_BODY_BYTES} bytes. Send less.",
+                    status=413,
+                )
+            content = decode_json(text_data)
+        except RequestError as exc:
+            await self.send_error(exc.code, exc.message, None)
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        """Called with each decoded frame: start a turn, or cancel the running one."""
+        request_id = content.get("request_id") if isinstance(content, dict) else None
+        if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= 100):
+            await self.send_error(
+                "invalid_request", "request_id must be a string of at most 100 characters.", None
+            )
+            return
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "cancel":
+            await self.cancel_turn("cancelled")
+        elif kind == "chat":
+            await self.start_turn(content, request_id)
+        else:
+            await self.send_error(
+                "invalid_request",
+                'Each frame needs "type": "chat" (with messages) or "cancel".',
+                request_id,
+            )
+
+    async def disconnect(self, code: int) -> None:
+        """Called when the socket closes: stop the running turn and let it save."""
+        await self.cancel_turn("client_disconnected")
+
+    async def turn_cancel(self, message: dict[str, Any]) -> None:
+        """Called with a ``turn.cancel`` message from the channel layer (from another process)."""
+        await self.cancel_turn("cancelled")
+
+    async def start_turn(self, content: dict[str, Any], request_id: str | None) -> None:
+        if self.task is not None and not self.task.done():
+            await self.send_error(
+                "busy",
+                "A turn is still running on this socket: wait for its last event, or cancel it.",
+                request_id,
+            )
+            return
+        extra = {} if request_id is None else {"request_id": request_id}
+        try:
+            request = validate_request(content, ignore=FRAME_FIELDS)
+            turn = await prepare_turn(self.owner, request, **extra)
+        except RequestError as exc:
+            await self.send_error(exc.code, exc.message, request_id)
+            return
+        self.turn = turn
+        self.task = asyncio.create_task(self.relay(turn))
+
+    async def relay(self, turn: Turn) -> None:
+        group = None
+        try:
+            async for line in run_turn(turn):
+                if group is None and turn.answer_id is not None and self.channel_layer:
+                    group = turn_group(turn.answer_id)
+                    await self.channel_layer.group_add(group, self.channel_name)
+                await self.send(text_data=line[:-1].decode())
+        finally:
+            if group is not None:
+                await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def cancel_turn(self, reason: str) -> None:
+        task, turn = self.task, self.turn
+        if task is None or task.done() or turn is None:
+            return
+        turn.interrupt_code = reason
+        task.cancel()
+        await asyncio.wait({task})
+        if reason == "cancelled":
+            ids = turn.ids()
+            event = error_event("cancelled", "The answer was stopped on request.", **ids)
+            await self.send(text_data=Encoder(turn.extra).event(event)[:-1].decode())
+
+    async def send_error(self, code: str, message: str, request_id: str | None) -> None:
+        extra = {} if request_id is None else {"request_id": request_id}
+        await self.send(text_data=Encoder(extra).event(error_event(code, message))[:-1].decode())

@@ -1,0 +1,250 @@
+"""The WebSocket transport in-process: the same events as HTTP, many turns, cancel, bad frames."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+
+from chatproxy.consumers import turn_group
+from chatproxy.models import Message
+from project.asgi import application
+from tests.conftest import session_cookie
+from tests.fake_upstream import Reply
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HI = {"type": "chat", "messages": [{"role": "user", "content": "Hi"}]}
+SLOW = Reply(tokens=[f"w{i} " for i in range(200)], delay=0.02)
+
+
+async def open_socket(
+    cookie: str = "", origin: bytes = b"http://testserver"
+) -> WebsocketCommunicator:
+    headers = [(b"host", b"testserver"), (b"origin", origin)]
+    if cookie:
+        headers.append((b"cookie", cookie.encode()))
+    return WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+
+
+@pytest.fixture
+async def socket(user):
+    comm = await open_socket(await session_cookie(user))
+    connected, _ = await comm.connect()
+    assert connected
+    yield comm
+    await comm.disconnect()
+
+
+async def frames_until_terminal(comm: WebsocketCommunicator) -> list[dict[str, Any]]:
+    frames = []
+    while True:
+        frame = await comm.receive_json_from(timeout=5)
+        frames.append(frame)
+        if frame["event"] in ("completed", "error"):
+            return frames
+
+
+async def test_two_turns_on_one_socket_with_request_ids(socket, upstream):
+    upstream.enqueue(Reply(tokens=["One"]), Reply(tokens=["Two"]))
+
+    await socket.send_json_to({**HI, "request_id": "r1"})
+    first = await frames_until_terminal(socket)
+    follow_up = {
+        "type": "chat",
+        "request_id": "r2",
+        "conversation_id": first[0]["conversation_id"],
+        "messages": [{"role": "user", "content": "Again"}],
+    }
+    await socket.send_json_to(follow_up)
+    second = await frames_until_terminal(socket)
+
+    assert [f["event"] for f in first] == ["analyzing", "answering", "completed"]
+    assert [f["event"] for f in second] == ["analyzing", "answering", "completed"]
+    assert {f["request_id"] for f in first} == {"r1"}
+    assert {f["request_id"] for f in second} == {"r2"}
+    assert first[1]["content"] == "One" and second[1]["content"] == "Two"
+    assert (await upstream.wait_for_request(2)).json["messages"][-2:] == [
+        {"role": "assistant", "content": "One"},
+        {"role": "user", "content": "Again"},
+    ]
+
+
+async def test_frames_match_the_http_events(socket, upstream):
+    upstream.enqueue(Reply(tokens=["Hel", "lo"]))
+
+    await socket.send_json_to(HI)
+    frames = await frames_until_terminal(socket)
+
+    answer = await Message.objects.aget(role="assistant")
+    ids = {"conversation_id": str(answer.conversation_id), "message_id": str(answer.pk)}
+    assert frames == [
+        {"event": "analyzing", **ids, "model": "gpt-test"},
+        {"event": "answering", "content": "Hel"},
+        {"event": "answering", "content": "lo"},
+        {
+            "event": "completed",
+            **ids,
+            "finish_reason": "stop",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        },
+    ]
+
+
+async def test_cancel_stops_the_upstream_and_saves_interrupted(socket, upstream):
+    upstream.enqueue(SLOW)
+    await socket.send_json_to({**HI, "request_id": "r1"})
+    frames = [await socket.receive_json_from(timeout=5) for _ in range(3)]
+
+    await socket.send_json_to({"type": "cancel"})
+    rest = await frames_until_terminal(socket)
+
+    assert frames[0]["event"] == "analyzing"
+    assert rest[-1]["event"] == "error"
+    assert rest[-1]["error"]["code"] == "cancelled"
+    assert rest[-1]["request_id"] == "r1"
+    assert rest[-1]["message_id"] == frames[0]["message_id"]
+    assert await upstream.requests[0].wait_closed_by_client()
+    answer = await Message.objects.aget(role="assistant")
+    assert (answer.status, answer.error_code) == ("interrupted", "cancelled")
+    delivered = "".join(f.get("content", "") for f in frames + rest)
+    assert answer.content.startswith(delivered)
+
+
+async def test_chat_while_a_turn_runs_is_busy_and_the_turn_goes_on(socket, upstream):
+    upstream.enqueue(Reply(tokens=["a", "b", "c"], delay=0.05))
+    await socket.send_json_to(HI)
+    assert (await socket.receive_json_from(timeout=5))["event"] == "analyzing"
+
+    await socket.send_json_to({**HI, "request_id": "second"})
+    frames = await frames_until_terminal(socket)
+
+    busy = [f for f in frames if f.get("request_id") == "second"]
+    assert busy == [
+        {
+            "event": "error",
+            "error": {
+                "code": "busy",
+                "message": "A turn is still running on this socket: "
+                "wait for its last event, or cancel it.",
+            },
+            "request_id": "second",
+        }
+    ]
+    rest = await frames_until_terminal(socket) if frames[-1].get("request_id") else frames
+    assert rest[-1]["event"] == "completed"
+
+
+BAD_FRAMES = [
+    ("not json", "invalid_json"),
+    ("[1, 2]", "invalid_request"),
+    ('{"type": "dance"}', "invalid_request"),
+    ('{"messages": []}', "invalid_request"),
+    ('{"type": "chat", "messages": []}', "invalid_messages"),
+    ('{"type": "chat", "messages": [{"role": "tool", "content": "x"}]}', "role_not_allowed"),
+    (
+        '{"type": "chat", "model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}',
+        "model_not_allowed",
+    ),
+    (
+        '{"type": "chat", "stream": true, "messages": [{"role": "user", "content": "x"}]}',
+        "unknown_field",
+    ),
+    (
+        '{"type": "chat", "request_id": 5, "messages": [{"role": "user", "content": "x"}]}',
+        "invalid_request",
+    ),
+    (
+        '{"type": "chat", "conversation_id": "00000000-0000-0000-0000-000000000000",'
+        ' "messages": [{"role": "user", "content": "x"}]}',
+        "conversation_not_found",
+    ),
+]
+
+
+@pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
+async def test_malformed_frame_gets_an_error_frame_and_the_socket_stays_usable(
+    socket, upstream, frame, code
+):
+    await socket.send_to(text_data=frame)
+    error = await socket.receive_json_from(timeout=5)
+
+    assert error["event"] == "error" and error["error"]["code"] == code, error
+    await socket.send_json_to(HI)
+    assert (await frames_until_terminal(socket))[-1]["event"] == "completed"
+    assert len(upstream.requests) == 1
+
+
+async def test_binary_and_oversized_frames_get_error_frames(socket, settings):
+    settings.CHATPROXY_MAX_BODY_BYTES = 50
+
+    await socket.send_to(bytes_data=b"{}")
+    binary = await socket.receive_json_from(timeout=5)
+    await socket.send_to(text_data=orjson.dumps({**HI, "pad": "x" * 100}).decode())
+    large = await socket.receive_json_from(timeout=5)
+
+    assert binary["error"]["code"] == "invalid_json"
+    assert large["error"]["code"] == "body_too_large"
+
+
+async def test_unauthenticated_socket_is_closed_with_4401(upstream):
+    comm = await open_socket()
+    connected, _ = await comm.connect()
+
+    assert connected
+    assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}
+
+
+async def test_foreign_origin_is_refused(user):
+    comm = await open_socket(await session_cookie(user), origin=b"http://evil.example")
+
+    connected, _ = await comm.connect()
+
+    assert not connected
+
+
+async def test_disconnect_mid_answer_saves_interrupted_and_closes_upstream(user, upstream):
+    comm = await open_socket(await session_cookie(user))
+    await comm.connect()
+    upstream.enqueue(SLOW)
+    await comm.send_json_to(HI)
+    for _ in range(3):
+        await comm.receive_json_from(timeout=5)
+
+    await comm.disconnect()
+
+    assert await upstream.requests[0].wait_closed_by_client()
+    answer = await Message.objects.aget(role="assistant")
+    assert (answer.status, answer.error_code) == ("interrupted", "client_disconnected")
+    assert answer.content
+
+
+async def test_cancel_through_the_channel_layer_stops_the_turn(socket, upstream):
+    upstream.enqueue(SLOW)
+    await socket.send_json_to(HI)
+    analyzing = await socket.receive_json_from(timeout=5)
+    await socket.receive_json_from(timeout=5)  # the first answering frame: the group is joined
+
+    await get_channel_layer().group_send(
+        turn_group(analyzing["message_id"]), {"type": "turn.cancel"}
+    )
+    rest = await frames_until_terminal(socket)
+
+    assert rest[-1]["error"]["code"] == "cancelled"
+    assert await upstream.requests[0].wait_closed_by_client()
+
+
+async def test_other_users_conversation_is_not_found_over_the_socket(socket, other_user, upstream):
+    await socket.send_json_to(HI)
+    conversation_id = (await frames_until_terminal(socket))[0]["conversation_id"]
+    theirs = await open_socket(await session_cookie(other_user))
+    await theirs.connect()
+
+    await theirs.send_json_to({**HI, "conversation_id": conversation_id})
+    error = await theirs.receive_json_from(timeout=5)
+    await theirs.disconnect()
+
+    assert error["error"]["code"] == "conversation_not_found"
