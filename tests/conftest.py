@@ -12,6 +12,7 @@ from django.db import connections
 from django.test import AsyncClient
 
 from tests.fake_upstream import FakeUpstream
+from tests.server import ServerProcess
 
 
 @pytest.fixture(autouse=True)
@@ -107,3 +108,18 @@ async def session_cookie(user: Any) -> str:
 
 
 CSRF_TOKEN = "t" * 32
+
+
+@pytest.fixture(scope="session")
+def server(
+    django_db_setup: Any, django_db_blocker: Any, upstream_server: FakeUpstream
+) -> Iterator[ServerProcess]:
+    """The project under a real uvicorn process, sharing the test database and fake upstream."""
+    from django.db import connection
+
+    with django_db_blocker.unblock():
+        name = str(connection.settings_dict["NAME"])
+    process = ServerProcess(name, upstream_server.base_url)
+    process.start()
+    yield process
+    process.stop()

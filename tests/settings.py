@@ -86,3 +86,10 @@ CHATPROXY_DEFAULT_MODEL = "gpt-test"
 CHATPROXY_MAX_RETRIES = 0
 CHATPROXY_TIMEOUT = 5.0
 CHATPROXY_DEMO_DELAY = 0.0
+
+# A server process started by the tests (tests/server.py) shares the test database and the
+# fake upstream of the process that started it.
+if os.environ.get("CHATPROXY_TEST_DATABASE_NAME"):
+    DATABASES["default"]["NAME"] = os.environ["CHATPROXY_TEST_DATABASE_NAME"]
+if os.environ.get("CHATPROXY_TEST_UPSTREAM"):
+    CHATPROXY_BASE_URL = os.environ["CHATPROXY_TEST_UPSTREAM"]
