@@ -26,8 +26,7 @@ class MessageInline(ReadOnlyMixin, admin.StackedInline):  # type: ignore[type-ar
     classes = ["chatproxy-transcript"]
     fields = [
         ("role", "status", "model", "finish_reason", "error_code"),
-        "content",
-        "raw_content",
+        ("content", "raw_content"),
         ("prompt_tokens", "completion_tokens", "total_tokens", "cost"),
         ("first_token_ms", "duration_ms", "created_at", "finished_at"),
     ]

@@ -7,8 +7,10 @@ from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
+from django.utils.module_loading import import_string
 
 from .conf import conf
+from .interception import Interceptor
 
 _POSITIVE_INTS = ("CHATPROXY_MAX_MESSAGES", "CHATPROXY_MAX_CHARS", "CHATPROXY_MAX_BODY_BYTES")
 _SECONDS = (
@@ -85,6 +87,51 @@ def _errors() -> list[CheckMessage]:
         errors.append(
             Error("CHATPROXY_MAX_RETRIES must be an integer, 0 or more.", id="chatproxy.E006")
         )
+    errors += _interceptor_errors()
+    prices = conf.raw("CHATPROXY_PRICES")
+    if prices is not None and not (
+        isinstance(prices, dict)
+        and all(
+            isinstance(p, dict)
+            and {"prompt", "completion"} <= set(p)
+            and all(map(_is_number, p.values()))
+            for p in prices.values()
+        )
+    ):
+        errors.append(
+            Error(
+                "CHATPROXY_PRICES must map model names to "
+                '{"prompt": ..., "completion": ...} prices per million tokens.',
+                id="chatproxy.E008",
+            )
+        )
+    return errors
+
+
+def _interceptor_errors() -> list[CheckMessage]:
+    specs = conf.raw("CHATPROXY_INTERCEPTORS")
+    if specs is None:
+        return []
+    if not isinstance(specs, list | tuple):
+        return [Error("CHATPROXY_INTERCEPTORS must be a list.", id="chatproxy.E007")]
+    errors: list[CheckMessage] = []
+    for spec in specs:
+        target, options = spec if isinstance(spec, tuple) and len(spec) == 2 else (spec, {})
+        try:
+            cls = import_string(target) if isinstance(target, str) else target
+            ok = (
+                isinstance(cls, type) and issubclass(cls, Interceptor) and isinstance(options, dict)
+            )
+        except ImportError:
+            ok = False
+        if not ok:
+            errors.append(
+                Error(
+                    f"CHATPROXY_INTERCEPTORS has {spec!r}, which is not an Interceptor subclass "
+                    "(a dotted path or a class, alone or as (path, options)).",
+                    id="chatproxy.E007",
+                )
+            )
     return errors
 
 

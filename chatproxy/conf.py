@@ -98,6 +98,19 @@ class Settings:
     def CHATPROXY_DEMO_DELAY(self) -> float:
         return float(getattr(settings, "CHATPROXY_DEMO_DELAY", 0.03))
 
+    @property
+    def CHATPROXY_INTERCEPTORS(self) -> list[Any]:
+        default = ["chatproxy.interceptors.SystemPrompt", "chatproxy.interceptors.Cost"]
+        return list(getattr(settings, "CHATPROXY_INTERCEPTORS", default))
+
+    @property
+    def CHATPROXY_SYSTEM_PROMPT(self) -> str:
+        return str(getattr(settings, "CHATPROXY_SYSTEM_PROMPT", "") or "")
+
+    @property
+    def CHATPROXY_PRICES(self) -> dict[str, dict[str, float]]:
+        return dict(getattr(settings, "CHATPROXY_PRICES", {}))
+
     def raw(self, name: str) -> Any:
         """Return a setting exactly as the project wrote it, for the system checks."""
         return getattr(settings, name, None)

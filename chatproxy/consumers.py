@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -16,9 +17,11 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from .conf import conf
 from .events import Encoder, error_event
 from .exceptions import RequestError
+from .interception import InterceptorSpec
 from .models import Owner
 from .payload import decode_json, validate_request
-from .pipeline import Turn, prepare_turn, run_turn
+from .pipeline import prepare_turn, run_turn
+from .turns import Turn
 
 CLOSE_UNAUTHENTICATED = 4401
 FRAME_FIELDS = ("type", "request_id")
@@ -31,12 +34,14 @@ def turn_group(answer_id: uuid.UUID | str) -> str:
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     owner: Owner
+    user: Any = None
+    interceptors: Sequence[InterceptorSpec] | None = None  # None: CHATPROXY_INTERCEPTORS
     task: asyncio.Task[None] | None = None
     turn: Turn | None = None
 
     async def connect(self) -> None:
         """Called when a client opens the socket: accept it only for someone allowed to chat."""
-        user = self.scope.get("user")
+        self.user = user = self.scope.get("user")
         await self.accept()
         if user is not None and user.is_authenticated:
             self.owner = Owner(user_id=user.pk)
@@ -102,10 +107,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
                 request_id,
             )
             return
-        extra = {} if request_id is None else {"request_id": request_id}
+        extra: dict[str, Any] = {} if request_id is None else {"request_id": request_id}
         try:
             request = validate_request(content, ignore=FRAME_FIELDS)
-            turn = await prepare_turn(self.owner, request, **extra)
+            turn = await prepare_turn(
+                self.owner, request, user=self.user, extra=extra, interceptors=self.interceptors
+            )
         except RequestError as exc:
             await self.send_error(exc.code, exc.message, request_id)
             return

@@ -42,6 +42,9 @@ ERROR_CODES: dict[str, str] = {
     "upstream_error": "The upstream failed (5xx) or reported an error inside the stream.",
     "upstream_bad_response": "The upstream sent a chunk chatproxy could not read.",
     "internal_error": "chatproxy itself failed; the traceback is in the server log.",
+    "interceptor_failed": "An interceptor raised an unexpected exception (logged with traceback).",
+    "turn_rejected": "An interceptor refused the turn (saved `blocked`); it may use its own code.",
+    "content_blocked": "A guardrail stopped the answer mid-stream (saved `blocked`).",
     "busy": "WebSocket only: a turn is already running on this socket.",
     "cancelled": "WebSocket only: the client's cancel stopped the answer (saved `interrupted`).",
     # Saved on an answer, never sent: nobody is listening any more.
@@ -85,7 +88,7 @@ class TurnRejectedError(TurnError):
     """Raised by an interceptor to refuse a turn with its own code and message."""
 
     code = "turn_rejected"
-    status = "failed"
+    status = "blocked"
 
 
 class ContentBlockedError(TurnError):

@@ -1,4 +1,4 @@
-"""One chat turn, transport-agnostic: validate, save, stream from upstream, finalize.
+"""One chat turn, transport-agnostic: save, intercept, stream from upstream, finalize.
 
 ``run_turn()`` is an async generator of NDJSON lines. The HTTP view streams them as they are;
 the WebSocket consumer sends each one as a text frame. It knows nothing of requests or sockets.
@@ -7,54 +7,39 @@ the WebSocket consumer sends each one as a text frame. It knows nothing of reque
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
 
 from .conf import conf
-from .events import PING, Encoder, Usage, error_event
+from .events import PING, Encoder, error_event
 from .exceptions import RequestError, TurnError
-from .models import Conversation, Message, Owner, Status, TurnOutcome
+from .interception import InterceptorSpec, build_chain
+from .models import Conversation, Message, Owner, Status
 from .payload import ChatRequest
 from .relay import Relay
+from .signals import turn_finished
+from .turns import Turn, TurnState
 from .upstream import Chunk, stream_chat
 
 logger = logging.getLogger("chatproxy.pipeline")
 
 
-@dataclasses.dataclass(slots=True)
-class Turn:
-    """Everything one turn needs, checked before the first byte is sent."""
-
-    owner: Owner
-    request: ChatRequest
-    history: list[dict[str, str]] = dataclasses.field(default_factory=list)
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Filled in as the turn runs; read by the transport (e.g. to report a cancel).
-    conversation_id: uuid.UUID | None = None
-    answer_id: uuid.UUID | None = None
-    # The error code an unfinished answer is saved with; a transport that stops the turn on
-    # purpose sets its own reason before cancelling.
-    interrupt_code: str = "client_disconnected"
-
-    def ids(self) -> dict[str, str]:
-        if self.answer_id is None:
-            return {}
-        return {"conversation_id": str(self.conversation_id), "message_id": str(self.answer_id)}
-
-    @property
-    def upstream_messages(self) -> list[dict[str, str]]:
-        return [*self.history, *self.request.messages]
-
-
-async def prepare_turn(owner: Owner, request: ChatRequest, **extra: Any) -> Turn:
-    """Load the history of a continued conversation; raise 404 if the owner has no such one."""
+async def prepare_turn(
+    owner: Owner,
+    request: ChatRequest,
+    *,
+    user: Any = None,
+    extra: dict[str, Any] | None = None,
+    interceptors: Sequence[InterceptorSpec] | None = None,
+) -> Turn:
+    """Check what needs the database before the first byte: the history of a continued
+    conversation (404 if the owner has no such one). ``interceptors`` replaces
+    CHATPROXY_INTERCEPTORS for this turn."""
     history: list[dict[str, str]] = []
     if request.conversation_id is not None:
         found = await Conversation.objects.history(owner, request.conversation_id)
@@ -66,67 +51,16 @@ async def prepare_turn(owner: Owner, request: ChatRequest, **extra: Any) -> Turn
                 status=404,
             )
         history = found
-    return Turn(owner=owner, request=request, history=history, extra=extra)
-
-
-class TurnState:
-    """The pure accumulator of one answer: text, usage, timings, and its status lifecycle."""
-
-    __slots__ = (
-        "parts", "status", "error_code", "finish_reason", "usage", "response_id",
-        "started", "first_token_at",
-    )  # fmt: skip
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.status = Status.STREAMING
-        self.error_code = ""
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        self.response_id = ""
-        self.started = time.monotonic()
-        self.first_token_at: float | None = None
-
-    def feed(self, chunk: Chunk) -> str:
-        """Take one upstream chunk; return its text for the client ('' if none)."""
-        text, finish_reason, usage, self.response_id = chunk
-        if finish_reason:
-            self.finish_reason = finish_reason
-        if usage is not None:
-            self.usage = usage
-        if text:
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-            self.parts.append(text)
-        return text
-
-    def end(self, status: Status, error_code: str = "") -> None:
-        if self.status is not Status.STREAMING:
-            raise RuntimeError(
-                f"Expected {Status.STREAMING.value!r}, but got {self.status.value!r}"
-            )
-        self.status, self.error_code = status, error_code
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def outcome(self) -> TurnOutcome:
-        usage = self.usage
-        now = time.monotonic()
-        first = self.first_token_at
-        return TurnOutcome(
-            content=self.text,
-            status=self.status,
-            finish_reason=self.finish_reason or "",
-            response_id=self.response_id,
-            error_code=self.error_code,
-            prompt_tokens=usage["prompt_tokens"] if usage else None,
-            completion_tokens=usage["completion_tokens"] if usage else None,
-            total_tokens=usage["total_tokens"] if usage else None,
-            first_token_ms=None if first is None else round((first - self.started) * 1000),
-            duration_ms=round((now - self.started) * 1000),
-        )
+    chain = build_chain(interceptors)
+    return Turn(
+        owner=owner,
+        request=request,
+        history=history,
+        user=user,
+        extra=extra or {},
+        chain=chain,
+        state=TurnState(transforming=chain.transforming),
+    )
 
 
 def _begin(turn: Turn) -> tuple[uuid.UUID, uuid.UUID]:
@@ -138,25 +72,27 @@ def _begin(turn: Turn) -> tuple[uuid.UUID, uuid.UUID]:
     return ids
 
 
-def _finish(conversation_id: uuid.UUID, answer_id: uuid.UUID, outcome: TurnOutcome) -> None:
-    Message.objects.finish_turn(conversation_id, answer_id, outcome)
+def _finish(turn: Turn) -> None:
+    assert turn.conversation_id is not None and turn.answer_id is not None
+    outcome = turn.state.outcome()
+    outcome.model, outcome.cost = turn.model, turn.cost
+    outcome.metadata = turn.metadata or None
+    Message.objects.finish_turn(turn.conversation_id, turn.answer_id, outcome)
     close_old_connections()
 
 
-async def _save(
-    begin: asyncio.Future[tuple[uuid.UUID, uuid.UUID]], state: TurnState, turn: Turn
-) -> bool:
+async def _save(begin: asyncio.Future[tuple[uuid.UUID, uuid.UUID]], turn: Turn) -> bool:
     """Write the answer's final state; an unfinished one is ``interrupted``. Return success."""
     try:
-        conversation_id, answer_id = await begin
+        turn.conversation_id, turn.answer_id = await begin
     except Exception:
         return False  # nothing was written, so there is nothing to finalize
-    if state.status is Status.STREAMING:
-        state.end(Status.INTERRUPTED, turn.interrupt_code)
+    if turn.state.status is Status.STREAMING:
+        turn.state.end(Status.INTERRUPTED, turn.interrupt_code)
     try:
-        await sync_to_async(_finish)(conversation_id, answer_id, state.outcome())
+        await sync_to_async(_finish)(turn)
     except Exception:
-        logger.exception("Saving chat answer %s failed", answer_id)
+        logger.exception("Saving chat answer %s failed", turn.answer_id)
         return False
     return True
 
@@ -169,7 +105,7 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
     """Run one turn and yield its NDJSON lines: ``analyzing``, ``answering``…, then exactly one
     of ``completed`` or ``error``. If the consumer stops early (client gone, cancel), the
     upstream request is closed and the partial answer is saved as ``interrupted``."""
-    encoder, state, request = Encoder(turn.extra), TurnState(), turn.request
+    encoder, state, chain = Encoder(turn.extra), turn.state, turn.chain
     # Both writes run as tasks awaited through shield(): a cancellation that lands while one
     # runs must not stop it, or the answer would stay `streaming` forever.
     begin = asyncio.ensure_future(sync_to_async(_begin)(turn))
@@ -177,28 +113,46 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
     relay: Relay[Chunk] | None = None
     try:
         try:
-            conversation_id, answer_id = await asyncio.shield(begin)
+            turn.conversation_id, turn.answer_id = await asyncio.shield(begin)
         except Exception:
             logger.exception("Starting a chat turn failed")
             yield encoder.event(_internal_error())
             return
-        turn.conversation_id, turn.answer_id = conversation_id, answer_id
         ids = turn.ids()
-        yield encoder.event({"event": "analyzing", **ids, "model": request.model})
-        relay = Relay(stream_chat(request.model, turn.upstream_messages, request.params))
+        yield encoder.event({"event": "analyzing", **ids, "model": turn.model})
+        heartbeat = conf.CHATPROXY_HEARTBEAT or None
         try:
-            heartbeat, coalesce = conf.CHATPROXY_HEARTBEAT or None, conf.CHATPROXY_COALESCE_DELTAS
+            if chain.before:
+                async for event in _while_emitting(turn, chain.before_upstream(turn), heartbeat):
+                    yield encoder.event(event)
+            relay = Relay(stream_chat(turn.model, turn.messages, turn.params))
+            coalesce, transforming = conf.CHATPROXY_COALESCE_DELTAS, chain.transforming
             while (batch := await relay.next_batch(heartbeat)) is not None:
                 if not batch:
                     yield encoder.event(PING)
-                elif coalesce:
-                    if text := "".join([state.feed(chunk) for chunk in batch]):
+                    continue
+                texts = [text for chunk in batch if (text := state.feed(chunk))]
+                if coalesce and len(texts) > 1:
+                    texts = ["".join(texts)]
+                for text in texts:
+                    if transforming and (text := await chain.on_delta(turn, text)):
+                        state.deliver(text)
+                    if text:
                         yield encoder.answering(text)
-                else:
-                    for chunk in batch:
-                        if text := state.feed(chunk):
-                            yield encoder.answering(text)
+                    if turn.pending:
+                        for event in _take(turn):
+                            yield encoder.event(event)
+                if turn.stopped:
+                    state.finish_reason = turn.stopped
+                    break
+            await relay.aclose()
+            if transforming and (text := await chain.flush(turn)):
+                state.deliver(text)
+                yield encoder.answering(text)
             state.end(Status.COMPLETED)
+            await chain.after_response(turn)
+            for event in _take(turn):
+                yield encoder.event(event)
             terminal: dict[str, Any] = {
                 "event": "completed",
                 **ids,
@@ -206,14 +160,18 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                 "usage": state.usage,
             }
         except TurnError as exc:
-            state.end(Status(exc.status), exc.code)
+            if state.status is Status.STREAMING:
+                state.end(Status(exc.status), exc.code)
+            await chain.notify("on_error", turn, exc)
             terminal = dict(error_event(exc.code, exc.message, **ids))
         except Exception:  # the one top-level guard: the stream must end with an error event
-            logger.exception("Chat turn %s failed", answer_id)
-            state.end(Status.FAILED, "internal_error")
+            logger.exception("Chat turn %s failed", turn.answer_id)
+            if state.status is Status.STREAMING:
+                state.end(Status.FAILED, "internal_error")
             terminal = _internal_error(**ids)
-        await relay.aclose()
-        save = asyncio.ensure_future(_save(begin, state, turn))
+        if relay is not None:
+            await relay.aclose()
+        save = asyncio.ensure_future(_save(begin, turn))
         # Saved before the terminal line goes out, so a client that continues the
         # conversation right after `completed` finds this answer in its history.
         if not await asyncio.shield(save):
@@ -223,6 +181,51 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
         # No `yield` in here: the generator may be closing (GeneratorExit).
         if relay is not None:
             await relay.aclose()
+        interrupted = save is None
         if save is None:
-            save = asyncio.ensure_future(_save(begin, state, turn))
-        await asyncio.shield(save)
+            save = asyncio.ensure_future(_save(begin, turn))
+        if await asyncio.shield(save):
+            if interrupted:
+                await chain.notify("on_interrupt", turn)
+            await _announce(turn)
+
+
+def _take(turn: Turn) -> list[Any]:
+    events, turn.pending = turn.pending, []
+    return events
+
+
+async def _while_emitting(
+    turn: Turn, stage: Coroutine[Any, Any, None], heartbeat: float | None
+) -> AsyncIterator[Any]:
+    """Run a stage, yielding what it emits as it emits it, and a ping per silent interval."""
+    task = asyncio.ensure_future(stage)
+    try:
+        while True:
+            turn.wakeup.clear()
+            for event in _take(turn):
+                yield event
+            if task.done():
+                break
+            waiter = asyncio.ensure_future(turn.wakeup.wait())
+            done, _ = await asyncio.wait(
+                {task, waiter}, timeout=heartbeat, return_when="FIRST_COMPLETED"
+            )
+            waiter.cancel()
+            if not done:
+                yield PING
+        task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+
+async def _announce(turn: Turn) -> None:
+    """Send ``turn_finished`` with the saved answer, if anyone listens."""
+    if turn.answer_id is None or not turn_finished.has_listeners(Message):
+        return
+    message = await Message.objects.aget(pk=turn.answer_id)
+    for receiver, result in await turn_finished.asend_robust(Message, message=message, turn=turn):
+        if isinstance(result, Exception):
+            logger.error("turn_finished receiver %r failed", receiver, exc_info=result)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.request import RawPostDataException
 from django.http.response import HttpResponseBase
 from django.middleware.csrf import CsrfViewMiddleware
+from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
 from .conf import conf
 from .exceptions import RequestError
+from .interception import InterceptorSpec
 from .models import Owner
 from .payload import ChatRequest, decode_json, validate_request
 from .pipeline import prepare_turn, run_turn
@@ -32,23 +37,44 @@ def error_response(exc: RequestError) -> JsonResponse:
     return response
 
 
-@csrf_exempt  # checked below, for session-authenticated requests only
-async def completions(request: HttpRequest) -> HttpResponseBase:
-    """Stream one chat turn as NDJSON: ``analyzing``, ``answering``…, ``completed``/``error``."""
-    try:
-        if request.method != "POST":
-            raise RequestError("method_not_allowed", "Send the chat request with POST.", status=405)
-        owner = await authenticate(request)
-        turn = await prepare_turn(owner, read_chat_request(request))
-    except RequestError as exc:
-        return error_response(exc)
-    return StreamingHttpResponse(
-        run_turn(turn), content_type="application/x-ndjson", headers=STREAM_HEADERS
-    )
+class CompletionsView(View):
+    """Stream one chat turn as NDJSON: ``analyzing``, ``answering``…, ``completed``/``error``.
+
+    ``CompletionsView.as_view(interceptors=[...])`` gives a URL its own interceptors.
+    """
+
+    http_method_names = ["post"]
+    interceptors: Sequence[InterceptorSpec] | None = None  # None: CHATPROXY_INTERCEPTORS
+
+    @classmethod
+    def as_view(cls, **initkwargs: Any) -> Any:
+        # CSRF is checked in authenticate(), for session-authenticated requests only.
+        return csrf_exempt(super().as_view(**initkwargs))
+
+    async def post(self, request: HttpRequest) -> HttpResponseBase:
+        try:
+            owner, user = await authenticate(request)
+            chat = read_chat_request(request)
+            turn = await prepare_turn(owner, chat, user=user, interceptors=self.interceptors)
+        except RequestError as exc:
+            return error_response(exc)
+        return StreamingHttpResponse(
+            run_turn(turn), content_type="application/x-ndjson", headers=STREAM_HEADERS
+        )
+
+    async def http_method_not_allowed(  # type: ignore[override]
+        self, request: HttpRequest, *args: Any, **kwargs: Any
+    ) -> HttpResponseBase:
+        return error_response(
+            RequestError("method_not_allowed", "Send the chat request with POST.", status=405)
+        )
 
 
-async def authenticate(request: HttpRequest) -> Owner:
-    """Return who is chatting; raise if nobody is, or if a session request lacks CSRF."""
+completions = CompletionsView.as_view()
+
+
+async def authenticate(request: HttpRequest) -> tuple[Owner, Any]:
+    """Return who is chatting and the user; raise if nobody may, or a session lacks CSRF."""
     user = await request.auser()
     if user.is_authenticated:
         # Like Django's own views, a session-authenticated request must carry the CSRF token.
@@ -60,12 +86,12 @@ async def authenticate(request: HttpRequest) -> Owner:
                 "CSRF check failed. Send the csrftoken cookie's value in the X-CSRFToken header.",
                 status=403,
             )
-        return Owner(user_id=user.pk)
+        return Owner(user_id=user.pk), user
     if not conf.CHATPROXY_ALLOW_ANONYMOUS:
         raise RequestError(
             "authentication_required", "Log in to chat: this endpoint needs a user.", status=401
         )
-    return Owner(session_key=await anonymous_session_key(request, user))
+    return Owner(session_key=await anonymous_session_key(request, user)), user
 
 
 def _csrf_protected(request: HttpRequest) -> HttpResponse:

@@ -10,7 +10,7 @@ SECRET_KEY = "tests-only"
 DEBUG = False
 ALLOWED_HOSTS = ["testserver", "127.0.0.1", "localhost"]
 USE_TZ = True
-ROOT_URLCONF = "project.urls"
+ROOT_URLCONF = "tests.urls"
 ASGI_APPLICATION = "project.asgi.application"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -30,6 +30,10 @@ def test_test_settings_pass_cleanly():
         ("CHATPROXY_TIMEOUT", -1, "chatproxy.E005"),
         ("CHATPROXY_HEARTBEAT", "often", "chatproxy.E005"),
         ("CHATPROXY_MAX_RETRIES", -1, "chatproxy.E006"),
+        ("CHATPROXY_INTERCEPTORS", ["chatproxy.nowhere.Nothing"], "chatproxy.E007"),
+        ("CHATPROXY_INTERCEPTORS", ["chatproxy.models.Message"], "chatproxy.E007"),
+        ("CHATPROXY_INTERCEPTORS", "chatproxy.interceptors.Redact", "chatproxy.E007"),
+        ("CHATPROXY_PRICES", {"gpt-test": {"prompt": 1}}, "chatproxy.E008"),
     ],
 )
 def test_bad_setting_is_an_error(settings, name, value, expected):
