@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.utils.module_loading import import_string
@@ -155,7 +155,9 @@ class Cost(Interceptor):
         usage = turn.state.usage
         if price and usage:
             million = Decimal(1_000_000)
-            turn.cost = (
+            cost = (
                 Decimal(str(price["prompt"])) * usage["prompt_tokens"]
                 + Decimal(str(price["completion"])) * usage["completion_tokens"]
             ) / million
+            # Rounded here, as the column stores it, so every database keeps the same value.
+            turn.cost = cost.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 from channels.auth import AuthMiddlewareStack
@@ -226,7 +226,7 @@ async def test_cost_is_computed_from_the_price_table_and_saved(client, settings)
 
     answer = await Message.objects.aget(role="assistant")
     expected = (Decimal("2.5") * answer.prompt_tokens + 10 * answer.completion_tokens) / 10**6
-    assert answer.cost == expected.quantize(Decimal("0.000001"))
+    assert answer.cost == expected.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
 
 
 @db
