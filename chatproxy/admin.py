@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
-from .models import Conversation, Message
+from .models import ApiKey, Conversation, Message
 
 
 class ReadOnlyMixin:
@@ -75,3 +75,29 @@ class MessageAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     search_fields = ["content", "conversation__title"]
     readonly_fields = [f.name for f in Message._meta.fields]
     list_select_related = ["conversation"]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    list_display = ["name", "user", "prefix", "revoked", "created_at", "last_used_at"]
+    list_filter = ["revoked", "created_at"]
+    search_fields = ["name", "user__username", "prefix"]
+    raw_id_fields = ["user"]
+    readonly_fields = ["prefix", "created_at", "last_used_at"]
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return (
+            ["user", "name"] if obj is None else ["user", "name", "revoked", *self.readonly_fields]
+        )
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return self.readonly_fields if obj is None else ["user", *self.readonly_fields]
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        # The raw key exists only now: it is shown once and only its hash is stored.
+        key, raw = ApiKey.objects.issue(obj.user, obj.name)
+        obj.pk, obj.prefix = key.pk, key.prefix
+        messages.warning(request, f"Copy this API key now; it will not be shown again: {raw}")

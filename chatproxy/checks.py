@@ -88,6 +88,46 @@ def _errors() -> list[CheckMessage]:
             Error("CHATPROXY_MAX_RETRIES must be an integer, 0 or more.", id="chatproxy.E006")
         )
     errors += _interceptor_errors()
+    rate = conf.raw("CHATPROXY_RATE_LIMIT")
+    if rate is not None and not (
+        isinstance(rate, list | tuple)
+        and len(rate) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in rate)
+    ):
+        errors.append(
+            Error(
+                "CHATPROXY_RATE_LIMIT must be None or (requests, seconds), two positive integers.",
+                id="chatproxy.E009",
+            )
+        )
+    streams = conf.raw("CHATPROXY_MAX_STREAMS")
+    if streams is not None and (
+        not isinstance(streams, int) or isinstance(streams, bool) or streams < 1
+    ):
+        errors.append(
+            Error("CHATPROXY_MAX_STREAMS must be None or a positive integer.", id="chatproxy.E010")
+        )
+    groups = conf.raw("CHATPROXY_GROUP_MODELS")
+    if groups is not None and not (
+        isinstance(groups, dict)
+        and all(
+            isinstance(m, list | tuple) and all(isinstance(x, str) for x in m)
+            for m in groups.values()
+        )
+    ):
+        errors.append(
+            Error(
+                "CHATPROXY_GROUP_MODELS must map group names to lists of model names.",
+                id="chatproxy.E011",
+            )
+        )
+    if conf.CHATPROXY_CACHE not in settings.CACHES:
+        errors.append(
+            Error(
+                f"CHATPROXY_CACHE names {conf.CHATPROXY_CACHE!r}, which is not in CACHES.",
+                id="chatproxy.E012",
+            )
+        )
     prices = conf.raw("CHATPROXY_PRICES")
     if prices is not None and not (
         isinstance(prices, dict)

@@ -111,6 +111,32 @@ class Settings:
     def CHATPROXY_PRICES(self) -> dict[str, dict[str, float]]:
         return dict(getattr(settings, "CHATPROXY_PRICES", {}))
 
+    @property
+    def CHATPROXY_GROUP_MODELS(self) -> dict[str, list[str]]:
+        return dict(getattr(settings, "CHATPROXY_GROUP_MODELS", {}))
+
+    @property
+    def CHATPROXY_RATE_LIMIT(self) -> tuple[int, int] | None:
+        limit = getattr(settings, "CHATPROXY_RATE_LIMIT", (30, 60))
+        return None if limit is None else (int(limit[0]), int(limit[1]))
+
+    @property
+    def CHATPROXY_MAX_STREAMS(self) -> int | None:
+        limit = getattr(settings, "CHATPROXY_MAX_STREAMS", 3)
+        return None if limit is None else int(limit)
+
+    @property
+    def CHATPROXY_CACHE(self) -> str:
+        return str(getattr(settings, "CHATPROXY_CACHE", "default"))
+
+    @property
+    def CHATPROXY_STORE_CONTENT(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_STORE_CONTENT", True))
+
+    @property
+    def CHATPROXY_STALE_AFTER(self) -> float:
+        return float(getattr(settings, "CHATPROXY_STALE_AFTER", 600.0))
+
     def raw(self, name: str) -> Any:
         """Return a setting exactly as the project wrote it, for the system checks."""
         return getattr(settings, name, None)

@@ -14,6 +14,7 @@ from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from .auth import user_from_bearer
 from .conf import conf
 from .events import Encoder, error_event
 from .exceptions import RequestError
@@ -43,7 +44,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         """Called when a client opens the socket: accept it only for someone allowed to chat."""
         self.user = user = self.scope.get("user")
         await self.accept()
-        if user is not None and user.is_authenticated:
+        headers = dict(self.scope.get("headers", []))
+        try:
+            bearer = await user_from_bearer(headers.get(b"authorization", b"").decode("latin-1"))
+        except RequestError:  # a wrong key is refused, even where anonymous chat is allowed
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        if bearer is not None:
+            self.user, self.owner = bearer, Owner(user_id=bearer.pk)
+        elif user is not None and user.is_authenticated:
             self.owner = Owner(user_id=user.pk)
         elif conf.CHATPROXY_ALLOW_ANONYMOUS:
             # A socket cannot set a cookie, so an anonymous socket owns its conversations
@@ -114,7 +123,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
                 self.owner, request, user=self.user, extra=extra, interceptors=self.interceptors
             )
         except RequestError as exc:
-            await self.send_error(exc.code, exc.message, request_id)
+            await self.send_error(exc.code, exc.message, request_id, exc.retry_after)
             return
         self.turn = turn
         self.task = asyncio.create_task(self.relay(turn))
@@ -143,6 +152,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             event = error_event("cancelled", "The answer was stopped on request.", **ids)
             await self.send(text_data=Encoder(turn.extra).event(event)[:-1].decode())
 
-    async def send_error(self, code: str, message: str, request_id: str | None) -> None:
-        extra = {} if request_id is None else {"request_id": request_id}
-        await self.send(text_data=Encoder(extra).event(error_event(code, message))[:-1].decode())
+    async def send_error(
+        self, code: str, message: str, request_id: str | None, retry_after: int | None = None
+    ) -> None:
+        extra: dict[str, Any] = {} if request_id is None else {"request_id": request_id}
+        event = error_event(code, message)
+        if retry_after is not None:
+            event["retry_after"] = retry_after  # type: ignore[typeddict-unknown-key]
+        await self.send(text_data=Encoder(extra).event(event)[:-1].decode())

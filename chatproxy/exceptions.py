@@ -27,11 +27,14 @@ ERROR_CODES: dict[str, str] = {
     "parameter_not_allowed": "A sampling parameter not in CHATPROXY_PARAMETERS (400).",
     "invalid_parameter": "A sampling parameter that is not a number (400).",
     "authentication_required": "The request carries no logged-in user (401).",
+    "invalid_api_key": "The Authorization: Bearer key is unknown or revoked (401).",
     "csrf_failed": "A session-authenticated request without a valid CSRF token (403).",
     "conversation_not_found": "No conversation with that id belongs to you (404).",
     "method_not_allowed": "Only POST is accepted (405).",
     "unsupported_media_type": "The body is not sent as application/json (415).",
     "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",
+    "rate_limited": "More requests than CHATPROXY_RATE_LIMIT allows; see Retry-After (429).",
+    "too_many_streams": "More answers streaming at once than CHATPROXY_MAX_STREAMS (429).",
     # Errors after the first line: the terminal `error` event.
     "upstream_timeout": "The upstream did not answer, or went silent, within CHATPROXY_TIMEOUT.",
     "upstream_unreachable": "The upstream could not be reached.",
@@ -67,9 +70,12 @@ class ChatproxyError(Exception):
 class RequestError(ChatproxyError):
     """Raised when the client's request is wrong; ``status`` is the HTTP answer."""
 
-    def __init__(self, code: str, message: str, *, status: int = 400) -> None:
+    def __init__(
+        self, code: str, message: str, *, status: int = 400, retry_after: int | None = None
+    ) -> None:
         super().__init__(message, code=code)
         self.status = status
+        self.retry_after = retry_after
 
 
 class TurnError(ChatproxyError):

@@ -55,7 +55,7 @@ class _Window:
         position = cut = 0
         for match in self.pattern.finditer(buffer):
             if match.end() > safe:  # more text could still change this match: keep it
-                safe = match.start()
+                safe = min(safe, match.start())
                 break
             pieces += [buffer[position : match.start()], match]
             position = match.end()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
+import secrets
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -230,3 +233,61 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role} #{self.position}"
+
+
+KEY_PREFIX = "cpx_"
+
+
+def _digest(raw: str) -> str:
+    # Keys carry 256 random bits, so a fast hash is enough: there is nothing to brute-force.
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class ApiKeyManager(models.Manager["ApiKey"]):
+    def issue(self, user: Any, name: str) -> tuple[ApiKey, str]:
+        """Create a key for ``user``; return it and the raw key, which is never stored."""
+        prefix = secrets.token_hex(4)
+        raw = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
+        return self.create(user=user, name=name, prefix=prefix, hashed=_digest(raw)), raw
+
+    def user_for(self, raw: str) -> Any:
+        """Return the active user a raw key belongs to, or None."""
+        prefix = raw[len(KEY_PREFIX) : len(KEY_PREFIX) + 8]
+        if not raw.startswith(KEY_PREFIX) or raw[len(KEY_PREFIX) + 8 : len(KEY_PREFIX) + 9] != "_":
+            return None
+        key = self.select_related("user").filter(prefix=prefix, revoked=False).first()
+        if key is None or not hmac.compare_digest(key.hashed, _digest(raw)):
+            return None
+        if not key.user.is_active:
+            return None
+        now = timezone.now()
+        if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
+            self.filter(pk=key.pk).update(last_used_at=now)
+        return key.user
+
+
+class ApiKey(models.Model):
+    """A bearer key for server-to-server clients; only its hash is kept."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="chat_api_keys",
+        verbose_name=_("user"),
+    )
+    name = models.CharField(_("name"), max_length=100, help_text=_("What the key is for."))
+    prefix = models.CharField(_("prefix"), max_length=8, unique=True, editable=False)
+    hashed = models.CharField(_("hash"), max_length=64, editable=False)
+    revoked = models.BooleanField(_("revoked"), default=False)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    last_used_at = models.DateTimeField(_("last used"), null=True, blank=True, editable=False)
+
+    objects = ApiKeyManager()
+
+    class Meta:
+        verbose_name = _("API key")
+        verbose_name_plural = _("API keys")
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({KEY_PREFIX}{self.prefix}_…)"

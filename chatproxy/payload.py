@@ -49,7 +49,9 @@ def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
                 "unknown_field", f"Unknown field {key!r}. The accepted fields are: {accepted}."
             )
     conversation_id = _conversation_id(data.get("conversation_id"))
-    messages = _messages(data.get("messages"), continuing=conversation_id is not None)
+    # With CHATPROXY_STORE_CONTENT off the server keeps no history, so the client sends it.
+    continuing = conversation_id is not None and conf.CHATPROXY_STORE_CONTENT
+    messages = _messages(data.get("messages"), continuing=continuing)
     return ChatRequest(
         messages=messages,
         model=_model(data.get("model")),
@@ -137,16 +139,12 @@ def _role_hint(i: int, role: Any, roles: set[str]) -> str:
 
 
 def _model(value: Any) -> str:
+    # Which models this user may use is checked with the user, in limits.check_model().
     if value is None:
         return conf.CHATPROXY_DEFAULT_MODEL
-    allowed = conf.CHATPROXY_MODELS
-    if value not in allowed:
-        raise RequestError(
-            "model_not_allowed",
-            f"The model {value!r} is not allowed here. Use one of: {', '.join(allowed)}, "
-            "or leave model out for the default.",
-        )
-    return str(value)
+    if not isinstance(value, str) or not value:
+        raise RequestError("model_not_allowed", "model must be the name of an allowed model.")
+    return value
 
 
 def _parameter(name: str, value: Any, low: float, high: float) -> int | float:

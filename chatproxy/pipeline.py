@@ -19,6 +19,7 @@ from .conf import conf
 from .events import PING, Encoder, error_event
 from .exceptions import RequestError, TurnError
 from .interception import InterceptorSpec, build_chain
+from .limits import check_model, check_rate, check_streams
 from .models import Conversation, Message, Owner, Status
 from .payload import ChatRequest
 from .relay import Relay
@@ -37,9 +38,12 @@ async def prepare_turn(
     extra: dict[str, Any] | None = None,
     interceptors: Sequence[InterceptorSpec] | None = None,
 ) -> Turn:
-    """Check what needs the database before the first byte: the history of a continued
-    conversation (404 if the owner has no such one). ``interceptors`` replaces
-    CHATPROXY_INTERCEPTORS for this turn."""
+    """Check what needs the user or the database before the first byte: the limits, and the
+    history of a continued conversation (404 if the owner has no such one).
+    ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn."""
+    await check_rate(owner)
+    await check_model(request.model, user)
+    await check_streams(owner)
     history: list[dict[str, str]] = []
     if request.conversation_id is not None:
         found = await Conversation.objects.history(owner, request.conversation_id)
@@ -64,8 +68,11 @@ async def prepare_turn(
 
 
 def _begin(turn: Turn) -> tuple[uuid.UUID, uuid.UUID]:
+    messages = turn.request.messages
+    if not conf.CHATPROXY_STORE_CONTENT:
+        messages = [{"role": m["role"], "content": ""} for m in messages]
     ids = Conversation.objects.start_turn(
-        turn.owner, turn.request.conversation_id, turn.request.messages, turn.request.model
+        turn.owner, turn.request.conversation_id, messages, turn.request.model
     )
     # Give the connection back now: an open stream must not pin one for its whole life.
     close_old_connections()
@@ -77,6 +84,8 @@ def _finish(turn: Turn) -> None:
     outcome = turn.state.outcome()
     outcome.model, outcome.cost = turn.model, turn.cost
     outcome.metadata = turn.metadata or None
+    if not conf.CHATPROXY_STORE_CONTENT:
+        outcome.content = outcome.raw_content = ""
     Message.objects.finish_turn(turn.conversation_id, turn.answer_id, outcome)
     close_old_connections()
 

@@ -14,6 +14,7 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
+from .auth import user_from_bearer
 from .conf import conf
 from .exceptions import RequestError
 from .interception import InterceptorSpec
@@ -34,6 +35,10 @@ def error_response(exc: RequestError) -> JsonResponse:
     )
     if exc.status == 405:
         response["Allow"] = "POST"
+    if exc.status == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="chatproxy"'
+    if exc.retry_after is not None:
+        response["Retry-After"] = str(exc.retry_after)
     return response
 
 
@@ -75,6 +80,9 @@ completions = CompletionsView.as_view()
 
 async def authenticate(request: HttpRequest) -> tuple[Owner, Any]:
     """Return who is chatting and the user; raise if nobody may, or a session lacks CSRF."""
+    bearer = await user_from_bearer(request.headers.get("Authorization", ""))
+    if bearer is not None:
+        return Owner(user_id=bearer.pk), bearer  # no cookie, so no CSRF to check
     user = await request.auser()
     if user.is_authenticated:
         # Like Django's own views, a session-authenticated request must carry the CSRF token.

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
 from django.db import connections
 from django.test import AsyncClient
 
@@ -123,3 +124,27 @@ def server(
     process.start()
     yield process
     process.stop()
+
+
+async def open_socket(
+    cookie: str = "", origin: bytes = b"http://testserver"
+) -> WebsocketCommunicator:
+    headers = [(b"host", b"testserver"), (b"origin", origin)]
+    if cookie:
+        headers.append((b"cookie", cookie.encode()))
+    return WebsocketCommunicator(_asgi_application(), "/ws/chat/", headers=headers)
+
+
+async def frames_until_terminal(comm: WebsocketCommunicator) -> list[dict[str, Any]]:
+    frames = []
+    while True:
+        frame = await comm.receive_json_from(timeout=5)
+        frames.append(frame)
+        if frame["event"] in ("completed", "error"):
+            return frames
+
+
+def _asgi_application() -> Any:
+    from project.asgi import application
+
+    return application

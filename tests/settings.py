@@ -93,3 +93,7 @@ if os.environ.get("CHATPROXY_TEST_DATABASE_NAME"):
     DATABASES["default"]["NAME"] = os.environ["CHATPROXY_TEST_DATABASE_NAME"]
 if os.environ.get("CHATPROXY_TEST_UPSTREAM"):
     CHATPROXY_BASE_URL = os.environ["CHATPROXY_TEST_UPSTREAM"]
+
+# Limits are tested on their own; the rest of the suite runs many turns as one user.
+CHATPROXY_RATE_LIMIT = None
+CHATPROXY_MAX_STREAMS = None

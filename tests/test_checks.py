@@ -34,6 +34,11 @@ def test_test_settings_pass_cleanly():
         ("CHATPROXY_INTERCEPTORS", ["chatproxy.models.Message"], "chatproxy.E007"),
         ("CHATPROXY_INTERCEPTORS", "chatproxy.interceptors.Redact", "chatproxy.E007"),
         ("CHATPROXY_PRICES", {"gpt-test": {"prompt": 1}}, "chatproxy.E008"),
+        ("CHATPROXY_RATE_LIMIT", (0, 60), "chatproxy.E009"),
+        ("CHATPROXY_RATE_LIMIT", "30/m", "chatproxy.E009"),
+        ("CHATPROXY_MAX_STREAMS", 0, "chatproxy.E010"),
+        ("CHATPROXY_GROUP_MODELS", {"pro": "gpt-pro"}, "chatproxy.E011"),
+        ("CHATPROXY_CACHE", "nowhere", "chatproxy.E012"),
     ],
 )
 def test_bad_setting_is_an_error(settings, name, value, expected):

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 import pytest
 from channels.layers import get_channel_layer
-from channels.testing import WebsocketCommunicator
 
 from chatproxy.consumers import turn_group
 from chatproxy.models import Message
-from project.asgi import application
-from tests.conftest import session_cookie
+from tests.conftest import frames_until_terminal, open_socket, session_cookie
 from tests.fake_upstream import Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 HI = {"type": "chat", "messages": [{"role": "user", "content": "Hi"}]}
 SLOW = Reply(tokens=[f"w{i} " for i in range(200)], delay=0.02)
-
-
-async def open_socket(
-    cookie: str = "", origin: bytes = b"http://testserver"
-) -> WebsocketCommunicator:
-    headers = [(b"host", b"testserver"), (b"origin", origin)]
-    if cookie:
-        headers.append((b"cookie", cookie.encode()))
-    return WebsocketCommunicator(application, "/ws/chat/", headers=headers)
 
 
 @pytest.fixture
@@ -37,15 +24,6 @@ async def socket(user):
     assert connected
     yield comm
     await comm.disconnect()
-
-
-async def frames_until_terminal(comm: WebsocketCommunicator) -> list[dict[str, Any]]:
-    frames = []
-    while True:
-        frame = await comm.receive_json_from(timeout=5)
-        frames.append(frame)
-        if frame["event"] in ("completed", "error"):
-            return frames
 
 
 async def test_two_turns_on_one_socket_with_request_ids(socket, upstream):
