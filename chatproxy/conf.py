@@ -137,6 +137,18 @@ class Settings:
     def CHATPROXY_STALE_AFTER(self) -> float:
         return float(getattr(settings, "CHATPROXY_STALE_AFTER", 600.0))
 
+    @property
+    def CHATPROXY_RETRY_AFTER_CAP(self) -> float:
+        return float(getattr(settings, "CHATPROXY_RETRY_AFTER_CAP", 10.0))
+
+    @property
+    def CHATPROXY_CHECKPOINT_INTERVAL(self) -> float:
+        return float(getattr(settings, "CHATPROXY_CHECKPOINT_INTERVAL", 2.0))
+
+    @property
+    def CHATPROXY_SHUTDOWN_GRACE(self) -> float:
+        return float(getattr(settings, "CHATPROXY_SHUTDOWN_GRACE", 20.0))
+
     def raw(self, name: str) -> Any:
         """Return a setting exactly as the project wrote it, for the system checks."""
         return getattr(settings, name, None)

@@ -5,6 +5,7 @@
     │                          or an ``error`` frame on a WebSocket
     └── TurnError              a running turn ended early; the stream's terminal ``error`` event
         ├── UpstreamError      the upstream API failed, timed out or misbehaved
+        ├── ServerShutdownError  the server stopped before the answer could finish
         ├── TurnRejectedError  an interceptor refused the turn on purpose
         └── ContentBlockedError  a guardrail stopped the answer mid-stream
 
@@ -50,8 +51,10 @@ ERROR_CODES: dict[str, str] = {
     "content_blocked": "A guardrail stopped the answer mid-stream (saved `blocked`).",
     "busy": "WebSocket only: a turn is already running on this socket.",
     "cancelled": "WebSocket only: the client's cancel stopped the answer (saved `interrupted`).",
+    "server_shutdown": "The server shut down before the answer finished (saved `interrupted`).",
     # Saved on an answer, never sent: nobody is listening any more.
     "client_disconnected": "Saved on an interrupted answer: the client left mid-turn.",
+    "worker_lost": "Saved by `markinterrupted` on an answer whose worker died mid-stream.",
 }
 
 
@@ -88,6 +91,13 @@ class UpstreamError(TurnError):
     """Raised when the upstream API fails, times out or sends something unreadable."""
 
     code = "upstream_error"
+
+
+class ServerShutdownError(TurnError):
+    """Raised when the server shuts down before a turn could finish within the grace period."""
+
+    code = "server_shutdown"
+    status = "interrupted"
 
 
 class TurnRejectedError(TurnError):

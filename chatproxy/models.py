@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import hmac
 import secrets
@@ -176,9 +177,23 @@ class MessageManager(models.Manager["Message"]):
                 status=outcome.status, updated_at=now
             )
 
-    async def checkpoint(self, answer_id: uuid.UUID, content: str) -> None:
+    def checkpoint(self, answer_id: uuid.UUID, content: str) -> None:
         """Save the text so far of an answer still streaming, so a crash leaves it behind."""
-        await self.filter(pk=answer_id, status=Status.STREAMING).aupdate(content=content)
+        self.filter(pk=answer_id, status=Status.STREAMING).update(content=content)
+
+    def interrupt_stale(self, older_than: float) -> int:
+        """Mark answers left ``streaming`` (by a worker that died) as ``interrupted``."""
+        cutoff = timezone.now() - datetime.timedelta(seconds=older_than)
+        stale = self.filter(status=Status.STREAMING, created_at__lt=cutoff)
+        with transaction.atomic():
+            conversations = list(stale.values_list("conversation_id", flat=True))
+            count = stale.update(
+                status=Status.INTERRUPTED, error_code="worker_lost", finished_at=timezone.now()
+            )
+            Conversation.objects.filter(pk__in=conversations, status=Status.STREAMING).update(
+                status=Status.INTERRUPTED
+            )
+        return count
 
 
 class Message(models.Model):

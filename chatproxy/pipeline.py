@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
 
+from . import shutdown
 from .conf import conf
 from .events import PING, Encoder, error_event
 from .exceptions import RequestError, TurnError
@@ -79,6 +81,12 @@ def _begin(turn: Turn) -> tuple[uuid.UUID, uuid.UUID]:
     return ids
 
 
+def _checkpoint(answer_id: uuid.UUID | None, text: str) -> None:
+    assert answer_id is not None
+    Message.objects.checkpoint(answer_id, text)
+    close_old_connections()
+
+
 def _finish(turn: Turn) -> None:
     assert turn.conversation_id is not None and turn.answer_id is not None
     outcome = turn.state.outcome()
@@ -135,7 +143,10 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                 async for event in _while_emitting(turn, chain.before_upstream(turn), heartbeat):
                     yield encoder.event(event)
             relay = Relay(stream_chat(turn.model, turn.messages, turn.params))
+            shutdown.track(relay)
             coalesce, transforming = conf.CHATPROXY_COALESCE_DELTAS, chain.transforming
+            every = conf.CHATPROXY_CHECKPOINT_INTERVAL if conf.CHATPROXY_STORE_CONTENT else 0
+            checkpoint_at = time.monotonic() + every
             while (batch := await relay.next_batch(heartbeat)) is not None:
                 if not batch:
                     yield encoder.event(PING)
@@ -154,6 +165,10 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                 if turn.stopped:
                     state.finish_reason = turn.stopped
                     break
+                if every and time.monotonic() >= checkpoint_at:
+                    # Awaited inline: at most one write per interval, never one per token.
+                    await sync_to_async(_checkpoint)(turn.answer_id, state.text)
+                    checkpoint_at = time.monotonic() + every
             await relay.aclose()
             if transforming and (text := await chain.flush(turn)):
                 state.deliver(text)
@@ -189,6 +204,7 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
     finally:
         # No `yield` in here: the generator may be closing (GeneratorExit).
         if relay is not None:
+            shutdown.forget(relay)
             await relay.aclose()
         interrupted = save is None
         if save is None:

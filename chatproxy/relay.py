@@ -56,6 +56,13 @@ class Relay(Generic[T]):
             raise self._error
         return None
 
+    def fail(self, exc: Exception) -> None:
+        """End the stream early with ``exc``: the consumer gets what arrived, then the error."""
+        self._error = exc
+        self._done = True
+        self._task.cancel()
+        self._wakeup.set()
+
     async def aclose(self) -> None:
         """Stop reading: cancel the producer, which closes the source, and wait for it."""
         task = self._task

@@ -50,18 +50,19 @@ def get_client() -> openai.AsyncOpenAI:
         conf.CHATPROXY_API_KEY,
         conf.CHATPROXY_TIMEOUT,
         conf.CHATPROXY_CONNECT_TIMEOUT,
-        conf.CHATPROXY_MAX_RETRIES,
     )
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
     client = per_loop.get(key)
     if client is None:
-        _, base_url, api_key, read, connect, retries = key
+        _, base_url, api_key, read, connect = key
         http_client = httpx2.AsyncClient(transport=DemoTransport()) if demo else None
         client = per_loop[key] = openai.AsyncOpenAI(
             api_key=api_key or "offline-demo",
             base_url=DEMO_BASE_URL if demo else base_url,
             timeout=httpx2.Timeout(read, connect=connect),
-            max_retries=retries,
+            # chatproxy retries itself (_open): the SDK's own retries would honour a
+            # Retry-After of up to a minute while the client waits for its first token.
+            max_retries=0,
             http_client=http_client,
         )
     return client
@@ -78,16 +79,7 @@ async def stream_chat(
     extra: dict[str, Any] = {}
     if conf.CHATPROXY_STREAM_USAGE:
         extra["stream_options"] = {"include_usage": True}
-    try:
-        # `**params` hides `stream=True` from the overloads, hence the cast.
-        stream = cast(
-            "openai.AsyncStream[ChatCompletionChunk]",
-            await get_client().chat.completions.create(
-                model=model, messages=cast(Any, messages), stream=True, **params, **extra
-            ),
-        )
-    except openai.APIError as exc:
-        raise _map_error(exc, streaming=False) from None
+    stream = await _open(model, messages, {**params, **extra})
     try:
         async for chunk in stream:
             usage = chunk.usage
@@ -120,6 +112,48 @@ async def stream_chat(
         ) from None
     finally:
         await stream.close()
+
+
+async def _open(
+    model: str, messages: list[dict[str, str]], params: dict[str, Any]
+) -> openai.AsyncStream[ChatCompletionChunk]:
+    """Start the stream, retrying failures before its first byte (never after: the client may
+    already have part of the answer) up to CHATPROXY_MAX_RETRIES times."""
+    retries, cap = conf.CHATPROXY_MAX_RETRIES, conf.CHATPROXY_RETRY_AFTER_CAP
+    client = get_client()
+    for attempt in range(retries + 1):
+        try:
+            # `**params` hides `stream=True` from the overloads, hence the cast.
+            return cast(
+                "openai.AsyncStream[ChatCompletionChunk]",
+                await client.chat.completions.create(
+                    model=model, messages=cast(Any, messages), stream=True, **params
+                ),
+            )
+        except openai.APIError as exc:
+            delay = _retry_delay(exc, attempt, cap)
+            if attempt == retries or delay is None:
+                raise _map_error(exc, streaming=False) from None
+            logger.info("Upstream %s; retry %d in %.2f s", type(exc).__name__, attempt + 1, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _retry_delay(exc: openai.APIError, attempt: int, cap: float) -> float | None:
+    """Return how long to wait before retrying ``exc``, or None if it is not worth retrying."""
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code not in (408, 409, 429) and exc.status_code < 500:
+            return None
+        headers = exc.response.headers
+        for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+            try:
+                wait = float(headers[name]) * scale
+                return float(min(max(wait, 0.0), cap))
+            except (KeyError, ValueError):
+                continue
+    elif not isinstance(exc, openai.APIConnectionError):
+        return None
+    return min(0.5 * 2.0**attempt, cap)
 
 
 def _map_error(exc: openai.APIError, *, streaming: bool) -> UpstreamError:

@@ -1,0 +1,76 @@
+"""End in-flight turns cleanly when the server shuts down.
+
+On SIGTERM, uvicorn (and daphne) stop accepting connections and wait for open responses, up to
+uvicorn's ``--timeout-graceful-shutdown``, before cancelling them. A turn still streaming
+CHATPROXY_SHUTDOWN_GRACE seconds after the signal is ended here instead, while the client is
+still listening: it gets an ``error`` event with code ``server_shutdown`` and the answer is
+saved ``interrupted``. Set the grace below the server's own timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from .conf import conf
+from .exceptions import ServerShutdownError
+from .relay import Relay
+
+_relays: set[Relay[Any]] = set()
+_loop: asyncio.AbstractEventLoop | None = None
+_installed = False
+_draining = False
+
+
+def track(relay: Relay[Any]) -> None:
+    """Remember a running turn's relay; install the SIGTERM hook on first use."""
+    global _loop
+    _loop = asyncio.get_running_loop()
+    _relays.add(relay)
+    if not _installed:
+        _install()
+
+
+def forget(relay: Relay[Any]) -> None:
+    _relays.discard(relay)
+
+
+def _install() -> None:
+    # The server installs its own handler before the first request arrives; chain to it so
+    # its graceful shutdown still starts. Signals can only be handled in the main thread.
+    global _installed
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _installed = True
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        loop = _loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(_drain)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _drain() -> None:
+    global _draining
+    if not _draining and _loop is not None:
+        _draining = True
+        _loop.call_later(conf.CHATPROXY_SHUTDOWN_GRACE, _end_all)
+
+
+def _end_all() -> None:
+    for relay in list(_relays):
+        relay.fail(
+            ServerShutdownError(
+                "The server is restarting and stopped this answer. Send your message again."
+            )
+        )
