@@ -10,7 +10,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -140,8 +141,10 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
         heartbeat = conf.CHATPROXY_HEARTBEAT or None
         try:
             if chain.before:
-                async for event in _while_emitting(turn, chain.before_upstream(turn), heartbeat):
-                    yield encoder.event(event)
+                stage = _while_emitting(turn, chain.before_upstream(turn), heartbeat)
+                async with aclosing(stage):
+                    async for event in stage:
+                        yield encoder.event(event)
             relay = Relay(stream_chat(turn.model, turn.messages, turn.params))
             shutdown.track(relay)
             coalesce, transforming = conf.CHATPROXY_COALESCE_DELTAS, chain.transforming
@@ -174,9 +177,11 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                 state.deliver(text)
                 yield encoder.answering(text)
             state.end(Status.COMPLETED)
-            await chain.after_response(turn)
-            for event in _take(turn):
-                yield encoder.event(event)
+            if chain.after:
+                stage = _while_emitting(turn, chain.after_response(turn), heartbeat)
+                async with aclosing(stage):
+                    async for event in stage:
+                        yield encoder.event(event)
             terminal: dict[str, Any] = {
                 "event": "completed",
                 **ids,
@@ -222,9 +227,10 @@ def _take(turn: Turn) -> list[Any]:
 
 async def _while_emitting(
     turn: Turn, stage: Coroutine[Any, Any, None], heartbeat: float | None
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """Run a stage, yielding what it emits as it emits it, and a ping per silent interval."""
     task = asyncio.ensure_future(stage)
+    waiter: asyncio.Future[Any] | None = None
     try:
         while True:
             turn.wakeup.clear()
@@ -241,6 +247,8 @@ async def _while_emitting(
                 yield PING
         task.result()
     finally:
+        if waiter is not None:
+            waiter.cancel()
         if not task.done():
             task.cancel()
             await asyncio.wait({task})

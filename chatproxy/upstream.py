@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, NamedTuple, cast
 from weakref import WeakKeyDictionary
 
 import httpx2
 import openai
-from openai.types.chat import ChatCompletionChunk
+import orjson
 
 from .conf import conf
 from .demo import DemoTransport
@@ -73,70 +74,117 @@ async def stream_chat(
 ) -> AsyncIterator[Chunk]:
     """Yield the chunks of one streamed chat completion; raise ``UpstreamError`` on failure.
 
+    The SDK builds and sends the request (auth, base URL, headers, status errors); the SSE body
+    is read raw and parsed here, which costs a fraction of building a pydantic model per chunk.
     Closing this generator (or cancelling the task iterating it) closes the upstream
     connection, so the upstream stops generating and no more tokens are paid for.
     """
-    extra: dict[str, Any] = {}
     if conf.CHATPROXY_STREAM_USAGE:
-        extra["stream_options"] = {"include_usage": True}
-    stream = await _open(model, messages, {**params, **extra})
+        params = {**params, "stream_options": {"include_usage": True}}
+    async with _open(model, messages, params) as response:
+        decoder = SSEDecoder()
+        try:
+            async for data in response.iter_bytes():
+                for payload in decoder.feed(data):
+                    if payload == b"[DONE]":
+                        return
+                    yield parse_chunk(payload)
+        except httpx2.TimeoutException:
+            raise UpstreamError(
+                "The model's server went silent mid-answer. Try again.", code="upstream_timeout"
+            ) from None
+        except httpx2.TransportError:
+            raise UpstreamError(
+                "The connection to the model's server dropped mid-answer. Try again.",
+                code="upstream_disconnected",
+            ) from None
+
+
+class SSEDecoder:
+    """Split a server-sent-events byte stream into the payloads of its ``data:`` fields."""
+
+    __slots__ = ("_buffer", "_data")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Take the next bytes; return the payload of every event they complete."""
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        payloads = []
+        for line in lines:
+            line = line.removesuffix(b"\r")
+            if not line:  # a blank line ends the event
+                if self._data:
+                    payloads.append(b"\n".join(self._data))
+                    self._data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+            # Comments (":") and the other fields (event, id, retry) carry nothing we use.
+        return payloads
+
+
+def parse_chunk(payload: bytes) -> Chunk:
+    """Read one ``chat.completion.chunk``; raise ``UpstreamError`` for an error or garbage."""
     try:
-        async for chunk in stream:
-            usage = chunk.usage
-            if chunk.choices:
-                choice = chunk.choices[0]
-                yield Chunk(
-                    choice.delta.content or "",
-                    choice.finish_reason,
-                    None,
-                    chunk.id,
-                )
-            elif usage is not None:
-                yield Chunk(
-                    "",
-                    None,
-                    {
-                        "prompt_tokens": usage.prompt_tokens,
-                        "completion_tokens": usage.completion_tokens,
-                        "total_tokens": usage.total_tokens,
-                    },
-                    chunk.id,
-                )
-    except openai.APIError as exc:
-        raise _map_error(exc, streaming=True) from None
-    except ValueError:  # a JSON or UTF-8 decoding error inside the SSE stream
-        logger.warning("Upstream sent an unreadable chunk", exc_info=True)
+        chunk = orjson.loads(payload)
+        if "error" in chunk:
+            logger.warning("Upstream reported an error inside the stream")
+            raise UpstreamError(
+                "The model's server failed while answering. Try again.", code="upstream_error"
+            )
+        usage = chunk.get("usage")
+        choices = chunk.get("choices")
+        if choices:
+            choice = choices[0]
+            content = (choice.get("delta") or {}).get("content") or ""
+            return Chunk(content, choice.get("finish_reason"), None, chunk.get("id") or "")
+        if usage:
+            return Chunk(
+                "",
+                None,
+                {
+                    "prompt_tokens": int(usage["prompt_tokens"]),
+                    "completion_tokens": int(usage["completion_tokens"]),
+                    "total_tokens": int(usage["total_tokens"]),
+                },
+                chunk.get("id") or "",
+            )
+        return Chunk("", None, None, chunk.get("id") or "")
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+        logger.warning("Upstream sent an unreadable chunk")
         raise UpstreamError(
             "The model's server sent a response chatproxy could not read.",
             code="upstream_bad_response",
         ) from None
-    finally:
-        await stream.close()
 
 
+@asynccontextmanager
 async def _open(
     model: str, messages: list[dict[str, str]], params: dict[str, Any]
-) -> openai.AsyncStream[ChatCompletionChunk]:
+) -> AsyncIterator[Any]:
     """Start the stream, retrying failures before its first byte (never after: the client may
     already have part of the answer) up to CHATPROXY_MAX_RETRIES times."""
     retries, cap = conf.CHATPROXY_MAX_RETRIES, conf.CHATPROXY_RETRY_AFTER_CAP
-    client = get_client()
+    create = get_client().chat.completions.with_streaming_response.create
     for attempt in range(retries + 1):
         try:
-            # `**params` hides `stream=True` from the overloads, hence the cast.
-            return cast(
-                "openai.AsyncStream[ChatCompletionChunk]",
-                await client.chat.completions.create(
-                    model=model, messages=cast(Any, messages), stream=True, **params
-                ),
-            )
+            opened = create(model=model, messages=cast(Any, messages), stream=True, **params)
+            response = await opened.__aenter__()
         except openai.APIError as exc:
             delay = _retry_delay(exc, attempt, cap)
             if attempt == retries or delay is None:
-                raise _map_error(exc, streaming=False) from None
+                raise _map_error(exc) from None
             logger.info("Upstream %s; retry %d in %.2f s", type(exc).__name__, attempt + 1, delay)
             await asyncio.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+            continue
+        try:
+            yield response
+        finally:
+            await opened.__aexit__(None, None, None)
+        return
 
 
 def _retry_delay(exc: openai.APIError, attempt: int, cap: float) -> float | None:
@@ -156,7 +204,7 @@ def _retry_delay(exc: openai.APIError, attempt: int, cap: float) -> float | None
     return min(0.5 * 2.0**attempt, cap)
 
 
-def _map_error(exc: openai.APIError, *, streaming: bool) -> UpstreamError:
+def _map_error(exc: openai.APIError) -> UpstreamError:
     # Log the upstream's request id, never its body: bodies can echo keys or internal URLs.
     request_id = getattr(exc, "request_id", None)
     logger.warning("Upstream error %s (request id %s)", type(exc).__name__, request_id)
@@ -165,11 +213,6 @@ def _map_error(exc: openai.APIError, *, streaming: bool) -> UpstreamError:
             "The model's server did not answer in time. Try again.", code="upstream_timeout"
         )
     if isinstance(exc, openai.APIConnectionError):
-        if streaming:
-            return UpstreamError(
-                "The connection to the model's server dropped mid-answer. Try again.",
-                code="upstream_disconnected",
-            )
         return UpstreamError(
             "The model's server could not be reached. Try again later.",
             code="upstream_unreachable",

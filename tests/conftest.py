@@ -116,14 +116,18 @@ def server(
     django_db_setup: Any, django_db_blocker: Any, upstream_server: FakeUpstream
 ) -> Iterator[ServerProcess]:
     """The project under a real uvicorn process, sharing the test database and fake upstream."""
-    from django.db import connection
-
-    with django_db_blocker.unblock():
-        name = str(connection.settings_dict["NAME"])
-    process = ServerProcess(name, upstream_server.base_url)
+    process = ServerProcess(shared_database_name(django_db_blocker), upstream_server.base_url)
     process.start()
     yield process
     process.stop()
+
+
+def shared_database_name(django_db_blocker: Any) -> str:
+    """The name of the database the tests use, for a server process to share."""
+    from django.db import connection
+
+    with django_db_blocker.unblock():
+        return str(connection.settings_dict["NAME"])
 
 
 async def open_socket(

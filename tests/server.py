@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,15 +24,17 @@ def free_port() -> int:
 class ServerProcess:
     """``uvicorn project.asgi:application`` on a free loopback port, in its own process."""
 
-    def __init__(self, database_name: str, upstream_url: str, **env: str) -> None:
+    def __init__(
+        self, database_name: str, upstream_url: str, settings: dict[str, Any] | None = None
+    ) -> None:
         self.port = free_port()
         self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             "CHATPROXY_TEST_DATABASE_NAME": database_name,
             "CHATPROXY_TEST_UPSTREAM": upstream_url,
+            "CHATPROXY_TEST_SETTINGS": json.dumps(settings or {}),
             "PYTHONUNBUFFERED": "1",
-            **env,
         }
         self.output: list[str] = []
         self.ready = threading.Event()
@@ -58,6 +62,17 @@ class ServerProcess:
             self.output.append(line)
             if "Application startup complete" in line or "Uvicorn running on" in line:
                 self.ready.set()
+
+    def terminate(self) -> None:
+        """SIGTERM: the server's graceful shutdown."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        code = self.process.wait(timeout)
+        self._reap()
+        return code
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to clean up, like a worker that dies."""

@@ -1,5 +1,6 @@
 """Settings for the test suite: SQLite by default, PostgreSQL when DATABASE_URL is set."""
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -93,6 +94,8 @@ if os.environ.get("CHATPROXY_TEST_DATABASE_NAME"):
     DATABASES["default"]["NAME"] = os.environ["CHATPROXY_TEST_DATABASE_NAME"]
 if os.environ.get("CHATPROXY_TEST_UPSTREAM"):
     CHATPROXY_BASE_URL = os.environ["CHATPROXY_TEST_UPSTREAM"]
+# Per-process overrides for a server a test starts, as JSON: {"CHATPROXY_SHUTDOWN_GRACE": 0.5}.
+globals().update(json.loads(os.environ.get("CHATPROXY_TEST_SETTINGS", "{}")))
 
 # Limits are tested on their own; the rest of the suite runs many turns as one user.
 CHATPROXY_RATE_LIMIT = None
