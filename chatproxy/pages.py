@@ -1,0 +1,115 @@
+"""The browser side: the chat page, and the two read-only JSON views it needs to list the
+owner's conversations and reopen one.
+
+The JSON views answer with the same ``{"error": {"code", "message"}}`` bodies as the completions
+endpoint, and the same 404 for an id that does not exist as for someone else's, so ids cannot be
+probed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.apps import apps
+from django.contrib.auth.views import redirect_to_login
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.views.decorators.csrf import ensure_csrf_cookie
+
+from .conf import conf
+from .exceptions import RequestError
+from .models import Conversation, Message, Owner
+from .views import anonymous_session_key, error_response
+
+CONVERSATION_LIST_LIMIT = 50
+# Where chatproxy.routing mounts the consumer; not reversible, since Django's URL resolver does
+# not know WebSocket routes, and importing routing here would make channels a requirement.
+WEBSOCKET_PATH = "/ws/chat/"
+READ_METHODS = ("GET", "HEAD")
+
+
+@ensure_csrf_cookie
+async def chat_page(request: HttpRequest) -> HttpResponse:
+    """Render the chat page; the cookie it sets is the CSRF token the page's requests send."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        if not conf.CHATPROXY_ALLOW_ANONYMOUS:
+            return redirect_to_login(request.get_full_path())
+        # Create the session now, so the WebSocket (which cannot set a cookie) and the HTTP
+        # stream file this visitor's conversations under the same key.
+        await anonymous_session_key(request, user)
+    context = {
+        "username": user.get_username() if user.is_authenticated else "",
+        # The switch is offered only when the project can route the consumer.
+        "websocket_path": WEBSOCKET_PATH if apps.is_installed("channels") else "",
+    }
+    return render(request, "chatproxy/chat.html", context)
+
+
+async def conversations(request: HttpRequest) -> HttpResponse:
+    """List the owner's latest conversations, for the page's sidebar."""
+    try:
+        owner = await _read_owner(request)
+    except RequestError as exc:
+        return _answer_error(exc)
+    if owner is None:
+        return JsonResponse({"conversations": []})
+    rows = Conversation.objects.owned_by(owner).order_by("-updated_at", "-created_at")
+    found = [
+        {
+            "id": str(c.pk),
+            "title": c.title,
+            "status": c.status,
+            "model": c.model,
+            "updated_at": c.updated_at.isoformat(),
+        }
+        async for c in rows[:CONVERSATION_LIST_LIMIT]
+    ]
+    return JsonResponse({"conversations": found})
+
+
+async def conversation(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
+    """Return one of the owner's conversations with its transcript, to continue it."""
+    try:
+        owner = await _read_owner(request)
+        found = None
+        if owner is not None:
+            found = await Conversation.objects.owned_by(owner).filter(pk=conversation_id).afirst()
+        if found is None:
+            raise RequestError(
+                "conversation_not_found",
+                "No conversation with that id belongs to you. Pick one from the list.",
+                status=404,
+            )
+    except RequestError as exc:
+        return _answer_error(exc)
+    rows = Message.objects.filter(conversation=found).order_by("position")
+    messages: list[dict[str, Any]] = [
+        {"role": m.role, "content": m.content, "status": m.status} async for m in rows
+    ]
+    return JsonResponse({"id": str(found.pk), "title": found.title, "messages": messages})
+
+
+async def _read_owner(request: HttpRequest) -> Owner | None:
+    """Return whose conversations this request may read; None for a visitor with no session yet.
+
+    Reading needs no CSRF token (a cross-site page cannot read the answer), and, unlike a chat
+    turn, never creates a session: a visitor without one simply has no conversations.
+    """
+    if request.method not in READ_METHODS:
+        raise RequestError("method_not_allowed", "Read conversations with GET.", status=405)
+    user = await request.auser()
+    if user.is_authenticated:
+        return Owner(user_id=user.pk)
+    if not conf.CHATPROXY_ALLOW_ANONYMOUS:
+        raise RequestError("authentication_required", "Log in to read conversations.", status=401)
+    key = request.session.session_key
+    return Owner(session_key=key) if key else None
+
+
+def _answer_error(exc: RequestError) -> JsonResponse:
+    response = error_response(exc)
+    if exc.status == 405:
+        response["Allow"] = ", ".join(READ_METHODS)  # error_response names the chat's POST
+    return response

@@ -1,0 +1,363 @@
+"""The chat page in a real browser: Debian's Chromium, headless and offline, driving the project
+under a real uvicorn process with the fake upstream behind it.
+
+Playwright's async API is used directly: pytest-playwright's fixtures are synchronous (they keep
+an event loop running that breaks every asyncio test after them) and its asyncio edition needs a
+session-wide event loop, which this suite does not use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatproxy.models import Conversation, Message
+from tests.conftest import CSRF_TOKEN, session_cookie
+from tests.fake_upstream import Reply
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(
+        "needs Debian's Chromium at /usr/bin/chromium: apt-get install chromium (.ci/run does)",
+        allow_module_level=True,
+    )
+
+from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
+
+pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.django_db(transaction=True)]
+
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+# Installed before the page's own scripts: a snapshot of the last answer after every batch of
+# DOM changes, so a test can tell an answer that grew from one that appeared whole.
+RECORD_RENDERS = """
+window.__renders = [];
+new MutationObserver(() => {
+  const answer = [...document.querySelectorAll(".chatproxy-message--assistant")].pop();
+  if (answer) window.__renders.push({
+    text: answer.querySelector(".chatproxy-message__content").textContent,
+    status: answer.dataset.status,
+  });
+}).observe(document, {childList: true, subtree: true, characterData: true, attributes: true});
+"""
+TRANSPORTS = ["http", "websocket"]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        yield browser
+        await browser.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, server: Any, user: Any) -> AsyncIterator[Page]:
+    """The chat page, logged in as ``user``; fails the test on a script error, on any request
+    that leaves the test server, or on a traceback or warning in the server's log."""
+    logged = len(server.output)
+    context = await browser.new_context(
+        base_url=server.url, viewport={"width": 1000, "height": 700}, color_scheme="light"
+    )
+    session = (await session_cookie(user)).split(";")[0].split("=", 1)[1]
+    await context.add_cookies(
+        [
+            {"name": "sessionid", "value": session, "url": server.url},
+            {"name": "csrftoken", "value": CSRF_TOKEN, "url": server.url},
+        ]
+    )
+    errors: list[Any] = []
+    foreign: list[str] = []
+
+    def check_request(request: Any) -> None:
+        if request.url.startswith(("http:", "https:")) and not request.url.startswith(server.url):
+            foreign.append(request.url)
+
+    context.on("weberror", lambda error: errors.append(error.error))
+    context.on("request", check_request)
+    page = await context.new_page()
+    await page.add_init_script(RECORD_RENDERS)
+    await page.goto("/")
+    yield page
+    await context.close()
+    assert errors == []
+    assert foreign == []
+    assert not [line for line in server.output[logged:] if re.search("Traceback|Warning", line)]
+
+
+async def use_transport(page: Page, transport: str) -> None:
+    await page.get_by_label(
+        "WebSocket" if transport == "websocket" else "HTTP stream", exact=True
+    ).check()
+
+
+async def send(page: Page, text: str) -> Any:
+    """Type ``text``, press Enter, and return the locator of the answer it starts."""
+    count = await page.locator(".chatproxy-message--assistant").count()
+    await page.get_by_label("Message", exact=True).fill(text)
+    await page.get_by_label("Message", exact=True).press("Enter")
+    return page.locator(".chatproxy-message--assistant").nth(count)
+
+
+async def saved_answer(upstream: Any, message_id: str) -> Message:
+    """The answer's row once its turn has ended. The server saves it right after it closes the
+    upstream request, in its own process: wait for that, then give the save a bounded while."""
+    assert await upstream.requests[-1].wait_closed_by_client(), "the upstream was never closed"
+    for _ in range(100):
+        answer = await Message.objects.aget(pk=message_id)
+        if answer.status != "streaming":
+            return answer
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"answer {message_id} was still streaming 5 seconds after the Stop")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_answer_grows_on_the_page_as_it_streams(page, upstream, transport):
+    upstream.enqueue(
+        Reply(tokens=["The ", "answer ", "grows ", "word ", "by ", "word."], delay=0.1)
+    )
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    await use_transport(page, transport)
+
+    answer = await send(page, "Hi")
+
+    await expect(answer).to_have_attribute("data-status", "completed")
+    await expect(answer.locator(".chatproxy-message__content")).to_have_text(
+        "The answer grows word by word."
+    )
+    renders = await page.evaluate("window.__renders")
+    partial = {r["text"] for r in renders if r["status"] == "streaming" and r["text"]}
+    assert len(partial) >= 2, renders
+    assert len(sockets) == (1 if transport == "websocket" else 0)
+    await expect(page.get_by_label("Message", exact=True)).to_be_focused()
+    await expect(page.get_by_role("button", name="Stop")).to_be_disabled()
+    await expect(page.get_by_role("button", name=re.compile("^Hi"))).to_be_visible()
+
+
+@pytest.mark.parametrize(
+    ("transport", "code"), [("http", "client_disconnected"), ("websocket", "cancelled")]
+)
+async def test_stop_ends_the_answer_and_it_is_saved_interrupted(page, upstream, transport, code):
+    upstream.enqueue(Reply(tokens=[f"word{i} " for i in range(300)], delay=0.02))
+    await use_transport(page, transport)
+
+    answer = await send(page, "Tell me a long story")
+    await expect(answer.locator(".chatproxy-message__content")).to_contain_text("word3")
+    await page.get_by_role("button", name="Stop").click()
+
+    await expect(answer).to_have_attribute("data-status", "interrupted")
+    await expect(answer).to_contain_text("Stopped.")
+    row = await saved_answer(upstream, await answer.get_attribute("data-message-id"))
+    assert (row.status, row.error_code) == ("interrupted", code)
+    assert row.content.startswith("word0 word1 word2 word3 ")
+    assert "word299" not in row.content
+    await expect(page.get_by_role("button", name="Send")).to_be_enabled()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_reload_and_continue_a_conversation(page, upstream, transport):
+    upstream.enqueue(Reply(tokens=["Par", "is."]), Reply(tokens=["About ", "two ", "million."]))
+    await use_transport(page, transport)
+    first = await send(page, "Capital of France?")
+    await expect(first).to_have_attribute("data-status", "completed")
+
+    await page.reload()
+    await page.get_by_role("button", name=re.compile("^Capital of France")).click()
+    await expect(page.locator(".chatproxy-message")).to_have_text(
+        [re.compile("Capital of France"), re.compile("Paris.")]
+    )
+    await expect(page.get_by_label("WebSocket", exact=True)).to_be_checked(
+        checked=transport == "websocket"
+    )
+    follow_up = await send(page, "How many people live there?")
+
+    await expect(follow_up).to_have_attribute("data-status", "completed")
+    await expect(follow_up).to_contain_text("About two million.")
+    sent = upstream.requests[-1].json["messages"]
+    assert [(m["role"], m["content"]) for m in sent if m["role"] != "system"] == [
+        ("user", "Capital of France?"),
+        ("assistant", "Paris."),
+        ("user", "How many people live there?"),
+    ]
+    assert await Conversation.objects.acount() == 1
+
+
+async def test_escape_stops_the_answer(page, upstream):
+    upstream.enqueue(Reply(tokens=[f"word{i} " for i in range(300)], delay=0.02))
+
+    answer = await send(page, "Tell me a long story")
+    await expect(answer.locator(".chatproxy-message__content")).to_contain_text("word3")
+    await page.keyboard.press("Escape")
+
+    await expect(answer).to_have_attribute("data-status", "interrupted")
+    assert await upstream.requests[-1].wait_closed_by_client()
+
+
+async def test_an_error_in_the_stream_is_shown_plainly(page, upstream):
+    upstream.enqueue(Reply(status=429))
+
+    answer = await send(page, "Hi")
+
+    await expect(answer).to_have_attribute("data-status", "failed")
+    alert = page.get_by_role("alert")
+    await expect(alert).to_have_text(
+        "The model's server is rate-limiting requests. Wait a moment and try again. "
+        "upstream_rate_limited"
+    )
+
+
+async def test_a_refused_request_is_shown_and_its_text_kept_to_retry(page, upstream):
+    first = await send(page, "Hi")
+    await expect(first).to_have_attribute("data-status", "completed")
+    await Conversation.objects.all().adelete()  # e.g. deleted from another tab
+
+    await send(page, "Still there?")
+
+    await expect(page.get_by_role("alert")).to_contain_text(
+        "No conversation with that id belongs to you."
+    )
+    await expect(page.get_by_label("Message", exact=True)).to_have_value("Still there?")
+
+
+# Every read size from one byte (each line, and the two-byte é and three-byte ✓, cut apart) to
+# the whole body (every line in one read): the events must come out the same each time.
+SPLIT_READS = """
+async () => {
+  const { streamChat } = await import("/static/chatproxy/client.js");
+  const body = new TextEncoder().encode([
+    {event: "analyzing", conversation_id: "c", message_id: "m", model: "gpt-test"},
+    {event: "answering", content: "Hé"},
+    {event: "answering", content: "llo ✓"},
+    {event: "answering", content: "!"},
+    {event: "completed", conversation_id: "c", message_id: "m", finish_reason: "stop"},
+  ].map((event) => JSON.stringify(event) + "\\n").join(""));
+  const results = new Set();
+  for (let size = 1; size <= body.length; size++) {
+    const stream = new ReadableStream({
+      start(controller) {
+        for (let i = 0; i < body.length; i += size) controller.enqueue(body.slice(i, i + size));
+        controller.close();
+      },
+    });
+    const fetch = async () => new Response(stream, {status: 200});
+    const seen = [];
+    const onEvent = (e) => seen.push(e.event === "answering" ? e.content : e.event);
+    const end = await streamChat({messages: [], fetch, onEvent});
+    results.add(JSON.stringify([...seen, end.event]));
+  }
+  return [...results];
+}
+"""
+
+
+async def test_client_parses_lines_split_across_reads_and_many_lines_in_one_read(page):
+    results = await page.evaluate(SPLIT_READS)
+
+    assert results == ['["analyzing","Hé","llo ✓","!","completed","completed"]']
+
+
+MARKDOWN = {
+    "a **b** *c* `d`": "<p>a <strong>b</strong> <em>c</em> <code>d</code></p>",
+    "one\ntwo\n\nthree": "<p>one<br>two</p><p>three</p>",
+    "- x\n- y\n  more": "<ul><li>x</li><li>y<br>more</li></ul>",
+    "3. x\n4. y": '<ol start="3"><li>x</li><li>y</li></ol>',
+    "## Heading": "<h4>Heading</h4>",
+    "```py\n<b>x</b>\n```": '<pre><code data-language="py">&lt;b&gt;x&lt;/b&gt;</code></pre>',
+    "```\nstill streaming": "<pre><code>still streaming</code></pre>",
+    "snake_case_name and _em_": "<p>snake_case_name and <em>em</em></p>",
+    "[ok](https://example.com/?a=1)": (
+        '<p><a href="https://example.com/?a=1" rel="noopener noreferrer" target="_blank">ok</a></p>'
+    ),
+    "[x](javascript:void(0)) [y](data:text/html,hi) [z](/admin/)": (
+        "<p>[x](javascript:void(0)) [y](data:text/html,hi) [z](/admin/)</p>"
+    ),
+}
+
+
+async def test_markdown_renders_its_subset_and_nothing_else(page):
+    rendered = await page.evaluate(
+        """async (sources) => {
+            const { renderMarkdown } = await import("/static/chatproxy/chat.js");
+            return sources.map((source) => {
+                const box = document.createElement("div");
+                box.append(renderMarkdown(source));
+                return box.innerHTML;
+            });
+        }""",
+        list(MARKDOWN),
+    )
+
+    assert dict(zip(MARKDOWN, rendered, strict=True)) == MARKDOWN
+
+
+MALICIOUS = [
+    'Look: <img src=x onerror="window.__xss=1">',
+    " and <scr",
+    "ipt>window.__xss=1</script>",
+    "\n\n[click me](javascript:window.__xss=1) **bold**",
+]
+
+
+async def assert_inert(page: Page) -> None:
+    content = page.locator(".chatproxy-message--assistant .chatproxy-message__content")
+    await expect(content).to_contain_text(
+        'Look: <img src=x onerror="window.__xss=1"> and <script>window.__xss=1</script>'
+    )
+    await expect(content).to_contain_text("[click me](javascript:window.__xss=1)")
+    await expect(content.locator("strong")).to_have_text("bold")
+    await expect(content.locator("img, script, a")).to_have_count(0)
+    await expect(page.locator(".chatproxy-message--user .chatproxy-message__content")).to_have_text(
+        "Show me <b>markup</b>"
+    )
+    assert await page.evaluate("window.__xss") is None
+
+
+async def test_markup_from_the_model_stays_inert_text(page, upstream):
+    upstream.enqueue(Reply(tokens=MALICIOUS, delay=0.05))
+
+    answer = await send(page, "Show me <b>markup</b>")
+    await expect(answer).to_have_attribute("data-status", "completed")
+    await assert_inert(page)
+
+    await page.reload()  # the stored transcript goes through the same renderer
+    await page.get_by_role("button", name="Show me <b>markup</b>").click()
+    await assert_inert(page)
+
+
+async def test_screenshot_of_a_finished_exchange(page, upstream, user):
+    for title in ("Plan a three-day trip to Lisbon", "Explain asyncio.TaskGroup"):
+        await Conversation.objects.acreate(
+            owner=user, title=title, model="gpt-test", status="completed"
+        )
+    answer_text = (
+        "Serve the project under an **ASGI** server and POST to `/completions`:\n\n"
+        "- each line is one JSON event,\n"
+        "- `answering` events carry the text as it arrives,\n"
+        "- the stream ends with `completed` or `error`.\n\n"
+        "```js\nawait streamChat({ messages, onEvent });\n```\n"
+        "See the [README](https://github.com/) for the WebSocket variant."
+    )
+    upstream.enqueue(
+        Reply(tokens=[answer_text[i : i + 12] for i in range(0, len(answer_text), 12)])
+    )
+    await page.reload()  # show the conversations made above
+
+    answer = await send(page, "How do I stream a chat answer into a Django page?")
+    await expect(answer).to_have_attribute("data-status", "completed")
+    await expect(answer.locator("a")).to_have_attribute("rel", "noopener noreferrer")
+    await expect(page.locator(".chatproxy-conversation")).to_have_count(3)
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOT))
+    assert SCREENSHOT.stat().st_size > 10_000

@@ -1,0 +1,188 @@
+"""The chat page and its JSON views: owner scoping, one 404 for unknown and foreign ids, and
+what an anonymous visitor gets with and without CHATPROXY_ALLOW_ANONYMOUS."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.staticfiles import finders
+from django.test import AsyncClient
+from django.utils import timezone
+
+from chatproxy.models import Conversation, Message
+from tests.conftest import chat, read_events
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+NOT_FOUND = {
+    "error": {
+        "code": "conversation_not_found",
+        "message": "No conversation with that id belongs to you. Pick one from the list.",
+    }
+}
+
+
+async def make_conversation(owner: Any = None, title: str = "Hi", **fields: Any) -> Conversation:
+    fields = {"model": "gpt-test", "status": "completed", **fields}
+    return await Conversation.objects.acreate(owner=owner, title=title, **fields)
+
+
+async def test_conversation_list_holds_only_the_owners_conversations_latest_first(
+    client, user, other_user
+):
+    now = timezone.now()
+    older = await make_conversation(user, "Older")
+    newer = await make_conversation(user, "Newer", status="interrupted")
+    await make_conversation(other_user, "Bob's")
+    await make_conversation(None, "Anonymous", session_key="abc")
+    await Conversation.objects.filter(pk=older.pk).aupdate(updated_at=now)
+    await Conversation.objects.filter(pk=newer.pk).aupdate(
+        updated_at=now + datetime.timedelta(seconds=1)
+    )
+
+    response = await client.get("/conversations")
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "conversations": [
+            {
+                "id": str(newer.pk),
+                "title": "Newer",
+                "status": "interrupted",
+                "model": "gpt-test",
+                "updated_at": (now + datetime.timedelta(seconds=1)).isoformat(),
+            },
+            {
+                "id": str(older.pk),
+                "title": "Older",
+                "status": "completed",
+                "model": "gpt-test",
+                "updated_at": now.isoformat(),
+            },
+        ]
+    }
+
+
+async def test_conversation_list_holds_at_most_fifty(client, user):
+    rows = [Conversation(owner=user, title=f"c{i}") for i in range(51)]
+    await sync_to_async(Conversation.objects.bulk_create)(rows)
+
+    response = await client.get("/conversations")
+
+    assert len(response.json()["conversations"]) == 50
+
+
+async def test_conversation_returns_its_transcript_in_order(client, user):
+    conversation = await make_conversation(user, "Capital")
+    for position, role, content, status in [
+        (1, "assistant", "Paris.", "completed"),
+        (0, "user", "Capital of France?", ""),
+        (2, "user", "And Spain?", ""),
+        (3, "assistant", "Mad", "interrupted"),
+    ]:
+        await Message.objects.acreate(
+            conversation=conversation, position=position, role=role, content=content, status=status
+        )
+
+    response = await client.get(f"/conversations/{conversation.pk}")
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "id": str(conversation.pk),
+        "title": "Capital",
+        "messages": [
+            {"role": "user", "content": "Capital of France?", "status": ""},
+            {"role": "assistant", "content": "Paris.", "status": "completed"},
+            {"role": "user", "content": "And Spain?", "status": ""},
+            {"role": "assistant", "content": "Mad", "status": "interrupted"},
+        ],
+    }
+
+
+async def test_someone_elses_conversation_is_the_same_404_as_an_unknown_one(client, other_user):
+    foreign = await make_conversation(other_user, "Bob's")
+
+    responses = [
+        await client.get(f"/conversations/{foreign.pk}"),
+        await client.get(f"/conversations/{uuid.uuid4()}"),
+    ]
+
+    assert [r.status_code for r in responses] == [404, 404]
+    assert [r.json() for r in responses] == [NOT_FOUND, NOT_FOUND]
+
+
+async def test_conversation_views_answer_only_reads(client, user):
+    conversation = await make_conversation(user)
+
+    for url in ("/conversations", f"/conversations/{conversation.pk}"):
+        response = await client.post(url, {})
+        assert response.status_code == 405
+        assert response["Allow"] == "GET, HEAD"
+        assert response.json() == {
+            "error": {"code": "method_not_allowed", "message": "Read conversations with GET."}
+        }
+
+
+async def test_page_renders_with_its_assets_endpoints_and_csrf_token(client):
+    response = await client.get("/")
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    for asset in ("chatproxy/chat.css", "chatproxy/chat.js", "chatproxy/client.js"):
+        assert f'"/static/{asset}"' in html
+        assert finders.find(asset), asset
+    assert 'data-completions-url="/completions"' in html
+    assert 'data-conversations-url="/conversations"' in html
+    assert 'data-websocket-path="/ws/chat/"' in html
+    assert "Signed in as alice" in html
+    assert response.cookies["csrftoken"].value
+    assert '<meta name="csrf-token" content="' in html
+
+
+async def test_page_sends_an_anonymous_visitor_to_log_in():
+    response = await AsyncClient().get("/?q=1")
+
+    assert response.status_code == 302
+    assert response["Location"] == "/accounts/login/?next=/%3Fq%3D1"
+
+
+async def test_conversation_views_need_a_login_without_anonymous_chat(user):
+    conversation = await make_conversation(user)
+    anonymous = AsyncClient()
+
+    responses = [
+        await anonymous.get("/conversations"),
+        await anonymous.get(f"/conversations/{conversation.pk}"),
+    ]
+
+    assert [r.status_code for r in responses] == [401, 401]
+    assert responses[0].json() == {
+        "error": {"code": "authentication_required", "message": "Log in to read conversations."}
+    }
+
+
+async def test_anonymous_chat_reads_only_its_own_sessions_conversations(settings, upstream, user):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    visitor, stranger = AsyncClient(), AsyncClient()
+    users_conversation = await make_conversation(user)
+
+    page = await visitor.get("/")
+    assert page.status_code == 200
+    assert "Signed in as" not in page.content.decode()
+    assert page.cookies["sessionid"].value  # the page starts the session turns are filed under
+    assert (await visitor.get("/conversations")).json() == {"conversations": []}
+    events = await read_events(
+        await chat(visitor, {"messages": [{"role": "user", "content": "Hi"}]})
+    )
+    mine = events[0]["conversation_id"]
+
+    listed = (await visitor.get("/conversations")).json()["conversations"]
+    assert [c["id"] for c in listed] == [mine]
+    assert (await visitor.get(f"/conversations/{mine}")).status_code == 200
+    assert (await stranger.get("/conversations")).json() == {"conversations": []}
+    assert (await stranger.get(f"/conversations/{mine}")).json() == NOT_FOUND
+    assert (await visitor.get(f"/conversations/{users_conversation.pk}")).json() == NOT_FOUND
