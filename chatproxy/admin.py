@@ -50,6 +50,8 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
     ]
     date_hierarchy = "created_at"
     inlines = [MessageInline]
+    # Adds a live view of an answer that is still streaming (see views.watch).
+    change_form_template = "admin/chatproxy/conversation/change_form.html"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
         queryset: QuerySet[Conversation] = super().get_queryset(request)

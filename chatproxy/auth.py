@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponse
+from django.middleware.csrf import CsrfViewMiddleware
 
+from .conf import conf
 from .exceptions import RequestError
-from .models import ApiKey
+from .models import ApiKey, Owner
 
 
 async def user_from_bearer(authorization: str) -> Any | None:
@@ -24,3 +27,47 @@ async def user_from_bearer(authorization: str) -> Any | None:
             status=401,
         )
     return user
+
+
+async def authenticate(request: HttpRequest, *, create_session: bool = True) -> tuple[Owner, Any]:
+    """Return who is chatting and the user; raise if nobody may, or a session lacks CSRF.
+
+    ``create_session=False`` is for reads: an anonymous visitor without a session owns nothing.
+    """
+    bearer = await user_from_bearer(request.headers.get("Authorization", ""))
+    if bearer is not None:
+        return Owner(user_id=bearer.pk), bearer  # no cookie, so no CSRF to check
+    user = await request.auser()
+    if user.is_authenticated:
+        # Like Django's own views, a session-authenticated request must carry the CSRF token
+        # (the middleware lets safe methods such as GET through).
+        csrf = CsrfViewMiddleware(lambda r: HttpResponse())
+        csrf.process_request(request)
+        if csrf.process_view(request, _csrf_protected, (), {}) is not None:
+            raise RequestError(
+                "csrf_failed",
+                "CSRF check failed. Send the csrftoken cookie's value in the X-CSRFToken header.",
+                status=403,
+            )
+        return Owner(user_id=user.pk), user
+    if not conf.CHATPROXY_ALLOW_ANONYMOUS:
+        raise RequestError(
+            "authentication_required", "Log in to chat: this endpoint needs a user.", status=401
+        )
+    if not create_session:
+        return Owner(session_key=request.session.session_key or ""), user
+    return Owner(session_key=await anonymous_session_key(request)), user
+
+
+def _csrf_protected(request: HttpRequest) -> HttpResponse:
+    """Stand in for a view when asking CsrfViewMiddleware, which skips csrf_exempt views."""
+    raise NotImplementedError
+
+
+async def anonymous_session_key(request: HttpRequest) -> str:
+    """Return the session key that owns an anonymous user's conversations, creating it."""
+    session = request.session
+    if session.session_key is None:
+        session["chatproxy"] = True  # marks the session modified, so the cookie is sent
+        await session.asave()
+    return str(session.session_key)

@@ -149,6 +149,10 @@ class Settings:
     def CHATPROXY_SHUTDOWN_GRACE(self) -> float:
         return float(getattr(settings, "CHATPROXY_SHUTDOWN_GRACE", 20.0))
 
+    @property
+    def CHATPROXY_IDEMPOTENCY_WINDOW(self) -> float:
+        return float(getattr(settings, "CHATPROXY_IDEMPOTENCY_WINDOW", 600.0))
+
     def raw(self, name: str) -> Any:
         """Return a setting exactly as the project wrote it, for the system checks."""
         return getattr(settings, name, None)

@@ -9,28 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from . import followers
 from .auth import user_from_bearer
 from .conf import conf
 from .events import Encoder, error_event
 from .exceptions import RequestError
 from .interception import InterceptorSpec
-from .models import Owner
+from .models import Message, Owner
 from .payload import decode_json, validate_request
 from .pipeline import prepare_turn, run_turn
+from .resume import claimed_answer, latest_answer, replay
 from .turns import Turn
 
 CLOSE_UNAUTHENTICATED = 4401
-FRAME_FIELDS = ("type", "request_id")
-
-
-def turn_group(answer_id: uuid.UUID | str) -> str:
-    """The channel-layer group of one running turn; ``turn.cancel`` sent to it stops the turn."""
-    return f"chatproxy.turn.{answer_id}"
+FRAME_FIELDS = ("type", "request_id", "idempotency_key")
+Lines = AsyncIterator[bytes]
+BUSY = "A turn is still running on this socket: wait for its last event, or cancel it."
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
@@ -39,6 +38,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     interceptors: Sequence[InterceptorSpec] | None = None  # None: CHATPROXY_INTERCEPTORS
     task: asyncio.Task[None] | None = None
     turn: Turn | None = None
+    following: uuid.UUID | None = None  # the answer a resumed socket follows
 
     async def connect(self) -> None:
         """Called when a client opens the socket: accept it only for someone allowed to chat."""
@@ -81,7 +81,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         await self.receive_json(content)
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        """Called with each decoded frame: start a turn, or cancel the running one."""
+        """Called with each decoded frame: start a turn, resume one, or cancel the running one."""
         request_id = content.get("request_id") if isinstance(content, dict) else None
         if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= 100):
             await self.send_error(
@@ -91,12 +91,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "cancel":
             await self.cancel_turn("cancelled")
-        elif kind == "chat":
-            await self.start_turn(content, request_id)
+        elif kind in ("chat", "resume"):
+            if self.task is not None and not self.task.done():
+                await self.send_error("busy", BUSY, request_id)
+                return
+            extra = {} if request_id is None else {"request_id": request_id}
+            try:
+                lines = await (self.start_turn if kind == "chat" else self.resume)(content, extra)
+            except RequestError as exc:
+                await self.send_error(exc.code, exc.message, request_id, exc.retry_after)
+                return
+            self.task = asyncio.create_task(self.relay(lines))
         else:
             await self.send_error(
                 "invalid_request",
-                'Each frame needs "type": "chat" (with messages) or "cancel".',
+                'Each frame needs "type": "chat" (with messages), "resume" or "cancel".',
                 request_id,
             )
 
@@ -104,45 +113,60 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         """Called when the socket closes: stop the running turn and let it save."""
         await self.cancel_turn("client_disconnected")
 
-    async def turn_cancel(self, message: dict[str, Any]) -> None:
-        """Called with a ``turn.cancel`` message from the channel layer (from another process)."""
-        await self.cancel_turn("cancelled")
-
-    async def start_turn(self, content: dict[str, Any], request_id: str | None) -> None:
-        if self.task is not None and not self.task.done():
-            await self.send_error(
-                "busy",
-                "A turn is still running on this socket: wait for its last event, or cancel it.",
-                request_id,
+    async def start_turn(self, content: dict[str, Any], extra: dict[str, Any]) -> Lines:
+        key = content.get("idempotency_key", "")
+        if not isinstance(key, str) or len(key) > 200:
+            raise RequestError(
+                "invalid_idempotency_key",
+                "idempotency_key must be a string of 1 to 200 characters.",
             )
-            return
-        extra: dict[str, Any] = {} if request_id is None else {"request_id": request_id}
-        try:
-            request = validate_request(content, ignore=FRAME_FIELDS)
-            turn = await prepare_turn(
-                self.owner, request, user=self.user, extra=extra, interceptors=self.interceptors
-            )
-        except RequestError as exc:
-            await self.send_error(exc.code, exc.message, request_id, exc.retry_after)
-            return
-        self.turn = turn
-        self.task = asyncio.create_task(self.relay(turn))
+        request = validate_request(content, ignore=FRAME_FIELDS)
+        if key and (answer := await claimed_answer(self.owner, key)) is not None:
+            return self._follow(answer, extra)
+        self.turn = await prepare_turn(
+            self.owner,
+            request,
+            user=self.user,
+            extra=extra,
+            interceptors=self.interceptors,
+            idempotency_key=key,
+        )
+        self.following = None
+        return run_turn(self.turn)
 
-    async def relay(self, turn: Turn) -> None:
-        group = None
+    async def resume(self, content: dict[str, Any], extra: dict[str, Any]) -> Lines:
+        raw = content.get("conversation_id")
         try:
-            async for line in run_turn(turn):
-                if group is None and turn.answer_id is not None and self.channel_layer:
-                    group = turn_group(turn.answer_id)
-                    await self.channel_layer.group_add(group, self.channel_name)
-                await self.send(text_data=line[:-1].decode())
-        finally:
-            if group is not None:
-                await self.channel_layer.group_discard(group, self.channel_name)
+            conversation_id = uuid.UUID(str(raw))
+            answer = await latest_answer(self.owner, conversation_id)
+        except ValueError:
+            answer = None
+        if answer is None:
+            raise RequestError(
+                "conversation_not_found", "No conversation with that id belongs to you.", status=404
+            )
+        return self._follow(answer, extra)
+
+    def _follow(self, answer: Message, extra: dict[str, Any]) -> Lines:
+        self.turn, self.following = None, answer.pk
+        return replay(answer, extra)
+
+    async def relay(self, lines: Lines) -> None:
+        async for line in lines:
+            await self.send(text_data=line[:-1].decode())
 
     async def cancel_turn(self, reason: str) -> None:
         task, turn = self.task, self.turn
-        if task is None or task.done() or turn is None:
+        if task is None or task.done():
+            return
+        if turn is None:
+            # Following a turn that runs elsewhere: a cancel stops that turn; its terminal
+            # event arrives through the channel layer. A disconnect just stops following.
+            if reason == "cancelled" and self.following is not None:
+                await followers.cancel(self.following)
+            else:
+                task.cancel()
+                await asyncio.wait({task})
             return
         turn.interrupt_code = reason
         task.cancel()

@@ -6,6 +6,7 @@
     └── TurnError              a running turn ended early; the stream's terminal ``error`` event
         ├── UpstreamError      the upstream API failed, timed out or misbehaved
         ├── ServerShutdownError  the server stopped before the answer could finish
+        ├── TurnCancelledError   a client stopped the answer
         ├── TurnRejectedError  an interceptor refused the turn on purpose
         └── ContentBlockedError  a guardrail stopped the answer mid-stream
 
@@ -50,11 +51,14 @@ ERROR_CODES: dict[str, str] = {
     "turn_rejected": "An interceptor refused the turn (saved `blocked`); it may use its own code.",
     "content_blocked": "A guardrail stopped the answer mid-stream (saved `blocked`).",
     "busy": "WebSocket only: a turn is already running on this socket.",
-    "cancelled": "WebSocket only: the client's cancel stopped the answer (saved `interrupted`).",
+    "cancelled": "A cancel frame or POST …/cancel stopped the answer (saved `interrupted`).",
+    "not_streaming": "POST …/cancel found no answer streaming in that conversation (409).",
+    "invalid_idempotency_key": "The Idempotency-Key is empty or longer than 200 characters (400).",
     "server_shutdown": "The server shut down before the answer finished (saved `interrupted`).",
+    "worker_lost": "The worker generating the answer died: a resume serves the checkpointed "
+    "text, then this (also saved by `markinterrupted`).",
     # Saved on an answer, never sent: nobody is listening any more.
     "client_disconnected": "Saved on an interrupted answer: the client left mid-turn.",
-    "worker_lost": "Saved by `markinterrupted` on an answer whose worker died mid-stream.",
 }
 
 
@@ -74,11 +78,18 @@ class RequestError(ChatproxyError):
     """Raised when the client's request is wrong; ``status`` is the HTTP answer."""
 
     def __init__(
-        self, code: str, message: str, *, status: int = 400, retry_after: int | None = None
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int = 400,
+        retry_after: int | None = None,
+        allow: str | None = None,
     ) -> None:
         super().__init__(message, code=code)
         self.status = status
         self.retry_after = retry_after
+        self.allow = allow
 
 
 class TurnError(ChatproxyError):
@@ -97,6 +108,13 @@ class ServerShutdownError(TurnError):
     """Raised when the server shuts down before a turn could finish within the grace period."""
 
     code = "server_shutdown"
+    status = "interrupted"
+
+
+class TurnCancelledError(TurnError):
+    """Raised when a client stops a running turn (a cancel frame, or the cancel endpoint)."""
+
+    code = "cancelled"
     status = "interrupted"
 
 

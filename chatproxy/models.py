@@ -13,9 +13,11 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+
+from .conf import conf
 
 TITLE_LENGTH = 80
 
@@ -26,6 +28,13 @@ class Owner:
 
     user_id: int | None = None
     session_key: str | None = None
+
+    @property
+    def key(self) -> str:
+        """A string naming the owner, for cache keys and idempotency keys."""
+        if self.user_id is not None:
+            return f"user:{self.user_id}"
+        return f"session:{self.session_key}"
 
     def filter(self) -> dict[str, Any]:
         if self.user_id is not None:
@@ -58,6 +67,7 @@ class TurnOutcome:
     model: str | None = None
     response_id: str = ""
     error_code: str = ""
+    error_message: str = ""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
@@ -65,6 +75,14 @@ class TurnOutcome:
     duration_ms: int | None = None
     cost: Decimal | None = None
     metadata: dict[str, Any] | None = None
+
+
+class DuplicateTurnError(Exception):
+    """Raised when an idempotency key already belongs to a turn; ``answer_id`` is its answer."""
+
+    def __init__(self, answer_id: uuid.UUID) -> None:
+        super().__init__(str(answer_id))
+        self.answer_id = answer_id
 
 
 class ConversationManager(models.Manager["Conversation"]):
@@ -85,8 +103,18 @@ class ConversationManager(models.Manager["Conversation"]):
         conversation_id: uuid.UUID | None,
         messages: list[dict[str, str]],
         model: str,
+        idempotency_key: str = "",
     ) -> tuple[uuid.UUID, uuid.UUID]:
-        """Save the new messages and a ``streaming`` answer; return (conversation, answer) ids."""
+        """Save the new messages and a ``streaming`` answer; return (conversation, answer) ids.
+
+        With an ``idempotency_key`` that another turn of the same owner holds, nothing is
+        saved and ``DuplicateTurnError`` names that turn's answer.
+        """
+        if idempotency_key:
+            # Outside the transaction below, so a losing race leaves nothing half-written.
+            existing = IdempotencyKey.objects.live_answer(owner, idempotency_key)
+            if existing is not None:
+                raise DuplicateTurnError(existing)
         with transaction.atomic():
             if conversation_id is None:
                 title = next((m["content"] for m in messages if m["role"] == Role.USER), "")
@@ -119,6 +147,8 @@ class ConversationManager(models.Manager["Conversation"]):
                 model=model,
             )
             Message.objects.bulk_create([*rows, answer])
+            if idempotency_key:
+                IdempotencyKey.objects.claim(owner, idempotency_key, answer)
         return conversation.pk, answer.pk
 
 
@@ -217,6 +247,7 @@ class Message(models.Model):
     model = models.CharField(_("model"), max_length=100, blank=True)
     response_id = models.CharField(_("upstream response id"), max_length=200, blank=True)
     error_code = models.CharField(_("error code"), max_length=64, blank=True)
+    error_message = models.CharField(_("error message"), max_length=300, blank=True)
     prompt_tokens = models.PositiveIntegerField(_("prompt tokens"), null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(_("completion tokens"), null=True, blank=True)
     total_tokens = models.PositiveIntegerField(_("total tokens"), null=True, blank=True)
@@ -306,3 +337,45 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({KEY_PREFIX}{self.prefix}_…)"
+
+
+class IdempotencyKeyManager(models.Manager["IdempotencyKey"]):
+    def live_answer(self, owner: Owner, key: str) -> uuid.UUID | None:
+        """The answer a key named within CHATPROXY_IDEMPOTENCY_WINDOW, if any."""
+        cutoff = timezone.now() - datetime.timedelta(seconds=conf.CHATPROXY_IDEMPOTENCY_WINDOW)
+        found = self.filter(owner_key=owner.key, key=key, created_at__gte=cutoff).first()
+        return None if found is None else found.answer_id
+
+    def claim(self, owner: Owner, key: str, answer: Message) -> None:
+        """Tie ``key`` to ``answer``; a concurrent claim of the same key loses with a
+        ``DuplicateTurnError`` (and its transaction rolls back)."""
+        self.filter(owner_key=owner.key, key=key).delete()  # an expired claim
+        try:
+            with transaction.atomic():
+                self.create(owner_key=owner.key, key=key, answer=answer)
+        except IntegrityError:
+            winner = self.filter(owner_key=owner.key, key=key).values_list("answer_id", flat=True)
+            raise DuplicateTurnError(winner[0]) from None
+
+
+class IdempotencyKey(models.Model):
+    """A client's ``Idempotency-Key``: a retried submission attaches to the turn it started."""
+
+    owner_key = models.CharField(_("owner"), max_length=60)
+    key = models.CharField(_("key"), max_length=200)
+    answer = models.ForeignKey(
+        Message, on_delete=models.CASCADE, related_name="+", verbose_name=_("answer")
+    )
+    created_at = models.DateTimeField(_("created"), auto_now_add=True, db_index=True)
+
+    objects = IdempotencyKeyManager()
+
+    class Meta:
+        verbose_name = _("idempotency key")
+        verbose_name_plural = _("idempotency keys")
+        constraints = [
+            models.UniqueConstraint(fields=["owner_key", "key"], name="chatproxy_idempotency_key")
+        ]
+
+    def __str__(self) -> str:
+        return self.key

@@ -19,13 +19,15 @@ from django.db import close_old_connections
 
 from . import shutdown
 from .conf import conf
-from .events import PING, Encoder, error_event
+from .events import PING, Encoder, Event, error_event
 from .exceptions import RequestError, TurnError
+from .followers import TurnChannel
 from .interception import InterceptorSpec, build_chain
 from .limits import check_model, check_rate, check_streams
-from .models import Conversation, Message, Owner, Status
+from .models import Conversation, DuplicateTurnError, Message, Owner, Status
 from .payload import ChatRequest
 from .relay import Relay
+from .resume import replay
 from .signals import turn_finished
 from .turns import Turn, TurnState
 from .upstream import Chunk, stream_chat
@@ -40,6 +42,7 @@ async def prepare_turn(
     user: Any = None,
     extra: dict[str, Any] | None = None,
     interceptors: Sequence[InterceptorSpec] | None = None,
+    idempotency_key: str = "",
 ) -> Turn:
     """Check what needs the user or the database before the first byte: the limits, and the
     history of a continued conversation (404 if the owner has no such one).
@@ -67,6 +70,7 @@ async def prepare_turn(
         extra=extra or {},
         chain=chain,
         state=TurnState(transforming=chain.transforming),
+        idempotency_key=idempotency_key,
     )
 
 
@@ -75,7 +79,7 @@ def _begin(turn: Turn) -> tuple[uuid.UUID, uuid.UUID]:
     if not conf.CHATPROXY_STORE_CONTENT:
         messages = [{"role": m["role"], "content": ""} for m in messages]
     ids = Conversation.objects.start_turn(
-        turn.owner, turn.request.conversation_id, messages, turn.request.model
+        turn.owner, turn.request.conversation_id, messages, turn.request.model, turn.idempotency_key
     )
     # Give the connection back now: an open stream must not pin one for its whole life.
     close_old_connections()
@@ -129,30 +133,46 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
     begin = asyncio.ensure_future(sync_to_async(_begin)(turn))
     save: asyncio.Future[bool] | None = None
     relay: Relay[Chunk] | None = None
+    channel: TurnChannel | None = None
     try:
         try:
             turn.conversation_id, turn.answer_id = await asyncio.shield(begin)
+        except DuplicateTurnError as duplicate:
+            # The same submission raced another one with its idempotency key: attach to it.
+            answer = await Message.objects.aget(pk=duplicate.answer_id)
+            async for line in replay(answer, turn.extra):
+                yield line
+            return
         except Exception:
             logger.exception("Starting a chat turn failed")
             yield encoder.event(_internal_error())
             return
         ids = turn.ids()
         yield encoder.event({"event": "analyzing", **ids, "model": turn.model})
+        channel = TurnChannel(turn)
+        await channel.open()
+
+        def event_line(event: Event) -> bytes:
+            channel.event(event)
+            return encoder.event(event)
+
         heartbeat = conf.CHATPROXY_HEARTBEAT or None
         try:
             if chain.before:
                 stage = _while_emitting(turn, chain.before_upstream(turn), heartbeat)
                 async with aclosing(stage):
                     async for event in stage:
-                        yield encoder.event(event)
-            relay = Relay(stream_chat(turn.model, turn.messages, turn.params))
+                        yield event_line(event)
+            if turn.aborted is not None:
+                raise turn.aborted
+            turn.relay = relay = Relay(stream_chat(turn.model, turn.messages, turn.params))
             shutdown.track(relay)
             coalesce, transforming = conf.CHATPROXY_COALESCE_DELTAS, chain.transforming
             every = conf.CHATPROXY_CHECKPOINT_INTERVAL if conf.CHATPROXY_STORE_CONTENT else 0
             checkpoint_at = time.monotonic() + every
             while (batch := await relay.next_batch(heartbeat)) is not None:
                 if not batch:
-                    yield encoder.event(PING)
+                    yield event_line(PING)
                     continue
                 texts = [text for chunk in batch if (text := state.feed(chunk))]
                 if coalesce and len(texts) > 1:
@@ -161,10 +181,12 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                     if transforming and (text := await chain.on_delta(turn, text)):
                         state.deliver(text)
                     if text:
+                        if channel.followers:
+                            channel.text(text)
                         yield encoder.answering(text)
                     if turn.pending:
                         for event in _take(turn):
-                            yield encoder.event(event)
+                            yield event_line(event)
                 if turn.stopped:
                     state.finish_reason = turn.stopped
                     break
@@ -175,13 +197,14 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
             await relay.aclose()
             if transforming and (text := await chain.flush(turn)):
                 state.deliver(text)
+                channel.text(text)
                 yield encoder.answering(text)
             state.end(Status.COMPLETED)
             if chain.after:
                 stage = _while_emitting(turn, chain.after_response(turn), heartbeat)
                 async with aclosing(stage):
                     async for event in stage:
-                        yield encoder.event(event)
+                        yield event_line(event)
             terminal: dict[str, Any] = {
                 "event": "completed",
                 **ids,
@@ -190,13 +213,13 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
             }
         except TurnError as exc:
             if state.status is Status.STREAMING:
-                state.end(Status(exc.status), exc.code)
+                state.end(Status(exc.status), exc.code, exc.message)
             await chain.notify("on_error", turn, exc)
             terminal = dict(error_event(exc.code, exc.message, **ids))
         except Exception:  # the one top-level guard: the stream must end with an error event
             logger.exception("Chat turn %s failed", turn.answer_id)
             if state.status is Status.STREAMING:
-                state.end(Status.FAILED, "internal_error")
+                state.end(Status.FAILED, "internal_error", "Something went wrong on the server.")
             terminal = _internal_error(**ids)
         if relay is not None:
             await relay.aclose()
@@ -205,12 +228,14 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
         # conversation right after `completed` finds this answer in its history.
         if not await asyncio.shield(save):
             terminal = _internal_error(**ids)
-        yield encoder.event(terminal)
+        yield event_line(terminal)
     finally:
         # No `yield` in here: the generator may be closing (GeneratorExit).
         if relay is not None:
             shutdown.forget(relay)
             await relay.aclose()
+        if channel is not None:
+            await channel.close()
         interrupted = save is None
         if save is None:
             save = asyncio.ensure_future(_save(begin, turn))

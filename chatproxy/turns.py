@@ -22,7 +22,8 @@ class TurnState:
     """
 
     __slots__ = (
-        "raw", "delivered", "transforming", "status", "error_code", "finish_reason", "usage",
+        "raw", "delivered", "transforming", "status", "error_code", "error_message",
+        "finish_reason", "usage",
         "response_id", "started", "first_token_at",
     )  # fmt: skip
 
@@ -31,7 +32,7 @@ class TurnState:
         self.delivered: list[str] = []
         self.transforming = transforming
         self.status = Status.STREAMING
-        self.error_code = ""
+        self.error_code = self.error_message = ""
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.response_id = ""
@@ -55,12 +56,12 @@ class TurnState:
         """Record text an interceptor let through to the client."""
         self.delivered.append(text)
 
-    def end(self, status: Status, error_code: str = "") -> None:
+    def end(self, status: Status, error_code: str = "", error_message: str = "") -> None:
         if self.status is not Status.STREAMING:
             raise RuntimeError(
                 f"Expected {Status.STREAMING.value!r}, but got {self.status.value!r}"
             )
-        self.status, self.error_code = status, error_code
+        self.status, self.error_code, self.error_message = status, error_code, error_message
 
     @property
     def raw_text(self) -> str:
@@ -81,6 +82,7 @@ class TurnState:
             finish_reason=self.finish_reason or "",
             response_id=self.response_id,
             error_code=self.error_code,
+            error_message=self.error_message,
             prompt_tokens=usage["prompt_tokens"] if usage else None,
             completion_tokens=usage["completion_tokens"] if usage else None,
             total_tokens=usage["total_tokens"] if usage else None,
@@ -116,7 +118,11 @@ class Turn:
     # The error code an unfinished answer is saved with; a transport that stops the turn on
     # purpose sets its own reason before cancelling.
     interrupt_code: str = "client_disconnected"
+    idempotency_key: str = ""
     stopped: str | None = None
+    # Set by abort() from outside the turn (a cancel from another request, a shutdown).
+    aborted: Exception | None = None
+    relay: Any = None
     pending: list[Event] = dataclasses.field(default_factory=list)
     wakeup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
@@ -134,6 +140,12 @@ class Turn:
         """Send an extra event to the client, e.g. ``{"event": "sources", "items": [...]}``."""
         self.pending.append(event)
         self.wakeup.set()
+
+    def abort(self, error: Exception) -> None:
+        """End the turn from outside with ``error`` (a ``TurnError``), as soon as possible."""
+        self.aborted = error
+        if self.relay is not None:
+            self.relay.fail(error)
 
     def stop(self, finish_reason: str = "stop") -> None:
         """End the answer early but normally: the upstream is closed, ``completed`` follows."""

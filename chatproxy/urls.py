@@ -7,6 +7,9 @@ app_name = "chatproxy"
 urlpatterns = [
     path("", pages.chat_page, name="chat"),
     path("completions", views.completions, name="completions"),
+    path("completions/<uuid:conversation_id>/stream", views.resume, name="resume"),
+    path("completions/<uuid:conversation_id>/cancel", views.cancel, name="cancel"),
+    path("completions/<uuid:conversation_id>/watch", views.watch, name="watch"),
     path("conversations", pages.conversations, name="conversations"),
     path("conversations/<uuid:conversation_id>", pages.conversation, name="conversation"),
 ]

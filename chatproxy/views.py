@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from django.contrib.auth.models import AnonymousUser
+from asgiref.sync import sync_to_async
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.http.request import RawPostDataException
 from django.http.response import HttpResponseBase
-from django.middleware.csrf import CsrfViewMiddleware
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
-from .auth import user_from_bearer
+from . import followers
+from .auth import anonymous_session_key, authenticate
 from .conf import conf
 from .exceptions import RequestError
 from .interception import InterceptorSpec
-from .models import Owner
+from .models import Status
 from .payload import ChatRequest, decode_json, validate_request
 from .pipeline import prepare_turn, run_turn
+from .resume import claimed_answer, last_answer, latest_answer, replay
+
+__all__ = ["CompletionsView", "anonymous_session_key", "cancel", "completions", "resume", "watch"]
 
 STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
@@ -34,7 +38,7 @@ def error_response(exc: RequestError) -> JsonResponse:
         {"error": {"code": exc.code, "message": exc.message}}, status=exc.status
     )
     if exc.status == 405:
-        response["Allow"] = "POST"
+        response["Allow"] = exc.allow or "POST"
     if exc.status == 401:
         response["WWW-Authenticate"] = 'Bearer realm="chatproxy"'
     if exc.retry_after is not None:
@@ -59,12 +63,20 @@ class CompletionsView(View):
     async def post(self, request: HttpRequest) -> HttpResponseBase:
         try:
             owner, user = await authenticate(request)
+            key = idempotency_key(request)
             chat = read_chat_request(request)
-            turn = await prepare_turn(owner, chat, user=user, interceptors=self.interceptors)
+            attached = await claimed_answer(owner, key) if key else None
+            if attached is not None:
+                lines = replay(attached)
+            else:
+                turn = await prepare_turn(
+                    owner, chat, user=user, interceptors=self.interceptors, idempotency_key=key
+                )
+                lines = run_turn(turn)
         except RequestError as exc:
             return error_response(exc)
         return StreamingHttpResponse(
-            run_turn(turn), content_type="application/x-ndjson", headers=STREAM_HEADERS
+            lines, content_type="application/x-ndjson", headers=STREAM_HEADERS
         )
 
     async def http_method_not_allowed(  # type: ignore[override]
@@ -78,42 +90,80 @@ class CompletionsView(View):
 completions = CompletionsView.as_view()
 
 
-async def authenticate(request: HttpRequest) -> tuple[Owner, Any]:
-    """Return who is chatting and the user; raise if nobody may, or a session lacks CSRF."""
-    bearer = await user_from_bearer(request.headers.get("Authorization", ""))
-    if bearer is not None:
-        return Owner(user_id=bearer.pk), bearer  # no cookie, so no CSRF to check
-    user = await request.auser()
-    if user.is_authenticated:
-        # Like Django's own views, a session-authenticated request must carry the CSRF token.
-        csrf = CsrfViewMiddleware(lambda r: HttpResponse())
-        csrf.process_request(request)
-        if csrf.process_view(request, _csrf_protected, (), {}) is not None:
+async def resume(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:
+    """Re-attach to a conversation's latest answer: the text so far, then the rest live from
+    whichever worker generates it, ending with the turn's own terminal event."""
+    if request.method != "GET":
+        return error_response(_not_allowed("GET"))
+    try:
+        owner, _ = await authenticate(request, create_session=False)
+        answer = await latest_answer(owner, conversation_id)
+        if answer is None:
+            raise _not_found()
+    except RequestError as exc:
+        return error_response(exc)
+    return StreamingHttpResponse(
+        replay(answer), content_type="application/x-ndjson", headers=STREAM_HEADERS
+    )
+
+
+@csrf_exempt  # checked in authenticate(), for session-authenticated requests only
+async def cancel(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:
+    """Stop the conversation's running answer in whichever worker generates it."""
+    if request.method != "POST":
+        return error_response(_not_allowed("POST"))
+    try:
+        owner, _ = await authenticate(request, create_session=False)
+        answer = await latest_answer(owner, conversation_id)
+        if answer is None:
+            raise _not_found()
+        if answer.status != Status.STREAMING or not await followers.cancel(answer.pk):
             raise RequestError(
-                "csrf_failed",
-                "CSRF check failed. Send the csrftoken cookie's value in the X-CSRFToken header.",
-                status=403,
+                "not_streaming",
+                "No answer is streaming in this conversation, so there is nothing to stop.",
+                status=409,
             )
-        return Owner(user_id=user.pk), user
-    if not conf.CHATPROXY_ALLOW_ANONYMOUS:
+    except RequestError as exc:
+        return error_response(exc)
+    return JsonResponse({"cancelling": True, "message_id": str(answer.pk)}, status=202)
+
+
+async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:
+    """Follow any conversation's latest answer live: for staff who may view transcripts."""
+    user = await request.auser()
+    allowed = user.is_active and user.is_staff
+    if allowed:
+        allowed = await sync_to_async(user.has_perm)("chatproxy.view_conversation")
+    answer = await last_answer(conversation_id) if allowed else None
+    if answer is None:
+        return error_response(_not_found())
+    return StreamingHttpResponse(
+        replay(answer), content_type="application/x-ndjson", headers=STREAM_HEADERS
+    )
+
+
+def _not_found() -> RequestError:
+    return RequestError(
+        "conversation_not_found", "No conversation with that id belongs to you.", status=404
+    )
+
+
+def _not_allowed(method: str) -> RequestError:
+    return RequestError("method_not_allowed", f"Use {method} here.", status=405, allow=method)
+
+
+def idempotency_key(request: HttpRequest) -> str:
+    """The ``Idempotency-Key`` header: a retried submission attaches to the turn it started."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return ""
+    key = key.strip()
+    if not key or len(key) > 200:
         raise RequestError(
-            "authentication_required", "Log in to chat: this endpoint needs a user.", status=401
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 200 characters, such as a UUID.",
         )
-    return Owner(session_key=await anonymous_session_key(request, user)), user
-
-
-def _csrf_protected(request: HttpRequest) -> HttpResponse:
-    """Stand in for this view when asking CsrfViewMiddleware, which skips csrf_exempt views."""
-    raise NotImplementedError
-
-
-async def anonymous_session_key(request: HttpRequest, user: AnonymousUser) -> str:
-    """Return the session key that owns an anonymous user's conversations, creating it."""
-    session = request.session
-    if session.session_key is None:
-        session["chatproxy"] = True  # marks the session modified, so the cookie is sent
-        await session.asave()
-    return str(session.session_key)
+    return key
 
 
 def read_chat_request(request: HttpRequest) -> ChatRequest:

@@ -72,7 +72,8 @@ if os.environ.get("REDIS_URL"):
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
                 "hosts": [os.environ["REDIS_URL"]],
-                "prefix": f"chatproxy-test-{os.getpid()}",
+                # Server processes the tests start inherit this, so they share the layer.
+                "prefix": os.environ.setdefault("CHATPROXY_TEST_LAYER", f"cpt-{os.getpid()}"),
             },
         }
     }

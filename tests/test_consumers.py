@@ -6,7 +6,7 @@ import orjson
 import pytest
 from channels.layers import get_channel_layer
 
-from chatproxy.consumers import turn_group
+from chatproxy.followers import turn_group
 from chatproxy.models import Message
 from tests.conftest import frames_until_terminal, open_socket, session_cookie
 from tests.fake_upstream import Reply

@@ -14,12 +14,16 @@ README = (Path(__file__).parent.parent / "README.md").read_text()
 SETTINGS = sorted(name for name in dir(Settings) if name.startswith("CHATPROXY_"))
 
 
-def table_rows(first_cell: str) -> list[str]:
-    return re.findall(rf"^\| `({first_cell})` \|", README, flags=re.MULTILINE)
+def section(title: str) -> str:
+    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def table_rows(first_cell: str, text: str = README) -> list[str]:
+    return re.findall(rf"^\| `({first_cell})` \|", text, flags=re.MULTILINE)
 
 
 def test_every_setting_is_in_the_settings_table():
-    assert sorted(table_rows("CHATPROXY_[A-Z_]+")) == SETTINGS
+    assert sorted(table_rows("CHATPROXY_[A-Z_]+", section("Settings"))) == SETTINGS
 
 
 @pytest.mark.parametrize("code", sorted(ERROR_CODES))

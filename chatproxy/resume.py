@@ -1,0 +1,97 @@
+"""Re-attach to an answer: the text so far, then the rest live from whichever process runs it.
+
+A finished answer is replayed from the database. A streaming one is followed through the
+channel layer; if no process answers, its worker died, and the checkpointed text is served and
+the answer is marked ``interrupted`` (``worker_lost``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from .events import Encoder, error_event
+from .followers import follow
+from .models import Conversation, IdempotencyKey, Message, Owner, Role, Status
+
+WORKER_LOST = "The server that was writing this answer stopped. Send your message again."
+
+
+async def claimed_answer(owner: Owner, key: str) -> Message | None:
+    """The answer of the turn an idempotency key started within the window, if any."""
+    answer_id = await sync_to_async(IdempotencyKey.objects.live_answer)(owner, key)
+    return None if answer_id is None else await Message.objects.aget(pk=answer_id)
+
+
+async def latest_answer(owner: Owner, conversation_id: uuid.UUID) -> Message | None:
+    """The owner's last answer in a conversation, or None (unknown, or someone else's)."""
+    if not await Conversation.objects.owned_by(owner).filter(pk=conversation_id).aexists():
+        return None
+    return await last_answer(conversation_id)
+
+
+async def last_answer(conversation_id: uuid.UUID) -> Message | None:
+    """A conversation's last answer, whoever owns it (for staff), or None."""
+    answers = Message.objects.filter(conversation_id=conversation_id, role=Role.ASSISTANT)
+    return await answers.exclude(status="").order_by("-position").afirst()
+
+
+async def replay(answer: Message, extra: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
+    """Yield the answer as a turn's NDJSON lines: ``analyzing`` (with ``"resumed": true``),
+    its text, then the same terminal event the turn itself sends."""
+    encoder = Encoder(extra)
+    ids = {"conversation_id": str(answer.conversation_id), "message_id": str(answer.pk)}
+    yield encoder.event({"event": "analyzing", **ids, "model": answer.model, "resumed": True})
+    sent = ""
+    if answer.status == Status.STREAMING:
+        try:
+            async for item in follow(answer.pk):
+                if item["kind"] == "event":
+                    yield encoder.event(item["event"])
+                elif item["text"]:
+                    sent += item["text"]
+                    yield encoder.answering(item["text"])
+            return
+        except TimeoutError:
+            answer = await _give_up_on(answer)
+    if answer.content.startswith(sent) and answer.content[len(sent) :]:
+        yield encoder.answering(answer.content[len(sent) :])
+    yield encoder.event(_terminal(answer, ids))
+
+
+async def _give_up_on(answer: Message) -> Message:
+    """Nobody runs the answer any more: mark it ``interrupted``, unless it just finished."""
+    now = timezone.now()
+    await Message.objects.filter(pk=answer.pk, status=Status.STREAMING).aupdate(
+        status=Status.INTERRUPTED,
+        error_code="worker_lost",
+        error_message=WORKER_LOST,
+        finished_at=now,
+    )
+    await Conversation.objects.filter(pk=answer.conversation_id, status=Status.STREAMING).aupdate(
+        status=Status.INTERRUPTED, updated_at=now
+    )
+    return await Message.objects.aget(pk=answer.pk)
+
+
+def _terminal(answer: Message, ids: dict[str, str]) -> dict[str, Any]:
+    if answer.status == Status.COMPLETED:
+        usage = None
+        if answer.total_tokens is not None:
+            usage = {
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": answer.completion_tokens,
+                "total_tokens": answer.total_tokens,
+            }
+        return {
+            "event": "completed",
+            **ids,
+            "finish_reason": answer.finish_reason or None,
+            "usage": usage,
+        }
+    message = answer.error_message or "The answer did not finish."
+    return dict(error_event(answer.error_code or "internal_error", message, **ids))

@@ -1,0 +1,334 @@
+"""Resume, follow, stop and deduplicate a turn from any process.
+
+The cross-process tests run two real uvicorn processes (two hosts behind a load balancer) on
+the shared database and the Redis channel layer; `.ci/run` runs them in its PostgreSQL + Redis
+pass. The in-process tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import httpx2
+import orjson
+import pytest
+
+from chatproxy.models import Message
+from tests.conftest import (
+    CSRF_TOKEN,
+    answer_text,
+    chat,
+    frames_until_terminal,
+    open_socket,
+    read_events,
+    session_cookie,
+    shared_database_name,
+)
+from tests.fake_upstream import Reply
+from tests.server import ServerProcess
+
+HI = {"messages": [{"role": "user", "content": "Hi"}]}
+db = pytest.mark.django_db(transaction=True)
+SLOW = [f"w{i} " for i in range(60)]
+
+
+# In-process: finished answers, ownership, the cancel endpoint with the in-memory layer.
+
+
+@db
+async def test_resume_a_finished_answer_replays_it_with_the_same_terminal_event(client, upstream):
+    upstream.enqueue(Reply(tokens=["Hel", "lo"]))
+    original = await read_events(await chat(client, HI))
+
+    resumed = await read_events(
+        await client.get(f"/completions/{original[0]['conversation_id']}/stream")
+    )
+
+    assert resumed[0] == {**original[0], "resumed": True}
+    assert answer_text(resumed) == "Hello"
+    assert resumed[-1] == original[-1]
+    assert len(upstream.requests) == 1
+
+
+@db
+async def test_resume_a_failed_answer_ends_with_its_error(client, upstream):
+    upstream.enqueue(Reply(tokens=["a", "b"], fail="drop", fail_after=1))
+    original = await read_events(await chat(client, HI))
+
+    resumed = await read_events(
+        await client.get(f"/completions/{original[0]['conversation_id']}/stream")
+    )
+
+    assert answer_text(resumed) == "a"
+    assert resumed[-1] == original[-1]
+
+
+@db
+async def test_resume_and_cancel_of_someone_elses_conversation_are_404(client, other_user):
+    original = await read_events(await chat(client, HI))
+    from django.test import AsyncClient
+
+    stranger = AsyncClient()
+    await stranger.aforce_login(other_user)
+    conversation_id = original[0]["conversation_id"]
+
+    resumed = await stranger.get(f"/completions/{conversation_id}/stream")
+    cancelled = await stranger.post(f"/completions/{conversation_id}/cancel")
+
+    assert resumed.status_code == cancelled.status_code == 404
+
+
+@db
+async def test_cancel_with_nothing_streaming_is_409(client):
+    original = await read_events(await chat(client, HI))
+
+    response = await client.post(f"/completions/{original[0]['conversation_id']}/cancel")
+
+    assert response.status_code == 409
+    assert orjson.loads(response.content)["error"]["code"] == "not_streaming"
+
+
+@db
+async def test_cancel_endpoint_stops_a_turn_running_on_a_websocket(user, client, upstream):
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.05))
+    socket = await open_socket(await session_cookie(user))
+    await socket.connect()
+    await socket.send_json_to({"type": "chat", **HI})
+    analyzing = await socket.receive_json_from(timeout=5)
+
+    response = await client.post(f"/completions/{analyzing['conversation_id']}/cancel")
+    frames = await frames_until_terminal(socket)
+    await socket.disconnect()
+
+    assert response.status_code == 202
+    assert frames[-1]["error"]["code"] == "cancelled"
+    answer = await Message.objects.aget(role="assistant")
+    assert (answer.status, answer.error_code) == ("interrupted", "cancelled")
+    assert await upstream.requests[0].wait_closed_by_client()
+
+
+@db
+async def test_websocket_resume_frame_follows_a_turn_running_elsewhere(user, upstream):
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.02))
+    first = await open_socket(await session_cookie(user))
+    second = await open_socket(await session_cookie(user))
+    await first.connect()
+    await second.connect()
+    await first.send_json_to({"type": "chat", **HI})
+    analyzing = await first.receive_json_from(timeout=5)
+
+    await second.send_json_to({"type": "resume", "conversation_id": analyzing["conversation_id"]})
+    followed = await frames_until_terminal(second)
+    original = [analyzing, *await frames_until_terminal(first)]
+    await first.disconnect()
+    await second.disconnect()
+
+    assert followed[0]["resumed"] is True
+    assert answer_text(followed) == answer_text(original) == "".join(SLOW)
+    assert followed[-1] == original[-1]
+    assert len(upstream.requests) == 1
+
+
+@db
+async def test_idempotent_resubmission_attaches_instead_of_calling_again(client, upstream):
+    headers = {"Idempotency-Key": "order-42"}
+    upstream.enqueue(Reply(tokens=["Once"]))
+
+    first = await read_events(await chat(client, HI, headers=headers))
+    again = await read_events(await chat(client, HI, headers=headers))
+    other = await read_events(await chat(client, HI, headers={"Idempotency-Key": "order-43"}))
+
+    assert again[0]["message_id"] == first[0]["message_id"] and again[0]["resumed"] is True
+    assert answer_text(again) == "Once" and again[-1] == first[-1]
+    assert other[0]["message_id"] != first[0]["message_id"]
+    assert len(upstream.requests) == 2
+    assert await Message.objects.filter(role="assistant").acount() == 2
+
+
+# Across processes: two uvicorn workers, the Redis layer.
+
+needs_redis = pytest.mark.skipif(
+    not os.environ.get("REDIS_URL"), reason="needs the Redis channel layer (REDIS_URL)"
+)
+
+
+@pytest.fixture
+def workers(django_db_blocker, upstream_server):
+    processes = [
+        ServerProcess(
+            shared_database_name(django_db_blocker),
+            upstream_server.base_url,
+            {"CHATPROXY_CHECKPOINT_INTERVAL": 0.1},
+        )
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    yield processes
+    for process in processes:
+        process.stop()
+
+
+def headers(cookie: str, **more: str) -> dict[str, str]:
+    return {"Cookie": cookie, "X-CSRFToken": CSRF_TOKEN, "Content-Type": "application/json", **more}
+
+
+async def lines_of(response) -> list[dict]:
+    return [orjson.loads(line) async for line in response.aiter_lines()]
+
+
+@db
+@needs_redis
+@pytest.mark.server
+async def test_resume_on_another_worker_gets_the_text_so_far_then_the_rest_live(
+    workers, upstream, user
+):
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.03))
+    cookie = await session_cookie(user)
+    a, b = workers
+    async with (
+        httpx2.AsyncClient(timeout=30) as http,
+        http.stream(
+            "POST", f"{a.url}/completions", content=orjson.dumps(HI), headers=headers(cookie)
+        ) as first,
+    ):
+        lines = first.aiter_lines()
+        started = [orjson.loads(await anext(lines)) for _ in range(6)]
+        conversation_id = started[0]["conversation_id"]
+        async with http.stream(
+            "GET", f"{b.url}/completions/{conversation_id}/stream", headers=headers(cookie)
+        ) as resumed:
+            followed = await lines_of(resumed)
+        original = started + [orjson.loads(line) async for line in lines]
+
+    assert followed[0]["resumed"] is True and followed[0]["message_id"] == started[0]["message_id"]
+    assert answer_text(followed) == answer_text(original) == "".join(SLOW)
+    assert followed[-1] == original[-1] and followed[-1]["event"] == "completed"
+    assert len(upstream.requests) == 1
+
+
+@db
+@needs_redis
+@pytest.mark.server
+async def test_cancel_through_another_worker(workers, upstream, user):
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.05))
+    cookie = await session_cookie(user)
+    a, b = workers
+    async with (
+        httpx2.AsyncClient(timeout=30) as http,
+        http.stream(
+            "POST", f"{a.url}/completions", content=orjson.dumps(HI), headers=headers(cookie)
+        ) as first,
+    ):
+        lines = first.aiter_lines()
+        started = [orjson.loads(await anext(lines)) for _ in range(3)]
+        cancelled = await http.post(
+            f"{b.url}/completions/{started[0]['conversation_id']}/cancel",
+            headers=headers(cookie),
+        )
+        rest = [orjson.loads(line) async for line in lines]
+
+    assert cancelled.status_code == 202
+    assert rest[-1]["event"] == "error" and rest[-1]["error"]["code"] == "cancelled"
+    answer = await Message.objects.aget(role="assistant")
+    assert (answer.status, answer.error_code) == ("interrupted", "cancelled")
+    assert await upstream.requests[0].wait_closed_by_client()
+
+
+@db
+@needs_redis
+@pytest.mark.server
+async def test_idempotent_retry_on_another_worker_attaches_to_the_running_turn(
+    workers, upstream, user
+):
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.03))
+    cookie = await session_cookie(user)
+    a, b = workers
+    retry = headers(cookie, **{"Idempotency-Key": "checkout-7"})
+    async with (
+        httpx2.AsyncClient(timeout=30) as http,
+        http.stream(
+            "POST", f"{a.url}/completions", content=orjson.dumps(HI), headers=retry
+        ) as first,
+    ):
+        lines = first.aiter_lines()
+        started = [orjson.loads(await anext(lines)) for _ in range(3)]
+        again = await http.post(f"{b.url}/completions", content=orjson.dumps(HI), headers=retry)
+        original = started + [orjson.loads(line) async for line in lines]
+
+    attached = [orjson.loads(line) for line in again.content.splitlines()]
+    assert attached[0]["message_id"] == started[0]["message_id"] and attached[0]["resumed"] is True
+    assert answer_text(attached) == answer_text(original) == "".join(SLOW)
+    assert len(upstream.requests) == 1
+    assert await Message.objects.filter(role="assistant").acount() == 1
+
+
+@db
+@needs_redis
+@pytest.mark.server
+async def test_worker_killed_mid_answer_another_serves_the_checkpointed_text(
+    workers, upstream, user
+):
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.05))
+    cookie = await session_cookie(user)
+    a, b = workers
+    async with httpx2.AsyncClient(timeout=30) as http:
+        async with http.stream(
+            "POST", f"{a.url}/completions", content=orjson.dumps(HI), headers=headers(cookie)
+        ) as first:
+            lines = first.aiter_lines()
+            started = [orjson.loads(await anext(lines)) for _ in range(9)]
+            # Eight tokens 50 ms apart: a 100 ms checkpoint was written before the last one.
+            await asyncio.to_thread(a.kill)
+        resumed = await http.get(
+            f"{b.url}/completions/{started[0]['conversation_id']}/stream", headers=headers(cookie)
+        )
+
+    events = [orjson.loads(line) for line in resumed.content.splitlines()]
+    assert events[0]["resumed"] is True
+    assert answer_text(events) and answer_text(started).startswith(answer_text(events))
+    assert events[-1]["event"] == "error" and events[-1]["error"]["code"] == "worker_lost"
+    answer = await Message.objects.aget(role="assistant")
+    assert (answer.status, answer.error_code) == ("interrupted", "worker_lost")
+
+
+# Staff follow a running answer live from the admin.
+
+
+@db
+async def test_staff_follow_a_running_answer_live_and_others_cannot(
+    user, other_user, upstream, django_user_model
+):
+    from asgiref.sync import sync_to_async
+    from django.contrib.auth.models import Permission
+    from django.test import AsyncClient, Client
+
+    staff = await django_user_model.objects.acreate(username="staff", is_staff=True)
+    await sync_to_async(staff.user_permissions.add)(
+        await Permission.objects.aget(codename="view_conversation")
+    )
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.02))
+    socket = await open_socket(await session_cookie(user))
+    await socket.connect()
+    await socket.send_json_to({"type": "chat", **HI})
+    analyzing = await socket.receive_json_from(timeout=5)
+    conversation_id = analyzing["conversation_id"]
+    page = Client()
+    await sync_to_async(page.force_login)(staff)
+    watcher, outsider = AsyncClient(), AsyncClient()
+    await watcher.aforce_login(staff)
+    await outsider.aforce_login(other_user)
+
+    admin_page = await sync_to_async(page.get)(
+        f"/admin/chatproxy/conversation/{conversation_id}/change/"
+    )
+    watched = await read_events(await watcher.get(f"/completions/{conversation_id}/watch"))
+    refused = await outsider.get(f"/completions/{conversation_id}/watch")
+    original = [analyzing, *await frames_until_terminal(socket)]
+    await socket.disconnect()
+
+    assert f'data-watch-url="/completions/{conversation_id}/watch"' in admin_page.content.decode()
+    assert answer_text(watched) == answer_text(original) == "".join(SLOW)
+    assert watched[-1] == original[-1]
+    assert refused.status_code == 404
