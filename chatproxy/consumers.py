@@ -20,7 +20,7 @@ from .conf import conf
 from .events import Encoder, error_event
 from .exceptions import RequestError
 from .interception import InterceptorSpec
-from .models import Message, Owner
+from .models import DuplicateTurnError, Message, Owner
 from .payload import decode_json, validate_request
 from .pipeline import prepare_turn, run_turn
 from .resume import claimed_answer, latest_answer, replay
@@ -39,6 +39,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     task: asyncio.Task[None] | None = None
     turn: Turn | None = None
     following: uuid.UUID | None = None  # the answer a resumed socket follows
+    busy = False  # a turn runs and its terminal event has not been sent yet
 
     async def connect(self) -> None:
         """Called when a client opens the socket: accept it only for someone allowed to chat."""
@@ -92,7 +93,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         if kind == "cancel":
             await self.cancel_turn("cancelled")
         elif kind in ("chat", "resume"):
-            if self.task is not None and not self.task.done():
+            if self.busy:
                 await self.send_error("busy", BUSY, request_id)
                 return
             extra = {} if request_id is None else {"request_id": request_id}
@@ -101,6 +102,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             except RequestError as exc:
                 await self.send_error(exc.code, exc.message, request_id, exc.retry_after)
                 return
+            self.busy = True
             self.task = asyncio.create_task(self.relay(lines))
         else:
             await self.send_error(
@@ -123,14 +125,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         request = validate_request(content, ignore=FRAME_FIELDS)
         if key and (answer := await claimed_answer(self.owner, key)) is not None:
             return self._follow(answer, extra)
-        self.turn = await prepare_turn(
-            self.owner,
-            request,
-            user=self.user,
-            extra=extra,
-            interceptors=self.interceptors,
-            idempotency_key=key,
-        )
+        try:
+            self.turn = await prepare_turn(
+                self.owner,
+                request,
+                user=self.user,
+                extra=extra,
+                interceptors=self.interceptors,
+                idempotency_key=key,
+            )
+        except DuplicateTurnError as duplicate:  # lost a race for the same key
+            return self._follow(await Message.objects.aget(pk=duplicate.answer_id), extra)
         self.following = None
         return run_turn(self.turn)
 
@@ -152,12 +157,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         return replay(answer, extra)
 
     async def relay(self, lines: Lines) -> None:
-        async for line in lines:
-            await self.send(text_data=line[:-1].decode())
+        try:
+            async for line in lines:
+                if _is_terminal(line):
+                    # The turn is over for the client once it has the terminal line; the
+                    # next chat frame must not be refused while this task tidies up.
+                    self.busy = False
+                await self.send(text_data=line[:-1].decode())
+        finally:
+            self.busy = False
 
     async def cancel_turn(self, reason: str) -> None:
         task, turn = self.task, self.turn
-        if task is None or task.done():
+        if task is None or task.done() or (reason == "cancelled" and not self.busy):
             return
         if turn is None:
             # Following a turn that runs elsewhere: a cancel stops that turn; its terminal
@@ -184,3 +196,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         if retry_after is not None:
             event["retry_after"] = retry_after  # type: ignore[typeddict-unknown-key]
         await self.send(text_data=Encoder(extra).event(event)[:-1].decode())
+
+
+def _is_terminal(line: bytes) -> bool:
+    return line.startswith((b'{"event":"completed"', b'{"event":"error"'))

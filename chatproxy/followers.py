@@ -27,6 +27,9 @@ logger = logging.getLogger("chatproxy.followers")
 
 FOLLOW_TIMEOUT = 3.0
 
+# Listeners cancelled but still finishing a channel-layer read; they end by themselves.
+lingering: set[asyncio.Task[None]] = set()
+
 
 def turn_group(answer_id: uuid.UUID | str) -> str:
     """The channel-layer group of one running turn."""
@@ -76,8 +79,11 @@ class TurnChannel:
 
     async def close(self) -> None:
         if self.listener is not None:
+            # Not awaited: channels_redis finishes a Redis read it was cancelled in (up to its
+            # BRPOP timeout) before the task ends, and the turn must not wait for that.
             self.listener.cancel()
-            await asyncio.wait({self.listener})
+            lingering.add(self.listener)
+            self.listener.add_done_callback(lingering.discard)
         for follower in self.followers:
             await follower.finish()
         if self.layer is not None and self.name:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import datetime
 import math
 import time
+import zlib
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.core.cache import caches
+from django.db import connection
 from django.utils import timezone
 
 from .conf import conf
@@ -34,10 +37,6 @@ async def check_model(model: str, user: Any) -> None:
     )
 
 
-def _owner_key(owner: Owner) -> str:
-    return f"user:{owner.user_id}" if owner.user_id is not None else f"session:{owner.session_key}"
-
-
 async def check_rate(owner: Owner) -> None:
     """Count this request in a fixed window per owner; refuse it past CHATPROXY_RATE_LIMIT."""
     limit = conf.CHATPROXY_RATE_LIMIT
@@ -46,15 +45,10 @@ async def check_rate(owner: Owner) -> None:
     count, period = limit
     now = time.time()
     window = int(now // period)
-    key = f"chatproxy:rate:{_owner_key(owner)}:{window}"
-    cache = caches[conf.CHATPROXY_CACHE]
-    if await cache.aadd(key, 1, timeout=period + 1):
-        used = 1
-    else:
-        try:
-            used = await cache.aincr(key)
-        except ValueError:  # the window expired between add and incr
-            used = 1
+    key = f"chatproxy:rate:{owner.key}:{window}"
+    # The cache's own incr is atomic (a lock in locmem, INCR in Redis); Django's async aincr
+    # is a read and a write, and concurrent requests would slip through between them.
+    used = await sync_to_async(_count, thread_sensitive=False)(key, period + 1)
     if used > count:
         retry = max(1, math.ceil((window + 1) * period - now))
         raise RequestError(
@@ -66,19 +60,36 @@ async def check_rate(owner: Owner) -> None:
         )
 
 
-async def check_streams(owner: Owner) -> None:
+def _count(key: str, timeout: int) -> int:
+    cache = caches[conf.CHATPROXY_CACHE]
+    if cache.add(key, 1, timeout=timeout):
+        return 1
+    try:
+        return int(cache.incr(key))
+    except ValueError:  # the window expired between add and incr
+        cache.add(key, 1, timeout=timeout)
+        return 1
+
+
+def check_streams(owner: Owner) -> None:
     """Refuse a turn while the owner already has CHATPROXY_MAX_STREAMS answers streaming.
 
-    Counted in the database, so it holds across processes; an answer left ``streaming`` by a
-    dead worker stops counting after CHATPROXY_STALE_AFTER seconds.
+    Called inside the transaction that starts the turn, after taking a lock that serializes
+    the owner's starts, so concurrent requests cannot all slip under the limit. Counted in the
+    database, so it holds across processes; an answer left ``streaming`` by a dead worker stops
+    counting after CHATPROXY_STALE_AFTER seconds.
     """
     limit = conf.CHATPROXY_MAX_STREAMS
     if limit is None:
         return
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [zlib.crc32(owner.key.encode())])
+    # (SQLite's BEGIN IMMEDIATE already serializes every start.)
     since = timezone.now() - datetime.timedelta(seconds=conf.CHATPROXY_STALE_AFTER)
     owned = {f"conversation__{k}": v for k, v in owner.filter().items()}
     streaming = Message.objects.filter(status=Status.STREAMING, created_at__gte=since, **owned)
-    if await streaming.acount() >= limit:
+    if streaming.count() >= limit:
         raise RequestError(
             "too_many_streams",
             f"You already have {limit} answers streaming. Wait for one to finish, or stop one.",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from contextlib import aclosing
 from typing import Any
@@ -17,17 +16,16 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections
 
-from . import shutdown
+from . import records, shutdown
 from .conf import conf
 from .events import PING, Encoder, Event, error_event
 from .exceptions import RequestError, TurnError
 from .followers import TurnChannel
 from .interception import InterceptorSpec, build_chain
-from .limits import check_model, check_rate, check_streams
-from .models import Conversation, DuplicateTurnError, Message, Owner, Status
+from .limits import check_model, check_rate
+from .models import Conversation, Message, Owner, Status
 from .payload import ChatRequest
 from .relay import Relay
-from .resume import replay
 from .signals import turn_finished
 from .turns import Turn, TurnState
 from .upstream import Chunk, stream_chat
@@ -49,7 +47,6 @@ async def prepare_turn(
     ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn."""
     await check_rate(owner)
     await check_model(request.model, user)
-    await check_streams(owner)
     history: list[dict[str, str]] = []
     if request.conversation_id is not None:
         found = await Conversation.objects.history(owner, request.conversation_id)
@@ -62,7 +59,7 @@ async def prepare_turn(
             )
         history = found
     chain = build_chain(interceptors)
-    return Turn(
+    turn = Turn(
         owner=owner,
         request=request,
         history=history,
@@ -72,51 +69,13 @@ async def prepare_turn(
         state=TurnState(transforming=chain.transforming),
         idempotency_key=idempotency_key,
     )
-
-
-def _begin(turn: Turn) -> tuple[uuid.UUID, uuid.UUID]:
-    messages = turn.request.messages
-    if not conf.CHATPROXY_STORE_CONTENT:
-        messages = [{"role": m["role"], "content": ""} for m in messages]
-    ids = Conversation.objects.start_turn(
-        turn.owner, turn.request.conversation_id, messages, turn.request.model, turn.idempotency_key
-    )
-    # Give the connection back now: an open stream must not pin one for its whole life.
-    close_old_connections()
-    return ids
-
-
-def _checkpoint(answer_id: uuid.UUID | None, text: str) -> None:
-    assert answer_id is not None
-    Message.objects.checkpoint(answer_id, text)
-    close_old_connections()
-
-
-def _finish(turn: Turn) -> None:
-    assert turn.conversation_id is not None and turn.answer_id is not None
-    outcome = turn.state.outcome()
-    outcome.model, outcome.cost = turn.model, turn.cost
-    outcome.metadata = turn.metadata or None
-    if not conf.CHATPROXY_STORE_CONTENT:
-        outcome.content = outcome.raw_content = ""
-    Message.objects.finish_turn(turn.conversation_id, turn.answer_id, outcome)
-    close_old_connections()
-
-
-async def _save(begin: asyncio.Future[tuple[uuid.UUID, uuid.UUID]], turn: Turn) -> bool:
-    """Write the answer's final state; an unfinished one is ``interrupted``. Return success."""
-    try:
-        turn.conversation_id, turn.answer_id = await begin
-    except Exception:
-        return False  # nothing was written, so there is nothing to finalize
-    if turn.state.status is Status.STREAMING:
-        turn.state.end(Status.INTERRUPTED, turn.interrupt_code)
-    try:
-        await sync_to_async(_finish)(turn)
-    except Exception:
-        logger.exception("Saving chat answer %s failed", turn.answer_id)
-        return False
-    return True
+    # The reads above (session, user, history) ran on the request's thread: give its
+    # connection back now, or every open stream would pin one for its whole life.
+    await sync_to_async(close_old_connections)()
+    # Written before the first byte, so a limit (429) or a duplicate submission can still be
+    # answered as such; DuplicateTurnError names the answer to attach to.
+    await records.start(turn)
+    return turn
 
 
 def _internal_error(**ids: str) -> dict[str, Any]:
@@ -128,25 +87,10 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
     of ``completed`` or ``error``. If the consumer stops early (client gone, cancel), the
     upstream request is closed and the partial answer is saved as ``interrupted``."""
     encoder, state, chain = Encoder(turn.extra), turn.state, turn.chain
-    # Both writes run as tasks awaited through shield(): a cancellation that lands while one
-    # runs must not stop it, or the answer would stay `streaming` forever.
-    begin = asyncio.ensure_future(sync_to_async(_begin)(turn))
     save: asyncio.Future[bool] | None = None
     relay: Relay[Chunk] | None = None
     channel: TurnChannel | None = None
     try:
-        try:
-            turn.conversation_id, turn.answer_id = await asyncio.shield(begin)
-        except DuplicateTurnError as duplicate:
-            # The same submission raced another one with its idempotency key: attach to it.
-            answer = await Message.objects.aget(pk=duplicate.answer_id)
-            async for line in replay(answer, turn.extra):
-                yield line
-            return
-        except Exception:
-            logger.exception("Starting a chat turn failed")
-            yield encoder.event(_internal_error())
-            return
         ids = turn.ids()
         yield encoder.event({"event": "analyzing", **ids, "model": turn.model})
         channel = TurnChannel(turn)
@@ -192,7 +136,7 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                     break
                 if every and time.monotonic() >= checkpoint_at:
                     # Awaited inline: at most one write per interval, never one per token.
-                    await sync_to_async(_checkpoint)(turn.answer_id, state.text)
+                    await records.checkpoint(turn)
                     checkpoint_at = time.monotonic() + every
             await relay.aclose()
             if transforming and (text := await chain.flush(turn)):
@@ -223,7 +167,7 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
             terminal = _internal_error(**ids)
         if relay is not None:
             await relay.aclose()
-        save = asyncio.ensure_future(_save(begin, turn))
+        save = asyncio.ensure_future(records.save(turn))
         # Saved before the terminal line goes out, so a client that continues the
         # conversation right after `completed` finds this answer in its history.
         if not await asyncio.shield(save):
@@ -238,7 +182,7 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
             await channel.close()
         interrupted = save is None
         if save is None:
-            save = asyncio.ensure_future(_save(begin, turn))
+            save = asyncio.ensure_future(records.save(turn))
         if await asyncio.shield(save):
             if interrupted:
                 await chain.notify("on_interrupt", turn)

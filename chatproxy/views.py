@@ -19,7 +19,7 @@ from .auth import anonymous_session_key, authenticate
 from .conf import conf
 from .exceptions import RequestError
 from .interception import InterceptorSpec
-from .models import Status
+from .models import DuplicateTurnError, Message, Status
 from .payload import ChatRequest, decode_json, validate_request
 from .pipeline import prepare_turn, run_turn
 from .resume import claimed_answer, last_answer, latest_answer, replay
@@ -66,13 +66,16 @@ class CompletionsView(View):
             key = idempotency_key(request)
             chat = read_chat_request(request)
             attached = await claimed_answer(owner, key) if key else None
+            if attached is None:
+                try:
+                    turn = await prepare_turn(
+                        owner, chat, user=user, interceptors=self.interceptors, idempotency_key=key
+                    )
+                    lines = run_turn(turn)
+                except DuplicateTurnError as duplicate:  # lost a race for the same key
+                    attached = await Message.objects.aget(pk=duplicate.answer_id)
             if attached is not None:
                 lines = replay(attached)
-            else:
-                turn = await prepare_turn(
-                    owner, chat, user=user, interceptors=self.interceptors, idempotency_key=key
-                )
-                lines = run_turn(turn)
         except RequestError as exc:
             return error_response(exc)
         return StreamingHttpResponse(

@@ -93,6 +93,10 @@ CHATPROXY_DEMO_DELAY = 0.0
 # fake upstream of the process that started it.
 if os.environ.get("CHATPROXY_TEST_DATABASE_NAME"):
     DATABASES["default"]["NAME"] = os.environ["CHATPROXY_TEST_DATABASE_NAME"]
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        # A server under load needs a pool, as in production: one connection per request
+        # thread would exhaust PostgreSQL's max_connections.
+        DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, "max_size": 20, "timeout": 30}}
 if os.environ.get("CHATPROXY_TEST_UPSTREAM"):
     CHATPROXY_BASE_URL = os.environ["CHATPROXY_TEST_UPSTREAM"]
 # Per-process overrides for a server a test starts, as JSON: {"CHATPROXY_SHUTDOWN_GRACE": 0.5}.
@@ -101,3 +105,11 @@ globals().update(json.loads(os.environ.get("CHATPROXY_TEST_SETTINGS", "{}")))
 # Limits are tested on their own; the rest of the suite runs many turns as one user.
 CHATPROXY_RATE_LIMIT = None
 CHATPROXY_MAX_STREAMS = None
+
+# Server processes print errors, so a failing test can show them.
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"django.request": {"handlers": ["console"], "level": "ERROR"}},
+}

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import time
 import weakref
 from typing import Any
@@ -21,8 +22,10 @@ from django.core.management import call_command
 from django.db import connections
 from django.db.backends.signals import connection_created
 
+from chatproxy import followers
 from chatproxy.interception import Interceptor
 from chatproxy.models import Message
+from chatproxy.writes import THREAD_PREFIX
 from tests.conftest import (
     CSRF_TOKEN,
     answer_text,
@@ -91,7 +94,9 @@ connection_created.connect(lambda sender, connection, **kw: _opened.add(connecti
 
 
 def open_connections() -> int:
-    return sum(1 for c in _opened if c.connection is not None)
+    # chatproxy's SQLite writer thread keeps one connection open on purpose (chatproxy.writes).
+    writers = {t.ident for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)}
+    return sum(1 for c in _opened if c.connection is not None and c._thread_ident not in writers)
 
 
 def open_resources() -> tuple[int, int]:
@@ -114,7 +119,8 @@ async def snapshot() -> tuple[int, int]:
 async def assert_no_leaks(before: tuple[int, int]) -> None:
     sockets, connections_open = await snapshot()
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
-    assert tasks == []
+    # A cancelled channel-layer listener may still finish its Redis read (chatproxy.followers).
+    assert [t for t in tasks if t not in followers.lingering] == []
     # A finished upstream stream leaves its connection in the SDK's pool: both ends of that
     # loopback connection live in this process.
     assert sockets <= before[0] + 2
@@ -340,7 +346,7 @@ async def test_sigkill_mid_answer_leaves_the_checkpointed_text(user, upstream, d
     answer = await Message.objects.aget(role="assistant")
     assert answer.status == "streaming"
     assert answer.content and answer_text(received).startswith(answer.content)
-    await asyncio.to_thread(call_command, "markinterrupted", "--older-than", "0")
+    await sync_to_async(call_command)("markinterrupted", "--older-than", "0")
     answer = await Message.objects.aget(role="assistant")
     assert (answer.status, answer.error_code) == ("interrupted", "worker_lost")
     assert answer.content and answer_text(received).startswith(answer.content)
@@ -413,13 +419,17 @@ async def test_500_concurrent_turns_on_one_worker_are_all_saved_whole(server, up
     async def turn(http: httpx2.AsyncClient, i: int) -> tuple[int, str, str]:
         body = orjson.dumps({"messages": [{"role": "user", "content": f"turn {i}"}]})
         response = await http.post("/completions", content=body, headers=headers)
+        if response.status_code != 200:
+            return response.status_code, "", response.text
         events = [orjson.loads(line) for line in response.content.splitlines()]
         return response.status_code, events[-1].get("message_id", ""), answer_text(events)
 
     async with httpx2.AsyncClient(base_url=server.url, limits=limits, timeout=120) as http:
         results = await asyncio.gather(*(turn(http, i) for i in range(500)))
 
-    assert [status for status, _, _ in results] == [200] * 500
+    failures = [r for r in results if r[0] != 200]
+    log = "".join(line for line in server.output if "HTTP/1.1" not in line)
+    assert failures == [], (len(failures), log[-3000:])
     assert sorted(text for _, _, text in results) == sorted(f"Echo: turn {i}" for i in range(500))
     saved = {str(m.pk): m async for m in Message.objects.filter(role="assistant")}
     assert all(

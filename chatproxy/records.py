@@ -1,0 +1,99 @@
+"""A turn's rows: started before the first byte, checkpointed while streaming, finalized once.
+
+Every write runs on the writer pool (``writes``) and is awaited through ``asyncio.shield``: a
+cancellation (the client leaving) that lands while a write runs must not stop it, or the answer
+would stay ``streaming`` forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from django.db import transaction
+
+from .conf import conf
+from .limits import check_streams
+from .models import Conversation, Message, Status
+from .turns import Turn
+from .writes import write
+
+logger = logging.getLogger("chatproxy.records")
+
+INTERRUPTED = {
+    "client_disconnected": "The client left before the answer finished.",
+    "cancelled": "The answer was stopped on request.",
+}
+
+# Tasks finishing the rows of turns whose client left while they started; kept so they are
+# not garbage-collected before they end.
+_abandoned: set[asyncio.Task[None]] = set()
+
+
+def _begin(turn: Turn) -> tuple[uuid.UUID, uuid.UUID]:
+    messages = turn.request.messages
+    if not conf.CHATPROXY_STORE_CONTENT:
+        messages = [{"role": m["role"], "content": ""} for m in messages]
+    with transaction.atomic():
+        check_streams(turn.owner)
+        return Conversation.objects.start_turn(
+            turn.owner,
+            turn.request.conversation_id,
+            messages,
+            turn.request.model,
+            turn.idempotency_key,
+        )
+
+
+async def start(turn: Turn) -> None:
+    """Save the new messages and the ``streaming`` answer; fill in the turn's ids."""
+    task = asyncio.ensure_future(write(_begin, turn))
+    try:
+        turn.conversation_id, turn.answer_id = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        finisher = asyncio.ensure_future(_abandon(task, turn))
+        _abandoned.add(finisher)
+        finisher.add_done_callback(_abandoned.discard)
+        raise
+
+
+async def _abandon(started: asyncio.Future[tuple[uuid.UUID, uuid.UUID]], turn: Turn) -> None:
+    try:
+        turn.conversation_id, turn.answer_id = await started
+    except Exception:
+        return  # nothing was written
+    await save(turn)
+
+
+def _checkpoint(answer_id: uuid.UUID, text: str) -> None:
+    Message.objects.checkpoint(answer_id, text)
+
+
+async def checkpoint(turn: Turn) -> None:
+    """Save the text so far, so a worker killed mid-answer leaves it behind."""
+    assert turn.answer_id is not None
+    await asyncio.shield(write(_checkpoint, turn.answer_id, turn.state.text))
+
+
+def _finish(turn: Turn) -> None:
+    assert turn.conversation_id is not None and turn.answer_id is not None
+    outcome = turn.state.outcome()
+    outcome.model, outcome.cost = turn.model, turn.cost
+    outcome.metadata = turn.metadata or None
+    if not conf.CHATPROXY_STORE_CONTENT:
+        outcome.content = outcome.raw_content = ""
+    Message.objects.finish_turn(turn.conversation_id, turn.answer_id, outcome)
+
+
+async def save(turn: Turn) -> bool:
+    """Write the answer's final state once; an unfinished one is ``interrupted``."""
+    if turn.state.status is Status.STREAMING:
+        code = turn.interrupt_code
+        turn.state.end(Status.INTERRUPTED, code, INTERRUPTED.get(code, ""))
+    try:
+        await write(_finish, turn)
+    except Exception:
+        logger.exception("Saving chat answer %s failed", turn.answer_id)
+        return False
+    return True
