@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 
@@ -389,3 +390,33 @@ def test_model_text_is_escaped_in_admin(people):
         "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     )
     assert '<img src=x onerror="alert(2)">' not in html
+
+
+@db
+async def test_rate_limit_holds_under_concurrent_requests(people, settings):
+    settings.CHATPROXY_RATE_LIMIT = (5, 60)
+    client = await client_for(people["alice"])
+
+    responses = await asyncio.gather(*(chat(client, HI) for _ in range(20)))
+
+    accepted = [r for r in responses if r.status_code == 200]
+    for response in accepted:
+        await read_body(response)
+    assert len(accepted) == 5
+    assert {r.status_code for r in responses} == {200, 429}
+
+
+@db
+async def test_stream_cap_holds_under_concurrent_requests(people, settings, upstream):
+    settings.CHATPROXY_MAX_STREAMS = 2
+    upstream.default_reply = lambda body: Reply(tokens=["slow "] * 20, delay=0.02)
+    client = await client_for(people["alice"])
+
+    responses = await asyncio.gather(*(chat(client, HI) for _ in range(10)))
+
+    accepted = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    for response in accepted:
+        assert (await read_events(response))[-1]["event"] == "completed"
+    assert (len(accepted), len(refused)) == (2, 8)
+    assert {orjson.loads(r.content)["error"]["code"] for r in refused} == {"too_many_streams"}
