@@ -21,6 +21,7 @@ from .conf import conf
 from .demo import DemoTransport
 from .events import Usage
 from .exceptions import UpstreamError
+from .transport import AiohttpTransport
 
 logger = logging.getLogger("chatproxy.upstream")
 
@@ -56,7 +57,10 @@ def get_client() -> openai.AsyncOpenAI:
     client = per_loop.get(key)
     if client is None:
         _, base_url, api_key, read, connect = key
-        http_client = httpx2.AsyncClient(transport=DemoTransport()) if demo else None
+        if demo:
+            http_client = httpx2.AsyncClient(transport=DemoTransport())
+        else:
+            http_client = httpx2.AsyncClient(transport=AiohttpTransport(), timeout=None)
         client = per_loop[key] = openai.AsyncOpenAI(
             api_key=api_key or "offline-demo",
             base_url=DEMO_BASE_URL if demo else base_url,

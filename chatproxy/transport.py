@@ -1,0 +1,88 @@
+"""An HTTP transport for the SDK's client that reads bodies with aiohttp's C parser.
+
+The SDK's default transport parses HTTP in pure Python, and a streamed answer arrives as one
+small chunk per token: measured here, about 25 µs of CPU per token against 8 µs with aiohttp.
+The SDK still builds and sends every request (auth, base URL, headers, status errors); this only
+moves the bytes, and maps aiohttp's errors to the ``httpx2`` ones the SDK expects: a refused
+connection is a ``ConnectError`` (the SDK's own aiohttp adapter reports it as a timeout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import httpx2
+
+
+class AiohttpTransport(httpx2.AsyncBaseTransport):
+    """One ``aiohttp.ClientSession`` per transport; the SDK keeps one client per event loop."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def _session_for_loop(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                auto_decompress=False,  # httpx2 decodes by the response's Content-Encoding
+                trust_env=False,
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        timeout = request.extensions.get("timeout", {})
+        try:
+            response = await self._session_for_loop().request(
+                request.method,
+                str(request.url),
+                headers=[
+                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
+                ],
+                data=await request.aread(),
+                allow_redirects=False,
+                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=timeout.get("connect"),
+                    sock_read=timeout.get("read"),
+                ),
+            )
+        except aiohttp.ClientConnectorError as exc:
+            raise httpx2.ConnectError(str(exc), request=request) from exc
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise httpx2.ConnectTimeout(str(exc), request=request) from exc
+        except aiohttp.ClientError as exc:
+            raise httpx2.ConnectError(str(exc), request=request) from exc
+        return httpx2.Response(
+            response.status,
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
+            stream=_Body(response, request),
+            request=request,
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class _Body(httpx2.AsyncByteStream):
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx2.Request) -> None:
+        self._response, self._request = response, request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for data in self._response.content.iter_any():
+                yield data
+        except (TimeoutError, aiohttp.SocketTimeoutError) as exc:
+            raise httpx2.ReadTimeout(str(exc), request=self._request) from exc
+        except aiohttp.ClientError as exc:
+            raise httpx2.ReadError(str(exc), request=self._request) from exc
+
+    async def aclose(self) -> None:
+        # close(), not release(): an answer stopped early must drop the connection, so the
+        # upstream notices and stops generating (and billing) tokens.
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
