@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import unittest.mock
+
 import orjson
 import pytest
 from asgiref.testing import ApplicationCommunicator
@@ -175,3 +178,34 @@ async def test_partial_answer_saved_when_client_disconnects(user, upstream):
     )
     assert answer.content.startswith(delivered) and len(answer.content) >= len(delivered)
     assert len(answer.content) < len("".join(f"w{i} " for i in range(200)))
+
+
+@contextlib.contextmanager
+def counted_queries():
+    """Every SQL statement any thread runs, counted at Django's cursor."""
+    from django.db.backends.utils import CursorWrapper
+
+    statements: list[str] = []
+    original = CursorWrapper._execute
+
+    def counting(self, sql, *args, **kwargs):
+        statements.append(sql)
+        return original(self, sql, *args, **kwargs)
+
+    with unittest.mock.patch.object(CursorWrapper, "_execute", counting):
+        yield statements
+
+
+@db
+async def test_database_work_per_turn_does_not_grow_with_the_answer(client, upstream):
+    await read_body(await chat(client, HI))  # warm up: sessions, connections
+    counts = []
+    for tokens in (5, 500):
+        upstream.enqueue(Reply(tokens=["tok "] * tokens))
+        with counted_queries() as statements:
+            events = await read_events(await chat(client, HI))
+        assert answer_text(events) == "tok " * tokens
+        counts.append(len(statements))
+
+    assert counts[0] == counts[1]
+    assert counts[0] <= 15, counts
