@@ -99,10 +99,7 @@ async def resume(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
     if request.method != "GET":
         return error_response(_not_allowed("GET"))
     try:
-        owner, _ = await authenticate(request, create_session=False)
-        answer = await latest_answer(owner, conversation_id)
-        if answer is None:
-            raise _not_found()
+        answer = await _owned_answer(request, conversation_id)
     except RequestError as exc:
         return error_response(exc)
     return StreamingHttpResponse(
@@ -116,10 +113,7 @@ async def cancel(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
     if request.method != "POST":
         return error_response(_not_allowed("POST"))
     try:
-        owner, _ = await authenticate(request, create_session=False)
-        answer = await latest_answer(owner, conversation_id)
-        if answer is None:
-            raise _not_found()
+        answer = await _owned_answer(request, conversation_id)
         if answer.status != Status.STREAMING or not await followers.cancel(answer.pk):
             raise RequestError(
                 "not_streaming",
@@ -143,6 +137,15 @@ async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespons
     return StreamingHttpResponse(
         replay(answer), content_type="application/x-ndjson", headers=STREAM_HEADERS
     )
+
+
+async def _owned_answer(request: HttpRequest, conversation_id: uuid.UUID) -> Message:
+    """The latest answer of the requester's conversation; 404 for anyone else's."""
+    owner, _ = await authenticate(request, create_session=False)
+    answer = await latest_answer(owner, conversation_id)
+    if answer is None:
+        raise _not_found()
+    return answer
 
 
 def _not_found() -> RequestError:

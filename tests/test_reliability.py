@@ -352,11 +352,8 @@ async def test_sigkill_mid_answer_leaves_the_checkpointed_text(user, upstream, d
     assert answer.content and answer_text(received).startswith(answer.content)
 
 
-@db
-@pytest.mark.server
-async def test_sigterm_ends_a_long_answer_with_server_shutdown(user, upstream, django_db_blocker):
-    process = server_with(django_db_blocker, upstream, CHATPROXY_SHUTDOWN_GRACE=0.5)
-    upstream.enqueue(Reply(tokens=[f"w{i} " for i in range(400)], delay=0.02))
+async def sigterm_mid_answer(process: ServerProcess, user: Any, read_first: int) -> list[dict]:
+    """Stream a turn from ``process``, send it SIGTERM after ``read_first`` lines, read the rest."""
     try:
         cookie = await session_cookie(user)
         async with (
@@ -364,15 +361,24 @@ async def test_sigterm_ends_a_long_answer_with_server_shutdown(user, upstream, d
             open_stream(http, cookie) as response,
         ):
             lines = response.aiter_lines()
-            first = [orjson.loads(await anext(lines)) for _ in range(3)]
+            events = [orjson.loads(await anext(lines)) for _ in range(read_first)]
             process.terminate()
-            rest = [orjson.loads(line) async for line in lines]
+            events += [orjson.loads(line) async for line in lines]
         # uvicorn re-raises the signal once its graceful shutdown is done.
         assert process.wait() == -signal.SIGTERM
     finally:
         process.stop()
+    return events
 
-    events = first + rest
+
+@db
+@pytest.mark.server
+async def test_sigterm_ends_a_long_answer_with_server_shutdown(user, upstream, django_db_blocker):
+    process = server_with(django_db_blocker, upstream, CHATPROXY_SHUTDOWN_GRACE=0.5)
+    upstream.enqueue(Reply(tokens=[f"w{i} " for i in range(400)], delay=0.02))
+
+    events = await sigterm_mid_answer(process, user, read_first=3)
+
     assert events[-1]["event"] == "error" and events[-1]["error"]["code"] == "server_shutdown"
     answer = await Message.objects.aget(role="assistant")
     assert (answer.status, answer.error_code) == ("interrupted", "server_shutdown")
@@ -385,22 +391,9 @@ async def test_sigterm_ends_a_long_answer_with_server_shutdown(user, upstream, d
 async def test_sigterm_lets_a_short_answer_finish(user, upstream, django_db_blocker):
     process = server_with(django_db_blocker, upstream, CHATPROXY_SHUTDOWN_GRACE=10)
     upstream.enqueue(Reply(tokens=[f"w{i} " for i in range(20)], delay=0.02))
-    try:
-        cookie = await session_cookie(user)
-        async with (
-            httpx2.AsyncClient(base_url=process.url) as http,
-            open_stream(http, cookie) as response,
-        ):
-            lines = response.aiter_lines()
-            first = [orjson.loads(await anext(lines)) for _ in range(2)]
-            process.terminate()
-            rest = [orjson.loads(line) async for line in lines]
-        # uvicorn re-raises the signal once its graceful shutdown is done.
-        assert process.wait() == -signal.SIGTERM
-    finally:
-        process.stop()
 
-    events = first + rest
+    events = await sigterm_mid_answer(process, user, read_first=2)
+
     assert events[-1]["event"] == "completed"
     answer = await Message.objects.aget(role="assistant")
     assert (answer.status, answer.content) == ("completed", "".join(f"w{i} " for i in range(20)))
@@ -436,3 +429,28 @@ async def test_500_concurrent_turns_on_one_worker_are_all_saved_whole(server, up
         saved[mid].content == text and saved[mid].status == "completed" for _, mid, text in results
     )
     assert "database is locked" not in "".join(server.output)
+
+
+@db
+@pytest.mark.parametrize("fault", ["stall", "refused", "connect_timeout"])
+async def test_network_faults_over_websocket(user, upstream, settings, blackhole, fault):
+    settings.CHATPROXY_TIMEOUT = 0.3
+    settings.CHATPROXY_CONNECT_TIMEOUT = 0.2
+    if fault == "stall":
+        upstream.enqueue(Reply(tokens=["a", "b"], fail="stall", fail_after=1))
+    else:
+        settings.CHATPROXY_BASE_URL = "http://127.0.0.1:9/v1" if fault == "refused" else blackhole
+    socket = await open_socket(await session_cookie(user))
+    await socket.connect()
+
+    await socket.send_json_to({"type": "chat", **HI})
+    frames = await frames_until_terminal(socket)
+    await socket.disconnect()
+
+    expected = "upstream_unreachable" if fault == "refused" else "upstream_timeout"
+    assert frames[-1]["error"]["code"] == expected
+    answer = await Message.objects.aget(role="assistant")
+    assert (answer.status, answer.error_code) == ("failed", expected)
+    if fault == "stall":
+        assert answer.content == "a"
+        assert await upstream.requests[0].wait_closed_by_client()

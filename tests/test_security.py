@@ -420,3 +420,26 @@ async def test_stream_cap_holds_under_concurrent_requests(people, settings, upst
         assert (await read_events(response))[-1]["event"] == "completed"
     assert (len(accepted), len(refused)) == (2, 8)
     assert {orjson.loads(r.content)["error"]["code"] for r in refused} == {"too_many_streams"}
+
+
+RESUME_ALICES = {"anonymous": 401, "alice": 200, "bob": 404, "staff": 404, "superuser": 404}
+CANCEL_ALICES = {"anonymous": 401, "alice": 409, "bob": 404, "staff": 404, "superuser": 404}
+READ_ALICES = {"anonymous": 401, "alice": 200, "bob": 404, "staff": 404, "superuser": 404}
+
+
+@db
+@pytest.mark.parametrize("who", RESUME_ALICES)
+async def test_matrix_resume_cancel_and_read_alices_conversation(people, who):
+    conversation_id = await alices_conversation(people)
+    client = await client_for(people[who])
+
+    resumed = await client.get(f"/completions/{conversation_id}/stream")
+    cancelled = await client.post(f"/completions/{conversation_id}/cancel")
+    read = await client.get(f"/conversations/{conversation_id}")
+
+    assert resumed.status_code == RESUME_ALICES[who]
+    if resumed.status_code == 200:
+        assert (await read_events(resumed))[-1]["event"] == "completed"
+    # Alice's answer is finished, so there is nothing to stop: 409, not 404.
+    assert cancelled.status_code == CANCEL_ALICES[who]
+    assert read.status_code == READ_ALICES[who]
