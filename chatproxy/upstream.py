@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
 import httpx2
@@ -26,6 +26,7 @@ from .transport import AiohttpTransport
 logger = logging.getLogger("chatproxy.upstream")
 
 DEMO_BASE_URL = "http://chatproxy-demo.invalid/v1"
+RAW_STREAM = {"X-Stainless-Raw-Response": "stream"}
 
 
 class Chunk(NamedTuple):
@@ -73,6 +74,13 @@ def get_client() -> openai.AsyncOpenAI:
     return client
 
 
+async def close_clients() -> None:
+    """Close the running loop's clients and their connections (at the end of a loop's life:
+    a test, a management command; a server keeps its loop, and its clients, for good)."""
+    for client in _clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.close()
+
+
 async def stream_chat(
     model: str, messages: list[dict[str, str]], params: dict[str, Any]
 ) -> AsyncIterator[Chunk]:
@@ -88,7 +96,7 @@ async def stream_chat(
     async with _open(model, messages, params) as response:
         decoder = SSEDecoder()
         try:
-            async for data in response.iter_bytes():
+            async for data in response.aiter_bytes():
                 for payload in decoder.feed(data):
                     if payload == b"[DONE]":
                         return
@@ -168,15 +176,25 @@ def parse_chunk(payload: bytes) -> Chunk:
 @asynccontextmanager
 async def _open(
     model: str, messages: list[dict[str, str]], params: dict[str, Any]
-) -> AsyncIterator[Any]:
+) -> AsyncIterator[httpx2.Response]:
     """Start the stream, retrying failures before its first byte (never after: the client may
     already have part of the answer) up to CHATPROXY_MAX_RETRIES times."""
     retries, cap = conf.CHATPROXY_MAX_RETRIES, conf.CHATPROXY_RETRY_AFTER_CAP
-    create = get_client().chat.completions.with_streaming_response.create
+    client = get_client()
+    body = {"model": model, "messages": messages, "stream": True, **params}
     for attempt in range(retries + 1):
         try:
-            opened = create(model=model, messages=cast(Any, messages), stream=True, **params)
-            response = await opened.__aenter__()
+            # The SDK's own post(), as chat.completions.create() calls it (auth, base URL,
+            # headers, status errors), minus its walk of the body through the parameters' type
+            # hints: about 1 ms of CPU per turn, and the body is already plain validated
+            # values. The header is the one with_streaming_response sets: leave the body
+            # unread, so it streams.
+            response = await client.post(
+                "/chat/completions",
+                cast_to=httpx2.Response,
+                body=body,
+                options={"headers": RAW_STREAM},
+            )
         except openai.APIError as exc:
             delay = _retry_delay(exc, attempt, cap)
             if attempt == retries or delay is None:
@@ -187,7 +205,7 @@ async def _open(
         try:
             yield response
         finally:
-            await opened.__aexit__(None, None, None)
+            await response.aclose()
         return
 
 

@@ -12,6 +12,7 @@ from channels.testing import WebsocketCommunicator
 from django.db import connections
 from django.test import AsyncClient
 
+from chatproxy.upstream import close_clients
 from tests.fake_upstream import FakeUpstream
 from tests.server import ServerProcess
 
@@ -19,9 +20,11 @@ from tests.server import ServerProcess
 @pytest.fixture(autouse=True)
 async def close_thread_connections() -> AsyncIterator[None]:
     """Close the connection of asgiref's shared sync thread, where async ORM calls made outside
-    a request run; left open it would keep PostgreSQL from dropping the test database."""
+    a request run (left open it would keep PostgreSQL from dropping the test database), and
+    this test's event loop's upstream clients."""
     yield
     await sync_to_async(connections.close_all)()
+    await close_clients()
 
 
 @pytest.fixture(scope="session")
