@@ -42,9 +42,9 @@ async def prepare_turn(
     interceptors: Sequence[InterceptorSpec] | None = None,
     idempotency_key: str = "",
 ) -> Turn:
-    """Check what needs the user or the database before the first byte: the limits, and the
-    history of a continued conversation (404 if the owner has no such one).
-    ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn."""
+    """Do everything that can still fail with a 4xx, before the first byte: the limits, the
+    history of a continued conversation (404 if the owner has no such one), and the turn's
+    first rows. ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn."""
     await check_rate(owner)
     await check_model(request.model, user)
     history: list[dict[str, str]] = []
