@@ -17,7 +17,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
-from .auth import anonymous_session_key
+from .auth import anonymous_session_key, authenticate
 from .conf import conf
 from .exceptions import RequestError
 from .models import Conversation, Message, Owner
@@ -100,13 +100,9 @@ async def _read_owner(request: HttpRequest) -> Owner | None:
     """
     if request.method not in READ_METHODS:
         raise RequestError("method_not_allowed", "Read conversations with GET.", status=405)
-    user = await request.auser()
-    if user.is_authenticated:
-        return Owner(user_id=user.pk)
-    if not conf.CHATPROXY_ALLOW_ANONYMOUS:
-        raise RequestError("authentication_required", "Log in to read conversations.", status=401)
-    key = request.session.session_key
-    return Owner(session_key=key) if key else None
+    # The same doors as a chat turn: a bearer API key, the session's user, or anonymous chat.
+    owner, _ = await authenticate(request, create_session=False)
+    return None if owner.user_id is None and not owner.session_key else owner
 
 
 def _answer_error(exc: RequestError) -> JsonResponse:

@@ -161,7 +161,10 @@ async def test_conversation_views_need_a_login_without_anonymous_chat(user):
 
     assert [r.status_code for r in responses] == [401, 401]
     assert responses[0].json() == {
-        "error": {"code": "authentication_required", "message": "Log in to read conversations."}
+        "error": {
+            "code": "authentication_required",
+            "message": "Log in to chat: this endpoint needs a user.",
+        }
     }
 
 

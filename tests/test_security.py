@@ -443,3 +443,19 @@ async def test_matrix_resume_cancel_and_read_alices_conversation(people, who):
     # Alice's answer is finished, so there is nothing to stop: 409, not 404.
     assert cancelled.status_code == CANCEL_ALICES[who]
     assert read.status_code == READ_ALICES[who]
+
+
+@db
+async def test_bearer_key_reads_its_users_conversations(people):
+    conversation_id = await alices_conversation(people)
+    _, raw = await sync_to_async(ApiKey.objects.issue)(people["alice"], "reader")
+    _, bobs = await sync_to_async(ApiKey.objects.issue)(people["bob"], "reader")
+    client = AsyncClient()
+
+    mine = await client.get("/conversations", headers={"Authorization": f"Bearer {raw}"})
+    theirs = await client.get(
+        f"/conversations/{conversation_id}", headers={"Authorization": f"Bearer {bobs}"}
+    )
+
+    assert [c["id"] for c in orjson.loads(mine.content)["conversations"]] == [conversation_id]
+    assert theirs.status_code == 404
