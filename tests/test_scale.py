@@ -8,6 +8,7 @@ pass. The in-process tests run everywhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import httpx2
@@ -174,6 +175,18 @@ def headers(cookie: str, **more: str) -> dict[str, str]:
     return {"Cookie": cookie, "X-CSRFToken": CSRF_TOKEN, "Content-Type": "application/json", **more}
 
 
+@contextlib.asynccontextmanager
+async def turn_on(worker: ServerProcess, request_headers: dict[str, str]):
+    """Start a turn on ``worker``; give a client for more requests and the turn's line iterator."""
+    async with (
+        httpx2.AsyncClient(timeout=30) as http,
+        http.stream(
+            "POST", f"{worker.url}/completions", content=orjson.dumps(HI), headers=request_headers
+        ) as response,
+    ):
+        yield http, response.aiter_lines()
+
+
 async def lines_of(response) -> list[dict]:
     return [orjson.loads(line) async for line in response.aiter_lines()]
 
@@ -187,13 +200,7 @@ async def test_resume_on_another_worker_gets_the_text_so_far_then_the_rest_live(
     upstream.enqueue(Reply(tokens=SLOW, delay=0.03))
     cookie = await session_cookie(user)
     a, b = workers
-    async with (
-        httpx2.AsyncClient(timeout=30) as http,
-        http.stream(
-            "POST", f"{a.url}/completions", content=orjson.dumps(HI), headers=headers(cookie)
-        ) as first,
-    ):
-        lines = first.aiter_lines()
+    async with turn_on(a, headers(cookie)) as (http, lines):
         started = [orjson.loads(await anext(lines)) for _ in range(6)]
         conversation_id = started[0]["conversation_id"]
         async with http.stream(
@@ -215,13 +222,7 @@ async def test_cancel_through_another_worker(workers, upstream, user):
     upstream.enqueue(Reply(tokens=SLOW, delay=0.05))
     cookie = await session_cookie(user)
     a, b = workers
-    async with (
-        httpx2.AsyncClient(timeout=30) as http,
-        http.stream(
-            "POST", f"{a.url}/completions", content=orjson.dumps(HI), headers=headers(cookie)
-        ) as first,
-    ):
-        lines = first.aiter_lines()
+    async with turn_on(a, headers(cookie)) as (http, lines):
         started = [orjson.loads(await anext(lines)) for _ in range(3)]
         cancelled = await http.post(
             f"{b.url}/completions/{started[0]['conversation_id']}/cancel",
@@ -246,13 +247,7 @@ async def test_idempotent_retry_on_another_worker_attaches_to_the_running_turn(
     cookie = await session_cookie(user)
     a, b = workers
     retry = headers(cookie, **{"Idempotency-Key": "checkout-7"})
-    async with (
-        httpx2.AsyncClient(timeout=30) as http,
-        http.stream(
-            "POST", f"{a.url}/completions", content=orjson.dumps(HI), headers=retry
-        ) as first,
-    ):
-        lines = first.aiter_lines()
+    async with turn_on(a, retry) as (http, lines):
         started = [orjson.loads(await anext(lines)) for _ in range(3)]
         again = await http.post(f"{b.url}/completions", content=orjson.dumps(HI), headers=retry)
         original = started + [orjson.loads(line) async for line in lines]
