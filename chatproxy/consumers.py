@@ -186,7 +186,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         if reason == "cancelled":
             ids = turn.ids()
             event = error_event("cancelled", "The answer was stopped on request.", **ids)
-            await self.send(text_data=Encoder(turn.extra).event(event)[:-1].decode())
+            await self.send_event(event, turn.extra)
 
     async def send_error(
         self, code: str, message: str, request_id: str | None, retry_after: int | None = None
@@ -195,6 +195,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         event = error_event(code, message)
         if retry_after is not None:
             event["retry_after"] = retry_after  # type: ignore[typeddict-unknown-key]
+        await self.send_event(event, extra)
+
+    async def send_event(self, event: Any, extra: dict[str, Any]) -> None:
+        """Send one event as a text frame: its NDJSON line without the newline."""
         await self.send(text_data=Encoder(extra).event(event)[:-1].decode())
 
 

@@ -15,7 +15,7 @@ from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
 from . import followers
-from .auth import anonymous_session_key, authenticate
+from .auth import authenticate
 from .conf import conf
 from .exceptions import RequestError
 from .interception import InterceptorSpec
@@ -23,8 +23,6 @@ from .models import DuplicateTurnError, Message, Status
 from .payload import ChatRequest, decode_json, validate_request
 from .pipeline import prepare_turn, run_turn
 from .resume import claimed_answer, last_answer, latest_answer, replay
-
-__all__ = ["CompletionsView", "anonymous_session_key", "cancel", "completions", "resume", "watch"]
 
 STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
