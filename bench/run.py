@@ -67,6 +67,7 @@ import re
 import resource
 import secrets
 import shutil
+import signal
 import socket
 import sqlite3
 import string
@@ -497,10 +498,12 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
         main0, drops0 = main_thread_cpu_seconds(server.pid), listen_drops()
         busy0 = machine_busy_seconds()
         peak_threads = PeakSampler(server.pid, "Threads")
+        profiler = await start_profiler(server.pid, sc.name)
         try:
             results, wall = await load(srv_port, proxy_request, "ndjson", sc)
         finally:
             await peak_threads.stop()
+            await stop_profiler(profiler)
         cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
         main = main_thread_cpu_seconds(server.pid) - main0
         threads = {"event_loop_thread": main, "other_threads": cpu["server"] - main}
@@ -538,6 +541,32 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
     ids = out.get("preflight", {}).get("warmup_ids", []) + proxy_ids
     out["database"] = check_database(db, text, ids)
     return out
+
+
+async def start_profiler(pid: int, name: str) -> asyncio.subprocess.Process | None:
+    """With BENCH_PROFILE=<dir>, sample the server with py-spy during the measured run
+    (collapsed stacks in ``<dir>/<scenario>.txt``, idle frames included). The samples cost
+    the server nothing, but py-spy takes CPU on the machine: profile, don't publish figures."""
+    folder = os.environ.get("BENCH_PROFILE")
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    args = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
+    args += ["--threads", "--gil", "--nonblocking", "-o", str(Path(folder) / f"{name}.txt")]
+    proc = await asyncio.create_subprocess_exec(
+        shutil.which(args[0]) or str(Path(sys.executable).parent / args[0]),
+        *args[1:],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return proc
+
+
+async def stop_profiler(proc: asyncio.subprocess.Process | None) -> None:
+    if proc is None:
+        return
+    proc.send_signal(signal.SIGINT)
+    await asyncio.wait_for(proc.wait(), 60)
 
 
 async def load(

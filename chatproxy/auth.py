@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 
+from . import database
 from .conf import conf
 from .exceptions import RequestError
 from .models import ApiKey, Owner
 
 
-async def user_from_bearer(authorization: str) -> Any | None:
+def user_from_bearer(authorization: str) -> Any | None:
     """Return the user of an ``Authorization: Bearer <key>`` header; None if there is no
     bearer header; raise ``invalid_api_key`` for a key that is unknown or revoked."""
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer":
         return None
-    user = await sync_to_async(ApiKey.objects.user_for)(key.strip())
+    user = ApiKey.objects.user_for(key.strip())
     if user is None:
         raise RequestError(
             "invalid_api_key",
@@ -29,15 +29,17 @@ async def user_from_bearer(authorization: str) -> Any | None:
     return user
 
 
-async def authenticate(request: HttpRequest, *, create_session: bool = True) -> tuple[Owner, Any]:
+def identify(request: HttpRequest, create_session: bool = True) -> tuple[Owner, Any]:
     """Return who is chatting and the user; raise if nobody may, or a session lacks CSRF.
 
-    ``create_session=False`` is for reads: an anonymous visitor without a session owns nothing.
+    Synchronous, for chatproxy's database thread (``database.run``), where a turn does all of
+    its reads and its first writes in one trip. ``create_session=False`` is for reads: an
+    anonymous visitor without a session owns nothing.
     """
-    bearer = await user_from_bearer(request.headers.get("Authorization", ""))
+    bearer = user_from_bearer(request.headers.get("Authorization", ""))
     if bearer is not None:
         return Owner(user_id=bearer.pk), bearer  # no cookie, so no CSRF to check
-    user = await request.auser()
+    user = request.user  # set by AuthenticationMiddleware
     if user.is_authenticated:
         # Like Django's own views, a session-authenticated request must carry the CSRF token
         # (the middleware lets safe methods such as GET through).
@@ -56,7 +58,12 @@ async def authenticate(request: HttpRequest, *, create_session: bool = True) -> 
         )
     if not create_session:
         return Owner(session_key=request.session.session_key or ""), user
-    return Owner(session_key=await anonymous_session_key(request)), user
+    return Owner(session_key=session_key(request)), user
+
+
+async def authenticate(request: HttpRequest, *, create_session: bool = True) -> tuple[Owner, Any]:
+    """``identify()`` from async code, on chatproxy's database thread."""
+    return await database.run(identify, request, create_session)
 
 
 def _csrf_protected(request: HttpRequest) -> HttpResponse:
@@ -64,10 +71,10 @@ def _csrf_protected(request: HttpRequest) -> HttpResponse:
     raise NotImplementedError
 
 
-async def anonymous_session_key(request: HttpRequest) -> str:
+def session_key(request: HttpRequest) -> str:
     """Return the session key that owns an anonymous user's conversations, creating it."""
     session = request.session
     if session.session_key is None:
         session["chatproxy"] = True  # marks the session modified, so the cookie is sent
-        await session.asave()
+        session.save()
     return str(session.session_key)

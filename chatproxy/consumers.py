@@ -14,7 +14,7 @@ from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from . import followers
+from . import database, followers
 from .auth import user_from_bearer
 from .conf import conf
 from .events import Encoder, error_event
@@ -23,7 +23,7 @@ from .interception import InterceptorSpec
 from .models import DuplicateTurnError, Message, Owner
 from .payload import decode_json, validate_request
 from .pipeline import prepare_turn, run_turn
-from .resume import claimed_answer, latest_answer, replay
+from .resume import latest_answer, replay
 from .turns import Turn
 
 CLOSE_UNAUTHENTICATED = 4401
@@ -47,7 +47,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         await self.accept()
         headers = dict(self.scope.get("headers", []))
         try:
-            bearer = await user_from_bearer(headers.get(b"authorization", b"").decode("latin-1"))
+            authorization = headers.get(b"authorization", b"").decode("latin-1")
+            bearer = await database.run(user_from_bearer, authorization)
         except RequestError:  # a wrong key is refused, even where anonymous chat is allowed
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
@@ -123,19 +124,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
                 "idempotency_key must be a string of 1 to 200 characters.",
             )
         request = validate_request(content, ignore=FRAME_FIELDS)
-        if key and (answer := await claimed_answer(self.owner, key)) is not None:
-            return self._follow(answer, extra)
+        owner, user = self.owner, self.user
         try:
             self.turn = await prepare_turn(
-                self.owner,
+                lambda: (owner, user),
                 request,
-                user=self.user,
                 extra=extra,
                 interceptors=self.interceptors,
                 idempotency_key=key,
             )
-        except DuplicateTurnError as duplicate:  # lost a race for the same key
-            return self._follow(await Message.objects.aget(pk=duplicate.answer_id), extra)
+        except DuplicateTurnError as duplicate:  # the key's turn ran or runs: follow it
+            return self._follow(duplicate.answer, extra)
         self.following = None
         return run_turn(self.turn)
 

@@ -1,4 +1,7 @@
-"""Per-user limits checked before a turn starts: models, request rate, concurrent streams."""
+"""Per-user limits checked before a turn starts: models, request rate, concurrent streams.
+
+Synchronous: they run on chatproxy's database thread, in the trip that starts the turn.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import time
 import zlib
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.core.cache import caches
 from django.db import connection
 from django.utils import timezone
@@ -18,14 +20,14 @@ from .exceptions import RequestError
 from .models import Message, Owner, Status
 
 
-async def check_model(model: str, user: Any) -> None:
+def check_model(model: str, user: Any) -> None:
     """Refuse a model outside CHATPROXY_MODELS and the user's CHATPROXY_GROUP_MODELS."""
     allowed = conf.CHATPROXY_MODELS
     if model in allowed:
         return
     group_models = conf.CHATPROXY_GROUP_MODELS
     if group_models and user is not None and user.is_authenticated:
-        names = [name async for name in user.groups.values_list("name", flat=True)]
+        names = list(user.groups.values_list("name", flat=True))
         for name in names:
             allowed = [*allowed, *group_models.get(name, [])]
         if model in allowed:
@@ -37,7 +39,7 @@ async def check_model(model: str, user: Any) -> None:
     )
 
 
-async def check_rate(owner: Owner) -> None:
+def check_rate(owner: Owner) -> None:
     """Count this request in a fixed window per owner; refuse it past CHATPROXY_RATE_LIMIT."""
     limit = conf.CHATPROXY_RATE_LIMIT
     if limit is None:
@@ -46,9 +48,7 @@ async def check_rate(owner: Owner) -> None:
     now = time.time()
     window = int(now // period)
     key = f"chatproxy:rate:{owner.key}:{window}"
-    # The cache's own incr is atomic (a lock in locmem, INCR in Redis); Django's async aincr
-    # is a read and a write, and concurrent requests would slip through between them.
-    used = await sync_to_async(_count, thread_sensitive=False)(key, period + 1)
+    used = _count(key, period + 1)
     if used > count:
         retry = max(1, math.ceil((window + 1) * period - now))
         raise RequestError(
@@ -61,6 +61,8 @@ async def check_rate(owner: Owner) -> None:
 
 
 def _count(key: str, timeout: int) -> int:
+    # The cache's own incr is atomic (a lock in locmem, INCR in Redis); Django's async aincr
+    # is a read and a write, and concurrent requests would slip through between them.
     cache = caches[conf.CHATPROXY_CACHE]
     if cache.add(key, 1, timeout=timeout):
         return 1

@@ -11,7 +11,6 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, models, transaction
 from django.utils import timezone
@@ -78,7 +77,11 @@ class TurnOutcome:
 
 
 class DuplicateTurnError(Exception):
-    """Raised when an idempotency key already belongs to a turn; ``answer_id`` is its answer."""
+    """Raised when an idempotency key already belongs to a turn; ``answer_id`` is its answer.
+    ``pipeline.prepare_turn`` loads that row into ``answer`` before the error reaches its caller.
+    """
+
+    answer: Message
 
     def __init__(self, answer_id: uuid.UUID) -> None:
         super().__init__(str(answer_id))
@@ -89,7 +92,6 @@ class ConversationManager(models.Manager["Conversation"]):
     def owned_by(self, owner: Owner) -> models.QuerySet[Conversation]:
         return self.filter(**owner.filter())
 
-    @sync_to_async
     def history(self, owner: Owner, conversation_id: uuid.UUID) -> list[dict[str, str]] | None:
         """Return the stored messages of the owner's conversation, or None if there is none."""
         if not self.owned_by(owner).filter(pk=conversation_id).exists():

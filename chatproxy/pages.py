@@ -17,7 +17,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
-from .auth import anonymous_session_key, authenticate
+from . import database
+from .auth import authenticate, session_key
 from .conf import conf
 from .exceptions import RequestError
 from .models import Conversation, Message, Owner
@@ -39,7 +40,7 @@ async def chat_page(request: HttpRequest) -> HttpResponse:
             return redirect_to_login(request.get_full_path())
         # Create the session now, so the WebSocket (which cannot set a cookie) and the HTTP
         # stream file this visitor's conversations under the same key.
-        await anonymous_session_key(request)
+        await database.run(session_key, request)
     context = {
         "username": user.get_username() if user.is_authenticated else "",
         # The switch is offered only when the project can route the consumer.

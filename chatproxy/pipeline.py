@@ -7,23 +7,21 @@ the WebSocket consumer sends each one as a text frame. It knows nothing of reque
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import aclosing
 from typing import Any
-
-from asgiref.sync import sync_to_async
-from django.db import close_old_connections
 
 from . import records, shutdown
 from .conf import conf
 from .events import PING, Encoder, Event, error_event
 from .exceptions import RequestError, TurnError
 from .followers import TurnChannel
-from .interception import InterceptorSpec, build_chain
+from .interception import Chain, InterceptorSpec, build_chain
 from .limits import check_model, check_rate
-from .models import Conversation, Message, Owner, Status
+from .models import Conversation, DuplicateTurnError, IdempotencyKey, Message, Owner, Status
 from .payload import ChatRequest
 from .relay import Relay
 from .signals import turn_finished
@@ -33,48 +31,67 @@ from .upstream import Chunk, stream_chat
 logger = logging.getLogger("chatproxy.pipeline")
 
 
+Identify = Callable[[], tuple[Owner, Any]]
+
+
 async def prepare_turn(
-    owner: Owner,
+    identify: Identify,
     request: ChatRequest,
     *,
-    user: Any = None,
     extra: dict[str, Any] | None = None,
     interceptors: Sequence[InterceptorSpec] | None = None,
     idempotency_key: str = "",
 ) -> Turn:
-    """Do everything that can still fail with a 4xx, before the first byte: the limits, the
-    history of a continued conversation (404 if the owner has no such one), and the turn's
-    first rows. ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn."""
-    await check_rate(owner)
-    await check_model(request.model, user)
-    history: list[dict[str, str]] = []
-    if request.conversation_id is not None:
-        found = await Conversation.objects.history(owner, request.conversation_id)
-        if found is None:
-            raise RequestError(
-                "conversation_not_found",
-                "No conversation with that id belongs to you. "
-                "Leave conversation_id out to start one.",
-                status=404,
-            )
-        history = found
+    """Do everything that can still fail with a 4xx, before the first byte, in one trip to the
+    database thread: who is asking (``identify()``, synchronous: e.g. ``auth.identify`` for a
+    request, or the socket's known owner and user), the limits, the history of a continued
+    conversation (404 if the owner has no such one), and the turn's first rows.
+
+    Raises ``DuplicateTurnError`` (with its ``answer`` loaded) when ``idempotency_key`` already
+    started a turn. ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn.
+    """
     chain = build_chain(interceptors)
-    turn = Turn(
-        owner=owner,
-        request=request,
-        history=history,
-        user=user,
-        extra=extra or {},
-        chain=chain,
-        state=TurnState(transforming=chain.transforming),
-        idempotency_key=idempotency_key,
+    return await records.start(
+        functools.partial(_open_turn, identify, request, chain, extra or {}, idempotency_key)
     )
-    # The reads above (session, user, history) ran on the request's thread: give its
-    # connection back now, or every open stream would pin one for its whole life.
-    await sync_to_async(close_old_connections)()
-    # Written before the first byte, so a limit (429) or a duplicate submission can still be
-    # answered as such; DuplicateTurnError names the answer to attach to.
-    await records.start(turn)
+
+
+def _open_turn(
+    identify: Identify, request: ChatRequest, chain: Chain, extra: dict[str, Any], key: str
+) -> Turn:
+    try:
+        owner, user = identify()
+        if key and (claimed := IdempotencyKey.objects.live_answer(owner, key)) is not None:
+            raise DuplicateTurnError(claimed)  # before the limits: a retry is not a new turn
+        check_rate(owner)
+        check_model(request.model, user)
+        history: list[dict[str, str]] = []
+        if request.conversation_id is not None:
+            found = Conversation.objects.history(owner, request.conversation_id)
+            if found is None:
+                raise RequestError(
+                    "conversation_not_found",
+                    "No conversation with that id belongs to you. "
+                    "Leave conversation_id out to start one.",
+                    status=404,
+                )
+            history = found
+        turn = Turn(
+            owner=owner,
+            request=request,
+            history=history,
+            user=user,
+            extra=extra,
+            chain=chain,
+            state=TurnState(transforming=chain.transforming),
+            idempotency_key=key,
+        )
+        # Written before the first byte, so a limit (429) or a duplicate submission can
+        # still be answered as such.
+        records.begin(turn)
+    except DuplicateTurnError as duplicate:  # the key's turn, or a race for it lost
+        duplicate.answer = Message.objects.get(pk=duplicate.answer_id)
+        raise
     return turn
 
 

@@ -1,8 +1,8 @@
 """A turn's rows: started before the first byte, checkpointed while streaming, finalized once.
 
-Every write runs on the writer pool (``writes``) and is awaited through ``asyncio.shield``: a
-cancellation (the client leaving) that lands while a write runs must not stop it, or the answer
-would stay ``streaming`` forever.
+Every write runs on chatproxy's database thread (``database``) and is awaited through
+``asyncio.shield``: a cancellation (the client leaving) that lands while a write runs must not
+stop it, or the answer would stay ``streaming`` forever.
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 
 from django.db import transaction
 
 from .conf import conf
+from .database import run
 from .limits import check_streams
 from .models import Conversation, Message, Status
 from .turns import Turn
-from .writes import write
 
 logger = logging.getLogger("chatproxy.records")
 
@@ -31,13 +32,15 @@ INTERRUPTED = {
 _abandoned: set[asyncio.Task[None]] = set()
 
 
-def _begin(turn: Turn) -> tuple[uuid.UUID, uuid.UUID]:
+def begin(turn: Turn) -> None:
+    """Save the new messages and the ``streaming`` answer; fill in the turn's ids.
+    Synchronous: the last step of ``open_turn`` in ``start()``."""
     messages = turn.request.messages
     if not conf.CHATPROXY_STORE_CONTENT:
         messages = [{"role": m["role"], "content": ""} for m in messages]
     with transaction.atomic():
         check_streams(turn.owner)
-        return Conversation.objects.start_turn(
+        turn.conversation_id, turn.answer_id = Conversation.objects.start_turn(
             turn.owner,
             turn.request.conversation_id,
             messages,
@@ -46,23 +49,25 @@ def _begin(turn: Turn) -> tuple[uuid.UUID, uuid.UUID]:
         )
 
 
-async def start(turn: Turn) -> None:
-    """Save the new messages and the ``streaming`` answer; fill in the turn's ids."""
-    task = asyncio.ensure_future(write(_begin, turn))
+async def start(open_turn: Callable[[], Turn]) -> Turn:
+    """Run ``open_turn`` (checks that may refuse the turn, then ``begin``) on the database
+    thread and return its turn. If the caller is cancelled meanwhile (the client left), the
+    turn's rows, once written, are finalized as ``interrupted``."""
+    task = asyncio.ensure_future(run(open_turn))
     try:
-        turn.conversation_id, turn.answer_id = await asyncio.shield(task)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
-        finisher = asyncio.ensure_future(_abandon(task, turn))
+        finisher = asyncio.ensure_future(_abandon(task))
         _abandoned.add(finisher)
         finisher.add_done_callback(_abandoned.discard)
         raise
 
 
-async def _abandon(started: asyncio.Future[tuple[uuid.UUID, uuid.UUID]], turn: Turn) -> None:
+async def _abandon(started: asyncio.Future[Turn]) -> None:
     try:
-        turn.conversation_id, turn.answer_id = await started
+        turn = await started
     except Exception:
-        return  # nothing was written
+        return  # refused: nothing was written
     await save(turn)
 
 
@@ -73,7 +78,7 @@ def _checkpoint(answer_id: uuid.UUID, text: str) -> None:
 async def checkpoint(turn: Turn) -> None:
     """Save the text so far, so a worker killed mid-answer leaves it behind."""
     assert turn.answer_id is not None
-    await asyncio.shield(write(_checkpoint, turn.answer_id, turn.state.text))
+    await asyncio.shield(run(_checkpoint, turn.answer_id, turn.state.text))
 
 
 def _finish(turn: Turn) -> None:
@@ -92,7 +97,7 @@ async def save(turn: Turn) -> bool:
         code = turn.interrupt_code
         turn.state.end(Status.INTERRUPTED, code, INTERRUPTED.get(code, ""))
     try:
-        await write(_finish, turn)
+        await run(_finish, turn)
     except Exception:
         logger.exception("Saving chat answer %s failed", turn.answer_id)
         return False

@@ -11,20 +11,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.utils import timezone
 
 from .events import Encoder, error_event
 from .followers import follow
-from .models import Conversation, IdempotencyKey, Message, Owner, Role, Status
+from .models import Conversation, Message, Owner, Role, Status
 
 WORKER_LOST = "The server that was writing this answer stopped. Send your message again."
-
-
-async def claimed_answer(owner: Owner, key: str) -> Message | None:
-    """The answer of the turn an idempotency key started within the window, if any."""
-    answer_id = await sync_to_async(IdempotencyKey.objects.live_answer)(owner, key)
-    return None if answer_id is None else await Message.objects.aget(pk=answer_id)
 
 
 async def latest_answer(owner: Owner, conversation_id: uuid.UUID) -> Message | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -15,14 +16,14 @@ from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
 from . import followers
-from .auth import authenticate
+from .auth import authenticate, identify
 from .conf import conf
 from .exceptions import RequestError
 from .interception import InterceptorSpec
 from .models import DuplicateTurnError, Message, Status
 from .payload import ChatRequest, decode_json, validate_request
 from .pipeline import prepare_turn, run_turn
-from .resume import claimed_answer, last_answer, latest_answer, replay
+from .resume import last_answer, latest_answer, replay
 
 STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
@@ -60,20 +61,22 @@ class CompletionsView(View):
 
     async def post(self, request: HttpRequest) -> HttpResponseBase:
         try:
-            owner, user = await authenticate(request)
-            key = idempotency_key(request)
-            chat = read_chat_request(request)
-            attached = await claimed_answer(owner, key) if key else None
-            if attached is None:
-                try:
-                    turn = await prepare_turn(
-                        owner, chat, user=user, interceptors=self.interceptors, idempotency_key=key
-                    )
-                    lines = run_turn(turn)
-                except DuplicateTurnError as duplicate:  # lost a race for the same key
-                    attached = await Message.objects.aget(pk=duplicate.answer_id)
-            if attached is not None:
-                lines = replay(attached)
+            try:
+                key = idempotency_key(request)
+                chat = read_chat_request(request)
+            except RequestError:
+                await authenticate(request)  # who asks is answered first: 401/403 before 400
+                raise
+            try:
+                turn = await prepare_turn(
+                    functools.partial(identify, request),
+                    chat,
+                    interceptors=self.interceptors,
+                    idempotency_key=key,
+                )
+                lines = run_turn(turn)
+            except DuplicateTurnError as duplicate:  # the key's turn ran or runs: replay it
+                lines = replay(duplicate.answer)
         except RequestError as exc:
             return error_response(exc)
         return StreamingHttpResponse(

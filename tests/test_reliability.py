@@ -17,6 +17,7 @@ import orjson
 import pytest
 from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
+from chatproxy.database import THREAD_PREFIX
 from django.core.asgi import get_asgi_application
 from django.core.management import call_command
 from django.db import connections
@@ -25,7 +26,6 @@ from django.db.backends.signals import connection_created
 from chatproxy import followers
 from chatproxy.interception import Interceptor
 from chatproxy.models import Message
-from chatproxy.writes import THREAD_PREFIX
 from tests.conftest import (
     CSRF_TOKEN,
     answer_text,
@@ -94,7 +94,7 @@ connection_created.connect(lambda sender, connection, **kw: _opened.add(connecti
 
 
 def open_connections() -> int:
-    # chatproxy's SQLite writer thread keeps one connection open on purpose (chatproxy.writes).
+    # chatproxy's SQLite database thread keeps one connection open on purpose (chatproxy.database).
     writers = {t.ident for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)}
     return sum(1 for c in _opened if c.connection is not None and c._thread_ident not in writers)
 
