@@ -195,12 +195,13 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
         if relay is not None:
             shutdown.forget(relay)
             await relay.aclose()
-        if channel is not None:
-            await channel.close()
         interrupted = save is None
         if save is None:
             save = asyncio.ensure_future(records.save(turn))
-        if await asyncio.shield(save):
+        saved = await asyncio.shield(save)
+        if channel is not None:  # after the save: a follower left waiting reads the answer
+            await channel.close()
+        if saved:
             if interrupted:
                 await chain.notify("on_interrupt", turn)
             await _announce(turn)

@@ -14,7 +14,7 @@ from typing import Any
 from django.utils import timezone
 
 from .events import Encoder, error_event
-from .followers import follow
+from .followers import TurnGone, follow
 from .models import Conversation, Message, Owner, Role, Status
 
 WORKER_LOST = "The server that was writing this answer stopped. Send your message again."
@@ -49,7 +49,7 @@ async def replay(answer: Message, extra: dict[str, Any] | None = None) -> AsyncI
                     sent += item["text"]
                     yield encoder.answering(item["text"])
             return
-        except TimeoutError:
+        except TurnGone:
             answer = await _give_up_on(answer)
     if answer.content.startswith(sent) and answer.content[len(sent) :]:
         yield encoder.answering(answer.content[len(sent) :])

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from channels.layers import get_channel_layer
 
-from chatproxy.followers import turn_group
+from chatproxy import followers
 from chatproxy.models import Message
 from tests.conftest import frames_until_terminal, open_socket, session_cookie
 from tests.fake_upstream import Reply
@@ -200,15 +199,13 @@ async def test_disconnect_mid_answer_saves_interrupted_and_closes_upstream(user,
     assert answer.content
 
 
-async def test_cancel_through_the_channel_layer_stops_the_turn(socket, upstream):
+async def test_cancel_from_another_request_stops_the_turn(socket, upstream):
     upstream.enqueue(SLOW)
     await socket.send_json_to(HI)
     analyzing = await socket.receive_json_from(timeout=5)
-    await socket.receive_json_from(timeout=5)  # the first answering frame: the group is joined
+    await socket.receive_json_from(timeout=5)  # the first answering frame: the turn runs
 
-    await get_channel_layer().group_send(
-        turn_group(analyzing["message_id"]), {"type": "turn.cancel"}
-    )
+    assert await followers.cancel(analyzing["message_id"])
     rest = await frames_until_terminal(socket)
 
     assert rest[-1]["error"]["code"] == "cancelled"

@@ -17,13 +17,13 @@ import orjson
 import pytest
 from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
-from chatproxy.database import THREAD_PREFIX
 from django.core.asgi import get_asgi_application
 from django.core.management import call_command
 from django.db import connections
 from django.db.backends.signals import connection_created
 
 from chatproxy import followers
+from chatproxy.database import THREAD_PREFIX
 from chatproxy.interception import Interceptor
 from chatproxy.models import Message
 from tests.conftest import (

@@ -132,6 +132,28 @@ async def test_websocket_resume_frame_follows_a_turn_running_elsewhere(user, ups
 
 
 @db
+async def test_a_follower_gets_the_saved_answer_when_the_turns_own_client_leaves(user, upstream):
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.02))
+    first = await open_socket(await session_cookie(user))
+    second = await open_socket(await session_cookie(user))
+    await first.connect()
+    await second.connect()
+    await first.send_json_to({"type": "chat", **HI})
+    analyzing = await first.receive_json_from(timeout=5)
+    await second.send_json_to({"type": "resume", "conversation_id": analyzing["conversation_id"]})
+    await second.receive_json_from(timeout=5)  # analyzing: the second socket follows
+
+    await first.disconnect()
+    followed = await frames_until_terminal(second)
+    await second.disconnect()
+
+    answer = await Message.objects.aget(role="assistant")
+    assert (answer.status, answer.error_code) == ("interrupted", "client_disconnected")
+    assert answer_text(followed) == answer.content
+    assert followed[-1]["error"]["code"] == "client_disconnected"
+
+
+@db
 async def test_idempotent_resubmission_attaches_instead_of_calling_again(client, upstream):
     headers = {"Idempotency-Key": "order-42"}
     upstream.enqueue(Reply(tokens=["Once"]))
