@@ -157,12 +157,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
     async def relay(self, lines: Lines) -> None:
         try:
-            async for line in lines:
-                if _is_terminal(line):
-                    # The turn is over for the client once it has the terminal line; the
-                    # next chat frame must not be refused while this task tidies up.
-                    self.busy = False
-                await self.send(text_data=line[:-1].decode())
+            async for chunk in lines:
+                for line in chunk[:-1].split(b"\n"):  # one or more lines, a frame each
+                    if _is_terminal(line):
+                        # The turn is over for the client once it has the terminal line; the
+                        # next chat frame must not be refused while this task tidies up.
+                        self.busy = False
+                    await self.send(text_data=line.decode())
         finally:
             self.busy = False
 

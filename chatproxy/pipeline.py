@@ -1,7 +1,9 @@
 """One chat turn, transport-agnostic: save, intercept, stream from upstream, finalize.
 
-``run_turn()`` is an async generator of NDJSON lines. The HTTP view streams them as they are;
-the WebSocket consumer sends each one as a text frame. It knows nothing of requests or sockets.
+``run_turn()`` is an async generator of NDJSON: each item is one or more whole lines (the
+``answering`` lines of deltas that arrived together go out in one write). The HTTP view streams
+the items as they are; the WebSocket consumer sends each line as a text frame. It knows nothing
+of requests or sockets.
 """
 
 from __future__ import annotations
@@ -101,8 +103,9 @@ def _internal_error(**ids: str) -> dict[str, Any]:
 
 async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
     """Run one turn and yield its NDJSON lines: ``analyzing``, ``answering``…, then exactly one
-    of ``completed`` or ``error``. If the consumer stops early (client gone, cancel), the
-    upstream request is closed and the partial answer is saved as ``interrupted``."""
+    of ``completed`` or ``error`` (the lines of deltas that arrived together in one item). If
+    the consumer stops early (client gone, cancel), the upstream request is closed and the
+    partial answer is saved as ``interrupted``."""
     encoder, state, chain = Encoder(turn.extra), turn.state, turn.chain
     save: asyncio.Future[bool] | None = None
     relay: Relay[Chunk] | None = None
@@ -138,16 +141,18 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                 texts = [text for chunk in batch if (text := state.feed(chunk))]
                 if coalesce and len(texts) > 1:
                     texts = ["".join(texts)]
+                lines = []  # one line per delta, written together
                 for text in texts:
                     if transforming and (text := await chain.on_delta(turn, text)):
                         state.deliver(text)
                     if text:
                         if channel.followers:
                             channel.text(text)
-                        yield encoder.answering(text)
+                        lines.append(encoder.answering(text))
                     if turn.pending:
-                        for event in _take(turn):
-                            yield event_line(event)
+                        lines.extend(event_line(event) for event in _take(turn))
+                if lines:
+                    yield lines[0] if len(lines) == 1 else b"".join(lines)
                 if turn.stopped:
                     state.finish_reason = turn.stopped
                     break

@@ -45,6 +45,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # before each content token
     first_delay: float = 0.0  # extra wait before the first content token (after the role chunk)
+    burst: bool = False  # every token and the end in one write: deltas that arrive together
     finish_reason: str = "stop"
     usage: bool = True  # send the usage chunk if the request asked for include_usage
     # None | "drop" | "stall" | "malformed_json" | "malformed_sse" | "inband_error"
@@ -258,6 +259,14 @@ class _Exchange:
         hdrs |= {"transfer-encoding": "chunked", **reply.headers}
         self.writer.write(self._head(200, hdrs) + chunk(b'{"role":"assistant","content":""}'))
         await self.writer.drain()
+        end = chunk(b"{}", _dumps(reply.finish_reason))
+        if include_usage and reply.usage:
+            p, c = prompt_tokens(body), len(tokens)
+            usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+            end += http_chunk(sse_chunk(head + b'],"usage":' + _dumps(usage) + b"}"))
+        if reply.burst:
+            deltas = b"".join(chunk(_content_delta(token)) for token in tokens)
+            return await self._finish(deltas + end + _DONE)
         fail_at = min(reply.fail_after, len(tokens)) if reply.fail else -1
         for i in range(len(tokens) + 1):
             if i == fail_at:
@@ -277,11 +286,6 @@ class _Exchange:
                 await asyncio.sleep(reply.delay)
             self.writer.write(chunk(_content_delta(tokens[i])))
             await self.writer.drain()  # flush per token so the client sees them one by one
-        end = chunk(b"{}", _dumps(reply.finish_reason))
-        if include_usage and reply.usage:
-            p, c = prompt_tokens(body), len(tokens)
-            usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-            end += http_chunk(sse_chunk(head + b'],"usage":' + _dumps(usage) + b"}"))
         return await self._finish(end + _DONE)
 
 

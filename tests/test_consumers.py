@@ -71,6 +71,17 @@ async def test_frames_match_the_http_events(socket, upstream):
     ]
 
 
+async def test_deltas_that_arrive_together_are_still_a_frame_each(socket, upstream):
+    tokens = [f"t{i} " for i in range(20)]
+    upstream.enqueue(Reply(tokens=tokens, burst=True))
+
+    await socket.send_json_to(HI)
+    frames = await frames_until_terminal(socket)
+
+    assert [f["content"] for f in frames[1:-1]] == tokens
+    assert frames[-1]["event"] == "completed"
+
+
 async def test_cancel_stops_the_upstream_and_saves_interrupted(socket, upstream):
     upstream.enqueue(SLOW)
     await socket.send_json_to({**HI, "request_id": "r1"})

@@ -39,6 +39,18 @@ async def test_seed_body_streams_the_three_event_protocol_byte_for_byte(client, 
     )
 
 
+async def test_deltas_that_arrive_together_go_out_in_one_write_with_a_line_each(client, upstream):
+    tokens = [f"t{i} " for i in range(20)]
+    upstream.enqueue(Reply(tokens=tokens, burst=True))
+    response = await chat(client, HI)
+
+    writes = [part async for part in response.streaming_content]
+    lines = b"".join(writes).splitlines()
+
+    assert [orjson.loads(line)["content"] for line in lines[1:-1]] == tokens
+    assert len(writes) < len(lines) / 2  # the twenty answering lines in a few writes
+
+
 async def test_turn_saves_user_message_and_completed_answer(client, upstream, user):
     upstream.enqueue(Reply(tokens=["Hel", "lo"]))
     await read_events(await chat(client, HI))
