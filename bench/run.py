@@ -48,6 +48,9 @@ Figures (times in ms, from writing the request; percentiles over the turns that 
   turns (warm-up included) whose ``analyzing`` event gave the client an answer id; "rows" is
   shown when the table holds another number of assistant rows.
 
+With ``BENCH_PROFILE=<dir>`` (and ``pip install py-spy``), py-spy samples the server during
+each measured run into ``<dir>/<scenario>.txt``; such runs are for explaining, not publishing.
+
 A Markdown table goes to stdout; all figures (per-turn times included), the server's warnings
 and errors and machine information go to the JSON file (``bench/results/`` is git-ignored).
 Everything has a timeout and every child process is stopped on the way out.
@@ -545,16 +548,20 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
 
 async def start_profiler(pid: int, name: str) -> asyncio.subprocess.Process | None:
     """With BENCH_PROFILE=<dir>, sample the server with py-spy during the measured run
-    (collapsed stacks in ``<dir>/<scenario>.txt``, idle frames included). The samples cost
-    the server nothing, but py-spy takes CPU on the machine: profile, don't publish figures."""
+    (collapsed stacks of the threads holding the GIL, in ``<dir>/<scenario>.txt``). The
+    samples cost the server little, but py-spy takes CPU on the machine: profile, don't
+    publish figures."""
     folder = os.environ.get("BENCH_PROFILE")
     if not folder:
         return None
     Path(folder).mkdir(parents=True, exist_ok=True)
     args = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
     args += ["--threads", "--gil", "--nonblocking", "-o", str(Path(folder) / f"{name}.txt")]
+    program = shutil.which(args[0]) or str(Path(sys.executable).parent / args[0])
+    if not Path(program).exists():
+        raise SystemExit("BENCH_PROFILE needs py-spy: pip install py-spy")
     proc = await asyncio.create_subprocess_exec(
-        shutil.which(args[0]) or str(Path(sys.executable).parent / args[0]),
+        program,
         *args[1:],
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
