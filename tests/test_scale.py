@@ -109,17 +109,23 @@ async def test_cancel_endpoint_stops_a_turn_running_on_a_websocket(user, client,
     assert await upstream.requests[0].wait_closed_by_client()
 
 
-@db
-async def test_websocket_resume_frame_follows_a_turn_running_elsewhere(user, upstream):
-    upstream.enqueue(Reply(tokens=SLOW, delay=0.02))
+async def a_turn_and_a_follower(user):
+    """Start a slow turn on one socket and send a resume frame for it on a second one."""
     first = await open_socket(await session_cookie(user))
     second = await open_socket(await session_cookie(user))
     await first.connect()
     await second.connect()
     await first.send_json_to({"type": "chat", **HI})
     analyzing = await first.receive_json_from(timeout=5)
-
     await second.send_json_to({"type": "resume", "conversation_id": analyzing["conversation_id"]})
+    return first, second, analyzing
+
+
+@db
+async def test_websocket_resume_frame_follows_a_turn_running_elsewhere(user, upstream):
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.02))
+    first, second, analyzing = await a_turn_and_a_follower(user)
+
     followed = await frames_until_terminal(second)
     original = [analyzing, *await frames_until_terminal(first)]
     await first.disconnect()
@@ -134,13 +140,7 @@ async def test_websocket_resume_frame_follows_a_turn_running_elsewhere(user, ups
 @db
 async def test_a_follower_gets_the_saved_answer_when_the_turns_own_client_leaves(user, upstream):
     upstream.enqueue(Reply(tokens=SLOW, delay=0.02))
-    first = await open_socket(await session_cookie(user))
-    second = await open_socket(await session_cookie(user))
-    await first.connect()
-    await second.connect()
-    await first.send_json_to({"type": "chat", **HI})
-    analyzing = await first.receive_json_from(timeout=5)
-    await second.send_json_to({"type": "resume", "conversation_id": analyzing["conversation_id"]})
+    first, second, _ = await a_turn_and_a_follower(user)
     await second.receive_json_from(timeout=5)  # analyzing: the second socket follows
 
     await first.disconnect()
