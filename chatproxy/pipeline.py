@@ -25,10 +25,9 @@ from .interception import Chain, InterceptorSpec, build_chain
 from .limits import check_model, check_rate
 from .models import Conversation, DuplicateTurnError, IdempotencyKey, Message, Owner, Status
 from .payload import ChatRequest
-from .relay import Relay
 from .signals import turn_finished
 from .turns import Turn, TurnState
-from .upstream import Chunk, stream_chat
+from .upstream import AnswerStream
 
 logger = logging.getLogger("chatproxy.pipeline")
 
@@ -108,7 +107,7 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
     partial answer is saved as ``interrupted``."""
     encoder, state, chain = Encoder(turn.extra), turn.state, turn.chain
     save: asyncio.Future[bool] | None = None
-    relay: Relay[Chunk] | None = None
+    stream: AnswerStream | None = None
     channel: TurnChannel | None = None
     try:
         ids = turn.ids()
@@ -129,12 +128,12 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                         yield event_line(event)
             if turn.aborted is not None:
                 raise turn.aborted
-            turn.relay = relay = Relay(stream_chat(turn.model, turn.messages, turn.params))
-            shutdown.track(relay)
+            turn.stream = stream = AnswerStream(turn.model, turn.messages, turn.params)
+            shutdown.track(stream)
             coalesce, transforming = conf.CHATPROXY_COALESCE_DELTAS, chain.transforming
             every = conf.CHATPROXY_CHECKPOINT_INTERVAL if conf.CHATPROXY_STORE_CONTENT else 0
             checkpoint_at = time.monotonic() + every
-            while (batch := await relay.next_batch(heartbeat)) is not None:
+            while (batch := await stream.next_batch(heartbeat)) is not None:
                 if not batch:
                     yield event_line(PING)
                     continue
@@ -160,7 +159,7 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                     # Awaited inline: at most one write per interval, never one per token.
                     await records.checkpoint(turn)
                     checkpoint_at = time.monotonic() + every
-            await relay.aclose()
+            await stream.aclose()
             if transforming and (text := await chain.flush(turn)):
                 state.deliver(text)
                 channel.text(text)
@@ -187,8 +186,8 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
             if state.status is Status.STREAMING:
                 state.end(Status.FAILED, "internal_error", "Something went wrong on the server.")
             terminal = _internal_error(**ids)
-        if relay is not None:
-            await relay.aclose()
+        if stream is not None:
+            await stream.aclose()
         save = asyncio.ensure_future(records.save(turn))
         # Saved before the terminal line goes out, so a client that continues the
         # conversation right after `completed` finds this answer in its history.
@@ -197,9 +196,9 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
         yield event_line(terminal)
     finally:
         # No `yield` in here: the generator may be closing (GeneratorExit).
-        if relay is not None:
-            shutdown.forget(relay)
-            await relay.aclose()
+        if stream is not None:
+            shutdown.forget(stream)
+            await stream.aclose()
         interrupted = save is None
         if save is None:
             save = asyncio.ensure_future(records.save(turn))

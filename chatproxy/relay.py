@@ -1,9 +1,11 @@
 """Read an async iterator in a task of its own, so its reader can wait with a timeout.
 
-Waiting on the iterator directly with a timeout would cancel the pending read, and cancelling a
-read inside the SDK's SSE parser ends the stream. Here the read is never cancelled by a timeout:
-the producer task keeps reading and the consumer only waits for it to say something.
-The consumer also gets every item that piled up since its last look in one batch.
+Waiting on an async generator directly with a timeout would cancel the pending read, and a
+generator a cancellation went through is finished. Here the read is never cancelled by a
+timeout: the producer task keeps reading and the consumer only waits for it to say something.
+The consumer also gets every item that piled up since its last look in one batch. It costs a
+task wake-up per item, so ``upstream.AnswerStream`` only uses it for a body that aiohttp's
+reader (which can be cancelled safely) does not carry, e.g. the offline demo's.
 """
 
 from __future__ import annotations

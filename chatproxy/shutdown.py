@@ -13,29 +13,33 @@ import asyncio
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import Protocol
 
 from .conf import conf
 from .exceptions import ServerShutdownError
-from .relay import Relay
 
-_relays: set[Relay[Any]] = set()
+
+class Stream(Protocol):
+    def fail(self, exc: Exception) -> None: ...
+
+
+_streams: set[Stream] = set()
 _loop: asyncio.AbstractEventLoop | None = None
 _installed = False
 _draining = False
 
 
-def track(relay: Relay[Any]) -> None:
-    """Remember a running turn's relay; install the SIGTERM hook on first use."""
+def track(stream: Stream) -> None:
+    """Remember a running turn's upstream stream; install the SIGTERM hook on first use."""
     global _loop
     _loop = asyncio.get_running_loop()
-    _relays.add(relay)
+    _streams.add(stream)
     if not _installed:
         _install()
 
 
-def forget(relay: Relay[Any]) -> None:
-    _relays.discard(relay)
+def forget(stream: Stream) -> None:
+    _streams.discard(stream)
 
 
 def _install() -> None:
@@ -68,8 +72,8 @@ def _drain() -> None:
 
 
 def _end_all() -> None:
-    for relay in list(_relays):
-        relay.fail(
+    for stream in list(_streams):
+        stream.fail(
             ServerShutdownError(
                 "The server is restarting and stopped this answer. Send your message again."
             )

@@ -5,6 +5,9 @@ small chunk per token: measured here, about 25 µs of CPU per token against 8 µ
 The SDK still builds and sends every request (auth, base URL, headers, status errors); this only
 moves the bytes, and maps aiohttp's errors to the ``httpx2`` ones the SDK expects: a refused
 connection is a ``ConnectError`` (the SDK's own aiohttp adapter reports it as a timeout).
+
+Each response also carries aiohttp's reader of its body in ``extensions[READER]``, so the turn
+can read a streamed answer itself, without a task in between (see ``upstream.AnswerStream``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx2
+
+READER = "chatproxy.aiohttp_reader"
 
 
 class AiohttpTransport(httpx2.AsyncBaseTransport):
@@ -59,6 +64,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
             stream=_Body(response, request),
             request=request,
+            extensions={READER: response.content},
         )
 
     async def aclose(self) -> None:

@@ -122,7 +122,7 @@ class Turn:
     stopped: str | None = None
     # Set by abort() from outside the turn (a cancel from another request, a shutdown).
     aborted: Exception | None = None
-    relay: Any = None
+    stream: Any = None  # the turn's upstream.AnswerStream, once it is called
     pending: list[Event] = dataclasses.field(default_factory=list)
     wakeup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
@@ -144,8 +144,8 @@ class Turn:
     def abort(self, error: Exception) -> None:
         """End the turn from outside with ``error`` (a ``TurnError``), as soon as possible."""
         self.aborted = error
-        if self.relay is not None:
-            self.relay.fail(error)
+        if self.stream is not None:
+            self.stream.fail(error)
 
     def stop(self, finish_reason: str = "stop") -> None:
         """End the answer early but normally: the upstream is closed, ``completed`` follows."""

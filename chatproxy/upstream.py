@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
+import aiohttp
 import httpx2
 import openai
 import orjson
@@ -21,7 +20,8 @@ from .conf import conf
 from .demo import DemoTransport
 from .events import Usage
 from .exceptions import UpstreamError
-from .transport import AiohttpTransport
+from .relay import Relay
+from .transport import READER, AiohttpTransport
 
 logger = logging.getLogger("chatproxy.upstream")
 
@@ -81,35 +81,147 @@ async def close_clients() -> None:
         await client.close()
 
 
-async def stream_chat(
-    model: str, messages: list[dict[str, str]], params: dict[str, Any]
-) -> AsyncIterator[Chunk]:
-    """Yield the chunks of one streamed chat completion; raise ``UpstreamError`` on failure.
+class AnswerStream:
+    """One streamed chat completion, read in batches by the task that relays it.
 
-    The SDK builds and sends the request (auth, base URL, headers, status errors); the SSE body
-    is read raw and parsed here, which costs a fraction of building a pydantic model per chunk.
-    Closing this generator (or cancelling the task iterating it) closes the upstream
-    connection, so the upstream stops generating and no more tokens are paid for.
+    The SDK builds and sends the request (auth, base URL, headers, status errors, chatproxy's
+    retries) in a task of its own, so a slow start can be waited on with a timeout. The SSE
+    body is read raw and parsed here, which costs a fraction of a pydantic model per chunk.
+    Through chatproxy's aiohttp transport the caller's own task reads aiohttp's reader: its
+    reads can be cancelled (a timeout, the client leaving) without losing data, so no task
+    stands between a token and the client. Any other transport (the offline demo's) is read
+    by a ``Relay`` task. ``aclose()`` closes the upstream connection, so the upstream stops
+    generating and no more tokens are paid for.
     """
-    if conf.CHATPROXY_STREAM_USAGE:
-        params = {**params, "stream_options": {"include_usage": True}}
-    async with _open(model, messages, params) as response:
-        decoder = SSEDecoder()
+
+    __slots__ = ("_opening", "_response", "_reader", "_relay", "_decoder", "_error", "_ended")
+
+    def __init__(self, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> None:
+        if conf.CHATPROXY_STREAM_USAGE:
+            params = {**params, "stream_options": {"include_usage": True}}
+        self._opening: asyncio.Future[httpx2.Response] | None = asyncio.ensure_future(
+            _start(model, messages, params)
+        )
+        self._response: httpx2.Response | None = None
+        self._reader: aiohttp.StreamReader | None = None
+        self._relay: Relay[bytes] | None = None
+        self._decoder = SSEDecoder()
+        self._error: Exception | None = None
+        self._ended = False
+
+    async def next_batch(self, timeout: float | None = None) -> list[Chunk] | None:
+        """Return the chunks that arrived since the last call; ``[]`` after ``timeout`` s of
+        silence; ``None`` at the end. Raise ``UpstreamError`` (after the chunks before it),
+        or the error given to ``fail()``."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return None
+            if self._response is None and not await self._opened(timeout):
+                return []
+            data = await self._read(timeout)
+            if data is None:
+                return []
+            if not data:  # the body ended without [DONE]: the answer is what arrived
+                self._ended = True
+                return None
+            chunks = []
+            for payload in self._decoder.feed(data):
+                if payload == b"[DONE]":
+                    self._ended = True
+                    break
+                try:
+                    chunks.append(parse_chunk(payload))
+                except UpstreamError as exc:
+                    self._error = exc
+                    break
+            if chunks:
+                return chunks
+            # Only part of an event arrived, or [DONE], or an error: look again.
+
+    async def _opened(self, timeout: float | None) -> bool:
+        opening = self._opening
+        assert opening is not None
+        if not opening.done():
+            await asyncio.wait({opening}, timeout=timeout)
+            if self._error is not None:
+                raise self._error
+            if not opening.done():
+                return False
+        self._opening = None
+        response = self._response = opening.result()
+        reader = response.extensions.get(READER)
+        encoded = response.headers.get("content-encoding", "identity") != "identity"
+        if reader is not None and not encoded:  # httpx2 decodes an encoded body
+            self._reader = reader
+        else:
+            self._relay = Relay(response.aiter_bytes())
+        return True
+
+    async def _read(self, timeout: float | None) -> bytes | None:
+        """Return the next bytes of the body, ``b""`` at its end, None after ``timeout``."""
+        if self._reader is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    data, self._error = await _read_any(self._reader)
+            except TimeoutError:  # only the timeout's own: _read_any raises no TimeoutError
+                return None
+            return data
+        assert self._relay is not None
         try:
-            async for data in response.aiter_bytes():
-                for payload in decoder.feed(data):
-                    if payload == b"[DONE]":
-                        return
-                    yield parse_chunk(payload)
+            pieces = await self._relay.next_batch(timeout)
         except httpx2.TimeoutException:
-            raise UpstreamError(
-                "The model's server went silent mid-answer. Try again.", code="upstream_timeout"
-            ) from None
+            raise UpstreamError(SILENT, code="upstream_timeout") from None
         except httpx2.TransportError:
-            raise UpstreamError(
-                "The connection to the model's server dropped mid-answer. Try again.",
-                code="upstream_disconnected",
-            ) from None
+            raise UpstreamError(DROPPED, code="upstream_disconnected") from None
+        if pieces is None:
+            return b""
+        return b"".join(pieces) or None
+
+    def fail(self, exc: Exception) -> None:
+        """End the stream early with ``exc``, which the pending or next read raises."""
+        self._error = exc
+        if self._opening is not None:
+            self._opening.cancel()
+        if self._reader is not None:
+            self._reader.set_exception(exc)
+        if self._relay is not None:
+            self._relay.fail(exc)
+
+    async def aclose(self) -> None:
+        """Stop reading and close the upstream connection (or the request still opening)."""
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            if not opening.done():
+                opening.cancel()
+                await asyncio.wait({opening})
+            if not opening.cancelled() and opening.exception() is None:
+                self._response = opening.result()
+        if self._relay is not None:
+            await self._relay.aclose()
+        response, self._response = self._response, None
+        if response is not None:
+            await response.aclose()
+
+
+SILENT = "The model's server went silent mid-answer. Try again."
+DROPPED = "The connection to the model's server dropped mid-answer. Try again."
+
+
+async def _read_any(reader: aiohttp.StreamReader) -> tuple[bytes, UpstreamError | None]:
+    """Read what arrived; on a failure, also return the bytes that arrived before it (aiohttp
+    raises a connection's error ahead of the data still in its buffer)."""
+    try:
+        return await reader.readany(), None
+    except TimeoutError:  # aiohttp's read timeout (CHATPROXY_TIMEOUT)
+        error = UpstreamError(SILENT, code="upstream_timeout")
+    except aiohttp.ClientError:
+        error = UpstreamError(DROPPED, code="upstream_disconnected")
+    rest = reader._read_nowait(-1)
+    if not rest:
+        raise error
+    return rest, error
 
 
 class SSEDecoder:
@@ -173,23 +285,24 @@ def parse_chunk(payload: bytes) -> Chunk:
         ) from None
 
 
-@asynccontextmanager
-async def _open(
+async def _start(
     model: str, messages: list[dict[str, str]], params: dict[str, Any]
-) -> AsyncIterator[httpx2.Response]:
-    """Start the stream, retrying failures before its first byte (never after: the client may
-    already have part of the answer) up to CHATPROXY_MAX_RETRIES times."""
+) -> httpx2.Response:
+    """Send the request and return the response, its body unread, retrying failures before
+    its first byte (never after: the client may already have part of the answer) up to
+    CHATPROXY_MAX_RETRIES times."""
     retries, cap = conf.CHATPROXY_MAX_RETRIES, conf.CHATPROXY_RETRY_AFTER_CAP
     client = get_client()
     body = {"model": model, "messages": messages, "stream": True, **params}
-    for attempt in range(retries + 1):
+    attempt = 0
+    while True:
         try:
             # The SDK's own post(), as chat.completions.create() calls it (auth, base URL,
             # headers, status errors), minus its walk of the body through the parameters' type
             # hints: about 1 ms of CPU per turn, and the body is already plain validated
             # values. The header is the one with_streaming_response sets: leave the body
             # unread, so it streams.
-            response = await client.post(
+            return await client.post(
                 "/chat/completions",
                 cast_to=httpx2.Response,
                 body=body,
@@ -199,14 +312,9 @@ async def _open(
             delay = _retry_delay(exc, attempt, cap)
             if attempt == retries or delay is None:
                 raise _map_error(exc) from None
-            logger.info("Upstream %s; retry %d in %.2f s", type(exc).__name__, attempt + 1, delay)
+            attempt += 1
+            logger.info("Upstream %s; retry %d in %.2f s", type(exc).__name__, attempt, delay)
             await asyncio.sleep(delay)
-            continue
-        try:
-            yield response
-        finally:
-            await response.aclose()
-        return
 
 
 def _retry_delay(exc: openai.APIError, attempt: int, cap: float) -> float | None:

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import gzip
 import itertools
 import threading
 import time
@@ -46,6 +47,7 @@ class Reply:
     delay: float = 0.0  # before each content token
     first_delay: float = 0.0  # extra wait before the first content token (after the role chunk)
     burst: bool = False  # every token and the end in one write: deltas that arrive together
+    gzip: bool = False  # with burst: the SSE body gzip-compressed (Content-Encoding: gzip)
     finish_reason: str = "stop"
     usage: bool = True  # send the usage chunk if the request asked for include_usage
     # None | "drop" | "stall" | "malformed_json" | "malformed_sse" | "inband_error"
@@ -257,6 +259,16 @@ class _Exchange:
 
         hdrs = {"content-type": "text/event-stream", "cache-control": "no-cache"}
         hdrs |= {"transfer-encoding": "chunked", **reply.headers}
+        if reply.gzip:  # one compressed body: every event, the end and [DONE]
+            events = [_content_delta(token) for token in tokens]
+            sse = b"".join(
+                sse_chunk(_CHOICE % (head, delta, b"null", tail))
+                for delta in [b'{"role":"assistant","content":""}', *events]
+            )
+            sse += sse_chunk(_CHOICE % (head, b"{}", _dumps(reply.finish_reason), tail))
+            body = http_chunk(gzip.compress(sse + sse_chunk(b"[DONE]")))
+            hdrs["content-encoding"] = "gzip"
+            return await self._finish(self._head(200, hdrs) + body + _END)
         self.writer.write(self._head(200, hdrs) + chunk(b'{"role":"assistant","content":""}'))
         await self.writer.drain()
         end = chunk(b"{}", _dumps(reply.finish_reason))

@@ -51,6 +51,15 @@ async def test_deltas_that_arrive_together_go_out_in_one_write_with_a_line_each(
     assert len(writes) < len(lines) / 2  # the twenty answering lines in a few writes
 
 
+async def test_an_answer_the_upstream_compresses_arrives_decoded(client, upstream):
+    upstream.enqueue(Reply(tokens=["Zip", "ped", "!"], burst=True, gzip=True))
+    events = await read_events(await chat(client, HI))
+
+    assert answer_text(events) == "Zipped!"
+    assert events[-1]["event"] == "completed"
+    assert (await Message.objects.aget(role="assistant")).content == "Zipped!"
+
+
 async def test_turn_saves_user_message_and_completed_answer(client, upstream, user):
     upstream.enqueue(Reply(tokens=["Hel", "lo"]))
     await read_events(await chat(client, HI))
