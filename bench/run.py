@@ -548,15 +548,17 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
 
 async def start_profiler(pid: int, name: str) -> asyncio.subprocess.Process | None:
     """With BENCH_PROFILE=<dir>, sample the server with py-spy during the measured run
-    (collapsed stacks of the threads holding the GIL, in ``<dir>/<scenario>.txt``). The
-    samples cost the server little, but py-spy takes CPU on the machine: profile, don't
-    publish figures."""
+    (collapsed stacks of the threads running on a CPU, in ``<dir>/<scenario>.txt``; set
+    BENCH_PROFILE_GIL=1 for the thread holding the GIL instead). The samples cost the server
+    little, but py-spy takes CPU on the machine: profile, don't publish figures."""
     folder = os.environ.get("BENCH_PROFILE")
     if not folder:
         return None
     Path(folder).mkdir(parents=True, exist_ok=True)
     args = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
-    args += ["--threads", "--gil", "--nonblocking", "-o", str(Path(folder) / f"{name}.txt")]
+    args += ["--threads", "--nonblocking", "-o", str(Path(folder) / f"{name}.txt")]
+    if os.environ.get("BENCH_PROFILE_GIL") == "1":
+        args.append("--gil")
     program = shutil.which(args[0]) or str(Path(sys.executable).parent / args[0])
     if not Path(program).exists():
         raise SystemExit("BENCH_PROFILE needs py-spy: pip install py-spy")

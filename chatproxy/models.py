@@ -117,7 +117,9 @@ class ConversationManager(models.Manager["Conversation"]):
             existing = IdempotencyKey.objects.live_answer(owner, idempotency_key)
             if existing is not None:
                 raise DuplicateTurnError(existing)
-        with transaction.atomic():
+        # No savepoint when called inside a transaction (records.begin): a failure here fails
+        # the whole start anyway, and the savepoint's two statements ran on every turn.
+        with transaction.atomic(savepoint=False):
             if conversation_id is None:
                 title = next((m["content"] for m in messages if m["role"] == Role.USER), "")
                 conversation = self.create(

@@ -208,4 +208,4 @@ async def test_database_work_per_turn_does_not_grow_with_the_answer(client, upst
         counts.append(len(statements))
 
     assert counts[0] == counts[1]
-    assert counts[0] <= 15, counts
+    assert counts[0] <= 10, counts
