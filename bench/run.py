@@ -38,7 +38,8 @@ Figures (times in ms, from writing the request; percentiles over the turns that 
 - server CPU ms/1k tok: the uvicorn process's utime+stime (``/proc/<pid>/stat``, all threads)
   over the measured run, per 1,000 relayed tokens; server core %: that CPU over the wall time
   (100 = the server's core is saturated). The JSON splits it between the event-loop thread and
-  the others (Django runs each request's sync database work in a thread of its own);
+  the others, and those between the threads alive for the whole run (chatproxy's database
+  thread) and the rest (the thread Django starts for each request's synchronous middleware);
 - peak RSS: the server's ``VmHWM`` (its high-water mark since start, warm-up included);
   peak threads: the most threads the server had during the run (sampled every 0.25 s);
 - ok: turns whose client-assembled text equals the upstream's text byte for byte and that ended
@@ -218,6 +219,16 @@ def main_thread_cpu_seconds(pid: int) -> float:
     """CPU of the main thread (the event loop). The rest of the process's CPU is its other
     threads', e.g. the sync_to_async threads running database work, which may have ended."""
     return cpu_seconds_of(Path(f"/proc/{pid}/task/{pid}/stat"))
+
+
+def kept_threads_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU of each thread but the main one, by thread id (those alive now)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if task.name != str(pid):
+            with contextlib.suppress(OSError):  # it ended meanwhile
+                out[int(task.name)] = cpu_seconds_of(task / "stat")
+    return out
 
 
 def cpu_seconds_of(stat: Path) -> float:
@@ -499,6 +510,7 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         own0, rss0 = sum(os.times()[:2]), proc_status(server.pid, "VmRSS")
         main0, drops0 = main_thread_cpu_seconds(server.pid), listen_drops()
+        kept0 = kept_threads_cpu_seconds(server.pid)
         busy0 = machine_busy_seconds()
         peak_threads = PeakSampler(server.pid, "Threads")
         profiler = await start_profiler(server.pid, sc.name)
@@ -509,7 +521,16 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
             await stop_profiler(profiler)
         cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
         main = main_thread_cpu_seconds(server.pid) - main0
-        threads = {"event_loop_thread": main, "other_threads": cpu["server"] - main}
+        kept1 = kept_threads_cpu_seconds(server.pid)
+        kept = sum(kept1[tid] - kept0[tid] for tid in kept0.keys() & kept1.keys())
+        threads = {
+            "event_loop_thread": main,
+            "other_threads": cpu["server"] - main,
+            # of which: threads alive for the whole run (chatproxy's database thread), and
+            # the rest (Django's per-request threads, which ended, and any started meanwhile)
+            "kept_threads": kept,
+            "other_threads_not_kept": cpu["server"] - main - kept,
+        }
         drops = {k: v - drops0.get(k, 0) for k, v in listen_drops().items()}
         cpu["client"] = sum(os.times()[:2]) - own0
         # What everything else on the machine used meanwhile: other load skews the figures.
