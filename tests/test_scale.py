@@ -109,6 +109,30 @@ async def test_cancel_endpoint_stops_a_turn_running_on_a_websocket(user, client,
     assert await upstream.requests[0].wait_closed_by_client()
 
 
+@db
+async def test_cancel_while_the_upstream_call_waits_to_retry_sends_no_more_requests(
+    user, client, upstream, settings
+):
+    settings.CHATPROXY_MAX_RETRIES = 1
+    upstream.enqueue(Reply(status=503, headers={"retry-after-ms": "5000"}), Reply(tokens=["no"]))
+    socket = await open_socket(await session_cookie(user))
+    await socket.connect()
+    await socket.send_json_to({"type": "chat", **HI})
+    analyzing = await socket.receive_json_from(timeout=5)
+    await upstream.wait_for_request()
+
+    response = await client.post(f"/completions/{analyzing['conversation_id']}/cancel")
+    frames = await frames_until_terminal(socket)
+    await socket.disconnect()
+
+    assert response.status_code == 202
+    assert [f["event"] for f in frames] == ["error"]
+    assert frames[-1]["error"]["code"] == "cancelled"
+    answer = await Message.objects.aget(role="assistant")
+    assert (answer.status, answer.error_code) == ("interrupted", "cancelled")
+    assert len(upstream.requests) == 1  # the retry never went out
+
+
 async def a_turn_and_a_follower(user):
     """Start a slow turn on one socket and send a resume frame for it on a second one."""
     first = await open_socket(await session_cookie(user))
