@@ -49,6 +49,11 @@ Figures (times in ms, from writing the request; percentiles over the turns that 
   turns (warm-up included) whose ``analyzing`` event gave the client an answer id; "rows" is
   shown when the table holds another number of assistant rows.
 
+The throughput scenario also measures the Django floor at the same load: ``POST /bench/floor``
+(``bench/urls.py``), an async view behind the same middleware that loads the session's user and
+streams one line. Its server CPU per request is Django's share of a turn, before chatproxy does
+anything; it is printed under the table with chatproxy's CPU per turn.
+
 With ``BENCH_PROFILE=<dir>`` (and ``pip install py-spy``), py-spy samples the server during
 each measured run into ``<dir>/<scenario>.txt``; such runs are for explaining, not publishing.
 
@@ -111,13 +116,14 @@ class Scenario:
     turns: int
     tokens: int
     delay: float  # seconds between upstream tokens
+    floor: bool = False  # also measure the Django floor (bench/urls.py) at the same load
 
 
 SCENARIOS = {
     s.name: s
     for s in (
         Scenario("latency", concurrency=1, turns=30, tokens=50, delay=0.02),
-        Scenario("throughput", concurrency=50, turns=500, tokens=200, delay=0.0),
+        Scenario("throughput", concurrency=50, turns=500, tokens=200, delay=0.0, floor=True),
         Scenario("hold", concurrency=1000, turns=1000, tokens=100, delay=0.05),
     )
 }
@@ -552,6 +558,9 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
             "server_peak_rss_kb": proc_status(server.pid, "VmHWM"),
             "server_peak_threads": peak_threads.peak,
         }
+        proxy["server_cpu_ms_per_turn"] = cpu["server"] * 1e3 / proxy["ok"] if proxy["ok"] else None
+        if sc.floor:
+            out["django_floor"] = await measure_floor(srv_port, server.pid, ctx, sc)
         proxy["added_first_token_ms"] = added(proxy, out["direct"], "first_token_ms")
         proxy["added_total_ms"] = added(proxy, out["direct"], "total_ms")
         out["proxy"] = proxy
@@ -565,6 +574,23 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
     ids = out.get("preflight", {}).get("warmup_ids", []) + proxy_ids
     out["database"] = check_database(db, text, ids)
     return out
+
+
+async def measure_floor(port: int, pid: int, ctx: Context, sc: Scenario) -> dict[str, Any]:
+    """The same load against the Django floor (``bench/urls.py``): what Django's share of a turn
+    costs, with the same session authentication and middleware, before chatproxy does anything."""
+    request = http_request(port, "/bench/floor", PROMPT, auth_headers(ctx))
+    cpu0 = cpu_seconds(pid)
+    results, wall = await load(port, request, "ndjson", sc)
+    cpu = cpu_seconds(pid) - cpu0
+    ok = summarize(results, "", wall, 0)["ok"]
+    return {
+        "requests": len(results),
+        "ok": ok,
+        "server_cpu_ms_per_request": cpu * 1e3 / ok if ok else None,
+        # As if each request had relayed the scenario's tokens: the floor under the headline.
+        "server_cpu_ms_per_1k_tokens": cpu * 1e6 / (ok * sc.tokens) if ok else None,
+    }
 
 
 async def start_profiler(pid: int, name: str) -> asyncio.subprocess.Process | None:
@@ -790,6 +816,15 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"\nwarning: other processes used {others:.0f}% of a core during the measured "
                 f"{r['scenario']['name']} run: its times and rates are noisy"
+            )
+        if (fl := r.get("django_floor")) and fl["ok"] and r.get("proxy", {}).get("ok"):
+            print(
+                f"\n{r['scenario']['name']}: the Django floor (bench/urls.py: session user, one "
+                f"line) took {_f(fl['server_cpu_ms_per_request'], 2)} ms of server CPU per "
+                f"request ({fl['ok']}/{fl['requests']} ok), "
+                f"{_f(fl['server_cpu_ms_per_1k_tokens'], 1)} ms per 1k tokens at "
+                f"{r['scenario']['tokens']} tokens per turn; a chatproxy turn took "
+                f"{_f(r['proxy']['server_cpu_ms_per_turn'], 2)} ms"
             )
         if (pre := r.get("preflight")) and not pre["auth_enforced"]:
             print(f"\n{r['scenario']['name']}: auth NOT enforced as expected: {pre}")

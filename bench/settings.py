@@ -13,6 +13,7 @@ from project.settings import SQLITE
 
 DEBUG = False
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+ROOT_URLCONF = "bench.urls"  # the demo project's, plus the Django floor
 
 DATABASES = {
     "default": {

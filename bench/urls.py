@@ -1,0 +1,26 @@
+"""The demo project's URLs plus the benchmark's Django floor: ``POST /bench/floor``.
+
+The floor is the least an async Django view with session authentication can do behind the
+demo project's middleware: load the session's user (the session and user ``SELECT``s, the CSRF
+check by the middleware) and stream one NDJSON line. What it costs per request is Django's share
+of a turn, before chatproxy does anything.
+"""
+
+from collections.abc import AsyncIterator
+
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.urls import include, path
+
+
+async def floor(request: HttpRequest) -> HttpResponse:
+    user = await request.auser()
+    if not user.is_authenticated:
+        return JsonResponse({"error": {"code": "authentication_required"}}, status=401)
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield b'{"event":"completed","user":%d}\n' % user.pk
+
+    return StreamingHttpResponse(lines(), content_type="application/x-ndjson")
+
+
+urlpatterns = [path("bench/floor", floor), path("", include("project.urls"))]
