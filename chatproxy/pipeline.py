@@ -128,7 +128,9 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                         yield event_line(event)
             if turn.aborted is not None:
                 raise turn.aborted
-            turn.stream = stream = AnswerStream(turn.model, turn.messages, turn.params)
+            turn.stream = stream = AnswerStream(
+                turn.model, turn.messages, turn.params, f"chatproxy-{turn.answer_id}"
+            )
             shutdown.track(stream)
             coalesce, transforming = conf.CHATPROXY_COALESCE_DELTAS, chain.transforming
             every = conf.CHATPROXY_CHECKPOINT_INTERVAL if conf.CHATPROXY_STORE_CONTENT else 0
