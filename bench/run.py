@@ -49,10 +49,13 @@ Figures (times in ms, from writing the request; percentiles over the turns that 
   turns (warm-up included) whose ``analyzing`` event gave the client an answer id; "rows" is
   shown when the table holds another number of assistant rows.
 
-The throughput scenario also measures the Django floor at the same load: ``POST /bench/floor``
-(``bench/urls.py``), an async view behind the same middleware that loads the session's user and
-streams one line. Its server CPU per request is Django's share of a turn, before chatproxy does
-anything; it is printed under the table with chatproxy's CPU per turn.
+The throughput scenario then measures the Django floor at the same load, ``POST /bench/floor``
+(``bench/urls.py``: an async view behind the same middleware that loads the session's user and
+streams one line), in four slices alternated with as many more chatproxy turns (their saved
+answers are checked too, so "DB ok/started" counts them). The floor's server CPU per request is
+Django's share of a turn, before chatproxy does anything; the turn's minus the floor's is
+chatproxy's own, measured side by side so the machine's drift hits both alike. Both are printed
+under the table.
 
 With ``BENCH_PROFILE=<dir>`` (and ``pip install py-spy``), py-spy samples the server during
 each measured run into ``<dir>/<scenario>.txt``; such runs are for explaining, not publishing.
@@ -560,7 +563,10 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
         }
         proxy["server_cpu_ms_per_turn"] = cpu["server"] * 1e3 / proxy["ok"] if proxy["ok"] else None
         if sc.floor:
-            out["django_floor"] = await measure_floor(srv_port, server.pid, ctx, sc)
+            out["django_floor"], extra_ids = await measure_floor(
+                srv_port, server.pid, ctx, sc, proxy_request, text
+            )
+            proxy_ids += extra_ids
         proxy["added_first_token_ms"] = added(proxy, out["direct"], "first_token_ms")
         proxy["added_total_ms"] = added(proxy, out["direct"], "total_ms")
         out["proxy"] = proxy
@@ -576,21 +582,42 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
     return out
 
 
-async def measure_floor(port: int, pid: int, ctx: Context, sc: Scenario) -> dict[str, Any]:
-    """The same load against the Django floor (``bench/urls.py``): what Django's share of a turn
-    costs, with the same session authentication and middleware, before chatproxy does anything."""
-    request = http_request(port, "/bench/floor", PROMPT, auth_headers(ctx))
-    cpu0 = cpu_seconds(pid)
-    results, wall = await load(port, request, "ndjson", sc)
-    cpu = cpu_seconds(pid) - cpu0
-    ok = summarize(results, "", wall, 0)["ok"]
-    return {
-        "requests": len(results),
+FLOOR_ROUNDS = 4  # alternated slices of the floor and of chatproxy, so drift hits both alike
+
+
+async def measure_floor(
+    port: int, pid: int, ctx: Context, sc: Scenario, proxy_request: bytes, text: str
+) -> tuple[dict[str, Any], list[str]]:
+    """The same load against the Django floor (``bench/urls.py``), alternated slice by slice
+    with as many chatproxy turns: what Django's share of a turn costs (the same session
+    authentication and middleware, before chatproxy does anything), and what chatproxy adds
+    on top of it, measured side by side so the machine's drift affects both alike. Returns the
+    figures and the answer ids of the extra turns (their saved answers are checked too)."""
+    floor_request = http_request(port, "/bench/floor", PROMPT, auth_headers(ctx))
+    part = Scenario(sc.name, sc.concurrency, sc.turns // FLOOR_ROUNDS, sc.tokens, sc.delay)
+    cpu = {"floor": 0.0, "turn": 0.0}
+    ok = {"floor": 0, "turn": 0}
+    ids: list[str] = []
+    for _ in range(FLOOR_ROUNDS):
+        for name, request in (("floor", floor_request), ("turn", proxy_request)):
+            cpu0 = cpu_seconds(pid)
+            results, wall = await load(port, request, "ndjson", part)
+            cpu[name] += cpu_seconds(pid) - cpu0
+            ok[name] += summarize(results, "" if name == "floor" else text, wall, 0)["ok"]
+            ids += [r.message_id for r in results if r.message_id]
+    per = {k: cpu[k] * 1e3 / ok[k] if ok[k] else None for k in cpu}
+    own = per["turn"] - per["floor"] if per["turn"] and per["floor"] else None
+    figures = {
+        "requests_each": part.turns * FLOOR_ROUNDS,
         "ok": ok,
-        "server_cpu_ms_per_request": cpu * 1e3 / ok if ok else None,
-        # As if each request had relayed the scenario's tokens: the floor under the headline.
-        "server_cpu_ms_per_1k_tokens": cpu * 1e6 / (ok * sc.tokens) if ok else None,
+        "server_cpu_ms_per_request": per,
+        # Django's share per 1,000 tokens, as if each floor request had relayed the scenario's
+        # tokens, and chatproxy's own: the turn minus the floor.
+        "floor_ms_per_1k_tokens": per["floor"] * 1e3 / sc.tokens if per["floor"] else None,
+        "chatproxy_own_ms_per_turn": own,
+        "chatproxy_own_ms_per_1k_tokens": own * 1e3 / sc.tokens if own else None,
     }
+    return figures, ids
 
 
 async def start_profiler(pid: int, name: str) -> asyncio.subprocess.Process | None:
@@ -817,14 +844,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"\nwarning: other processes used {others:.0f}% of a core during the measured "
                 f"{r['scenario']['name']} run: its times and rates are noisy"
             )
-        if (fl := r.get("django_floor")) and fl["ok"] and r.get("proxy", {}).get("ok"):
+        if (fl := r.get("django_floor")) and fl["chatproxy_own_ms_per_turn"] is not None:
+            per = fl["server_cpu_ms_per_request"]
             print(
-                f"\n{r['scenario']['name']}: the Django floor (bench/urls.py: session user, one "
-                f"line) took {_f(fl['server_cpu_ms_per_request'], 2)} ms of server CPU per "
-                f"request ({fl['ok']}/{fl['requests']} ok), "
-                f"{_f(fl['server_cpu_ms_per_1k_tokens'], 1)} ms per 1k tokens at "
-                f"{r['scenario']['tokens']} tokens per turn; a chatproxy turn took "
-                f"{_f(r['proxy']['server_cpu_ms_per_turn'], 2)} ms"
+                f"\n{r['scenario']['name']}, alternated with the Django floor (bench/urls.py: "
+                f"session user, one line; {fl['requests_each']} requests each, ok {fl['ok']}): "
+                f"floor {_f(per['floor'], 2)} ms of server CPU per request, chatproxy turn "
+                f"{_f(per['turn'], 2)} ms; chatproxy's own {_f(fl['chatproxy_own_ms_per_turn'], 2)}"
+                f" ms per turn = {_f(fl['chatproxy_own_ms_per_1k_tokens'], 1)} ms per 1k tokens, "
+                f"Django's {_f(fl['floor_ms_per_1k_tokens'], 1)}"
             )
         if (pre := r.get("preflight")) and not pre["auth_enforced"]:
             print(f"\n{r['scenario']['name']}: auth NOT enforced as expected: {pre}")
