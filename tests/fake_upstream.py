@@ -254,22 +254,21 @@ class _Exchange:
         head = _CHUNK_HEAD % (self.n, int(time.time()), _dumps(model))  # shared by all chunks
         tail = b',"usage":null}' if include_usage else b"}"
 
-        def chunk(delta: bytes, finish: bytes = b"null") -> bytes:
-            return http_chunk(sse_chunk(_CHOICE % (head, delta, finish, tail)))
+        def event(delta: bytes, finish: bytes = b"null") -> bytes:
+            return sse_chunk(_CHOICE % (head, delta, finish, tail))
 
+        def chunk(delta: bytes, finish: bytes = b"null") -> bytes:
+            return http_chunk(event(delta, finish))
+
+        role = b'{"role":"assistant","content":""}'
         hdrs = {"content-type": "text/event-stream", "cache-control": "no-cache"}
         hdrs |= {"transfer-encoding": "chunked", **reply.headers}
         if reply.gzip:  # one compressed body: every event, the end and [DONE]
-            events = [_content_delta(token) for token in tokens]
-            sse = b"".join(
-                sse_chunk(_CHOICE % (head, delta, b"null", tail))
-                for delta in [b'{"role":"assistant","content":""}', *events]
-            )
-            sse += sse_chunk(_CHOICE % (head, b"{}", _dumps(reply.finish_reason), tail))
-            body = http_chunk(gzip.compress(sse + sse_chunk(b"[DONE]")))
+            sse = b"".join(event(delta) for delta in [role, *map(_content_delta, tokens)])
+            sse += event(b"{}", _dumps(reply.finish_reason)) + sse_chunk(b"[DONE]")
             hdrs["content-encoding"] = "gzip"
-            return await self._finish(self._head(200, hdrs) + body + _END)
-        self.writer.write(self._head(200, hdrs) + chunk(b'{"role":"assistant","content":""}'))
+            return await self._finish(self._head(200, hdrs) + http_chunk(gzip.compress(sse)) + _END)
+        self.writer.write(self._head(200, hdrs) + chunk(role))
         await self.writer.drain()
         end = chunk(b"{}", _dumps(reply.finish_reason))
         if include_usage and reply.usage:
