@@ -9,10 +9,10 @@ import hmac
 import secrets
 import uuid
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connection, models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -74,6 +74,24 @@ class TurnOutcome:
     duration_ms: int | None = None
     cost: Decimal | None = None
     metadata: dict[str, Any] | None = None
+
+
+def update_row(model: type[models.Model], pk: Any, values: dict[str, Any]) -> None:
+    """Run what ``model.objects.filter(pk=pk).update(**values)`` runs, one ``UPDATE``, without
+    the ORM building a query for it: on the path every turn takes, that was most of the write's
+    CPU. Each value goes through its field's ``get_db_prep_save``, as ``update()`` does, so
+    every database backend gets what it expects; like ``update()``, it sends no signals.
+    """
+    fields = [cast("models.Field[Any, Any]", model._meta.get_field(name)) for name in values]
+    key = model._meta.pk
+    quote = connection.ops.quote_name
+    assignments = ", ".join(f"{quote(str(f.column))} = %s" for f in fields)
+    params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
+    params.append(key.get_db_prep_value(pk, connection))
+    table, where = quote(model._meta.db_table), quote(str(key.column))
+    sql = f"UPDATE {table} SET {assignments} WHERE {where} = %s"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 class DuplicateTurnError(Exception):
@@ -206,10 +224,8 @@ class MessageManager(models.Manager["Message"]):
         fields = {name: value for name, value in fields.items() if value is not None}
         now = timezone.now()
         with transaction.atomic():
-            self.filter(pk=answer_id).update(finished_at=now, **fields)
-            Conversation.objects.filter(pk=conversation_id).update(
-                status=outcome.status, updated_at=now
-            )
+            update_row(Message, answer_id, {**fields, "finished_at": now})
+            update_row(Conversation, conversation_id, {"status": outcome.status, "updated_at": now})
 
     def checkpoint(self, answer_id: uuid.UUID, content: str) -> None:
         """Save the text so far of an answer still streaming, so a crash leaves it behind."""
