@@ -6,8 +6,9 @@ The SDK still builds and sends every request (auth, base URL, headers, status er
 moves the bytes, and maps aiohttp's errors to the ``httpx2`` ones the SDK expects: a refused
 connection is a ``ConnectError`` (the SDK's own aiohttp adapter reports it as a timeout).
 
-Each response also carries aiohttp's reader of its body in ``extensions[READER]``, so the turn
-can read a streamed answer itself, without a task in between (see ``upstream.AnswerStream``).
+Each response also carries aiohttp's own response in ``extensions[RESPONSE]``, so the turn can
+read a streamed answer from its reader itself, without a task in between, and time its silences
+itself (see ``upstream.AnswerStream``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import httpx2
 
-READER = "chatproxy.aiohttp_reader"
+RESPONSE = "chatproxy.aiohttp_response"
 
 
 class AiohttpTransport(httpx2.AsyncBaseTransport):
@@ -64,7 +65,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
             stream=_Body(response, request),
             request=request,
-            extensions={READER: response.content},
+            extensions={RESPONSE: response},
         )
 
     async def aclose(self) -> None:

@@ -129,6 +129,32 @@ async def test_unreachable_upstream_ends_with_upstream_unreachable(client, setti
 
 
 @db
+async def test_stalled_upstream_times_out_with_the_heartbeat_off(client, upstream, settings):
+    settings.CHATPROXY_HEARTBEAT = 0
+    settings.CHATPROXY_TIMEOUT = 0.3
+    body, events, answer = await run_failing_turn(
+        client, upstream, Reply(tokens=["a", "b"], fail="stall", fail_after=1)
+    )
+
+    assert [e["event"] for e in events] == ["analyzing", "answering", "error"]
+    assert events[-1]["error"]["code"] == "upstream_timeout"
+    assert (answer.status, answer.content) == ("failed", "a")
+
+
+@db
+async def test_timeout_counts_silence_not_the_whole_answer(client, upstream, settings):
+    settings.CHATPROXY_HEARTBEAT = 0.05
+    settings.CHATPROXY_TIMEOUT = 0.5
+    tokens = [f"t{i} " for i in range(8)]
+    upstream.enqueue(Reply(tokens=tokens, delay=0.1))  # 0.8 s in all, never 0.5 s silent
+
+    events = await read_events(await chat(client, HI))
+
+    assert events[-1]["event"] == "completed"
+    assert answer_text(events) == "".join(tokens)
+
+
+@db
 async def test_heartbeat_pings_while_the_upstream_is_silent(client, upstream, settings):
     settings.CHATPROXY_HEARTBEAT = 0.05
     upstream.enqueue(Reply(tokens=["late"], first_delay=0.4))
