@@ -94,6 +94,30 @@ def update_row(model: type[models.Model], pk: Any, values: dict[str, Any]) -> No
         cursor.execute(sql, params)
 
 
+def insert_rows(model: type[models.Model], rows: list[Any]) -> None:
+    """Run what ``model.objects.bulk_create(rows)`` runs for rows whose primary key is set:
+    multi-row ``INSERT``s, without the ORM's query compiler (see ``update_row``). Each value
+    is the field's ``pre_save`` (``auto_now_add`` included) through ``get_db_prep_save``;
+    like ``bulk_create()``, it sends no signals."""
+    fields = list(model._meta.concrete_fields)
+    quote = connection.ops.quote_name
+    table, columns = quote(model._meta.db_table), ", ".join(quote(str(f.column)) for f in fields)
+    placeholders = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    size = connection.ops.bulk_batch_size(fields, rows) or len(rows)
+    with connection.cursor() as cursor:
+        for start in range(0, len(rows), size):
+            batch = rows[start : start + size]
+            params = [
+                f.get_db_prep_save(f.pre_save(row, True), connection)
+                for row in batch
+                for f in fields
+            ]
+            values = ", ".join([placeholders] * len(batch))
+            cursor.execute(f"INSERT INTO {table} ({columns}) VALUES {values}", params)
+    for row in rows:  # saved now, as bulk_create() marks them
+        row._state.adding, row._state.db = False, connection.alias
+
+
 class DuplicateTurnError(Exception):
     """Raised when an idempotency key already belongs to a turn; ``answer_id`` is its answer.
     ``pipeline.prepare_turn`` loads that row into ``answer`` before the error reaches its caller.
@@ -154,8 +178,10 @@ class ConversationManager(models.Manager["Conversation"]):
                 last = conversation.messages.aggregate(last=models.Max("position"))["last"]
                 position = -1 if last is None else last
                 position += 1
-                self.filter(pk=conversation_id).update(
-                    status=Status.STREAMING, model=model, updated_at=timezone.now()
+                update_row(
+                    Conversation,
+                    conversation_id,
+                    {"status": Status.STREAMING, "model": model, "updated_at": timezone.now()},
                 )
             rows = [
                 Message(conversation=conversation, position=position + i, **m)
@@ -168,7 +194,7 @@ class ConversationManager(models.Manager["Conversation"]):
                 status=Status.STREAMING,
                 model=model,
             )
-            Message.objects.bulk_create([*rows, answer])
+            insert_rows(Message, [*rows, answer])
             if idempotency_key:
                 IdempotencyKey.objects.claim(owner, idempotency_key, answer)
         return conversation.pk, answer.pk
