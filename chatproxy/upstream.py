@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
@@ -96,7 +97,7 @@ class AnswerStream:
 
     __slots__ = (
         "_opening", "_response", "_reader", "_relay", "_decoder", "_error", "_ended",
-        "_heard", "_silent_after", "_deadline", "_silence", "_reading", "_woken",
+        "_heard", "_silent_after", "_deadline", "_silence", "_waking", "_reading", "_woken",
     )  # fmt: skip
 
     def __init__(
@@ -120,6 +121,7 @@ class AnswerStream:
         # The timing of silences while the body is read (_read_or_wake).
         self._heard = self._silent_after = self._deadline = 0.0
         self._silence: asyncio.TimerHandle | None = None
+        self._waking: asyncio.Task[Any] | None = None  # the task the timer wakes
         self._reading = self._woken = False
 
     async def next_batch(self, timeout: float | None = None) -> list[Chunk] | None:
@@ -173,7 +175,7 @@ class AnswerStream:
             if raw.connection is not None and (protocol := raw.connection.protocol) is not None:
                 protocol.read_timeout = None
                 protocol.start_timeout()  # drops the timer set for the bytes already read
-            self._silent_after = conf.CHATPROXY_TIMEOUT
+            self._silent_after = conf.CHATPROXY_TIMEOUT or math.inf  # 0: no limit, as aiohttp's
             self._heard = asyncio.get_running_loop().time()
         else:
             self._relay = Relay(response.aiter_bytes())
@@ -208,7 +210,14 @@ class AnswerStream:
         assert task is not None
         silent_at = self._heard + self._silent_after
         self._deadline = silent_at if timeout is None else min(loop.time() + timeout, silent_at)
+        if self._deadline == math.inf:  # no heartbeat and no CHATPROXY_TIMEOUT: just read
+            data, self._error = await _read_any(reader)
+            return data
+        if self._silence is not None and self._waking is not task:  # read from another task
+            self._silence.cancel()
+            self._silence = None
         if self._silence is None:
+            self._waking = task
             self._silence = loop.call_at(self._deadline, self._on_silence, task)
         cancelling = task.cancelling()
         self._reading = True

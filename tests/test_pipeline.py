@@ -155,6 +155,18 @@ async def test_timeout_counts_silence_not_the_whole_answer(client, upstream, set
 
 
 @db
+async def test_zero_timeout_puts_no_limit_on_silence(client, upstream, settings):
+    settings.CHATPROXY_HEARTBEAT = 0.05
+    settings.CHATPROXY_TIMEOUT = 0
+    upstream.enqueue(Reply(tokens=["late"], first_delay=0.3))
+
+    events = await read_events(await chat(client, HI))
+
+    assert [e["event"] for e in events][-2:] == ["answering", "completed"]
+    assert answer_text(events) == "late"
+
+
+@db
 async def test_heartbeat_pings_while_the_upstream_is_silent(client, upstream, settings):
     settings.CHATPROXY_HEARTBEAT = 0.05
     upstream.enqueue(Reply(tokens=["late"], first_delay=0.4))
