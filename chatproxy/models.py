@@ -99,6 +99,8 @@ def insert_rows(model: type[models.Model], rows: list[Any]) -> None:
     multi-row ``INSERT``s, without the ORM's query compiler (see ``update_row``). Each value
     is the field's ``pre_save`` (``auto_now_add`` included) through ``get_db_prep_save``;
     like ``bulk_create()``, it sends no signals."""
+    if not rows:
+        return
     fields = list(model._meta.concrete_fields)
     quote = connection.ops.quote_name
     table, columns = quote(model._meta.db_table), ", ".join(quote(str(f.column)) for f in fields)

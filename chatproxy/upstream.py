@@ -218,7 +218,7 @@ class AnswerStream:
             self._silence = None
         if self._silence is None:
             self._waking = task
-            self._silence = loop.call_at(self._deadline, self._on_silence, task)
+            self._silence = loop.call_at(self._deadline, self._on_silence)
         cancelling = task.cancelling()
         self._reading = True
         try:
@@ -237,16 +237,16 @@ class AnswerStream:
         self._heard = loop.time()
         return data
 
-    def _on_silence(self, task: asyncio.Task[Any]) -> None:
+    def _on_silence(self) -> None:
         loop = asyncio.get_running_loop()
         self._silence = None
-        if not self._reading:
+        if not self._reading or self._waking is None:
             return  # the next read sets a timer of its own
         if loop.time() < self._deadline:
-            self._silence = loop.call_at(self._deadline, self._on_silence, task)
+            self._silence = loop.call_at(self._deadline, self._on_silence)
         else:
             self._woken = True
-            task.cancel()
+            self._waking.cancel()
 
     def fail(self, exc: Exception) -> None:
         """End the stream early with ``exc``, which the pending or next read raises."""
@@ -286,7 +286,7 @@ async def _read_any(reader: aiohttp.StreamReader) -> tuple[bytes, UpstreamError 
     raises a connection's error ahead of the data still in its buffer)."""
     try:
         return await reader.readany(), None
-    except TimeoutError:  # aiohttp's read timeout (CHATPROXY_TIMEOUT)
+    except TimeoutError:  # aiohttp's read timeout, if still set (AnswerStream times silences)
         error = UpstreamError(SILENT, code="upstream_timeout")
     except aiohttp.ClientError:
         error = UpstreamError(DROPPED, code="upstream_disconnected")

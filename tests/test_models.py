@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from chatproxy.models import Conversation, Message, Owner, insert_rows, update_row
 
@@ -85,3 +86,10 @@ def test_update_row_changes_only_the_row_it_names(user):
 
     assert Conversation.objects.get(pk=first).status == "failed"
     assert Conversation.objects.get(pk=second).status == "streaming"
+
+
+def test_inserting_no_rows_runs_no_statement():
+    with CaptureQueriesContext(connection) as queries:
+        insert_rows(Message, [])
+
+    assert len(queries) == 0
