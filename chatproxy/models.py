@@ -76,22 +76,28 @@ class TurnOutcome:
     metadata: dict[str, Any] | None = None
 
 
-def update_row(model: type[models.Model], pk: Any, values: dict[str, Any]) -> None:
-    """Run what ``model.objects.filter(pk=pk).update(**values)`` runs, one ``UPDATE``, without
-    the ORM building a query for it: on the path every turn takes, that was most of the write's
-    CPU. Each value goes through its field's ``get_db_prep_save``, as ``update()`` does, so
-    every database backend gets what it expects; like ``update()``, it sends no signals.
+def update_row(model: type[models.Model], pk: Any, values: dict[str, Any], **only_if: Any) -> None:
+    """Run what ``model.objects.filter(pk=pk, **only_if).update(**values)`` runs, one
+    ``UPDATE``, without the ORM building a query for it: on the path every turn takes, that
+    was most of the write's CPU. Each value goes through its field's ``get_db_prep_save``, as
+    ``update()`` does, so every database backend gets what it expects; like ``update()``, it
+    sends no signals. ``only_if`` takes equality conditions on plain fields.
     """
-    fields = [cast("models.Field[Any, Any]", model._meta.get_field(name)) for name in values]
-    key = model._meta.pk
     quote = connection.ops.quote_name
+    fields = [_field(model, name) for name in values]
+    conditions = [model._meta.pk, *(_field(model, name) for name in only_if)]
     assignments = ", ".join(f"{quote(str(f.column))} = %s" for f in fields)
+    where = " AND ".join(f"{quote(str(f.column))} = %s" for f in conditions)
     params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
-    params.append(key.get_db_prep_value(pk, connection))
-    table, where = quote(model._meta.db_table), quote(str(key.column))
-    sql = f"UPDATE {table} SET {assignments} WHERE {where} = %s"
+    params.append(model._meta.pk.get_db_prep_value(pk, connection))
+    params += [f.get_db_prep_value(only_if[f.name], connection) for f in conditions[1:]]
+    sql = f"UPDATE {quote(model._meta.db_table)} SET {assignments} WHERE {where}"
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
+
+
+def _field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
+    return cast("models.Field[Any, Any]", model._meta.get_field(name))
 
 
 def insert_rows(model: type[models.Model], rows: list[Any]) -> None:
@@ -255,9 +261,12 @@ class MessageManager(models.Manager["Message"]):
             update_row(Message, answer_id, {**fields, "finished_at": now})
             update_row(Conversation, conversation_id, {"status": outcome.status, "updated_at": now})
 
-    def checkpoint(self, answer_id: uuid.UUID, content: str) -> None:
-        """Save the text so far of an answer still streaming, so a crash leaves it behind."""
-        self.filter(pk=answer_id, status=Status.STREAMING).update(content=content)
+    def checkpoint(self, texts: dict[uuid.UUID, str]) -> None:
+        """Save the text so far of answers still streaming, in one transaction, so a crash
+        leaves it behind. An answer that has ended meanwhile keeps its final text."""
+        with transaction.atomic():
+            for answer_id, text in texts.items():
+                update_row(Message, answer_id, {"content": text}, status=Status.STREAMING)
 
     def interrupt_stale(self, older_than: float) -> int:
         """Mark answers left ``streaming`` (by a worker that died) as ``interrupted``."""

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from weakref import WeakKeyDictionary
 
 from django.db import transaction
 
@@ -71,14 +72,53 @@ async def _abandon(started: asyncio.Future[Turn]) -> None:
     await save(turn)
 
 
-def _checkpoint(answer_id: uuid.UUID, text: str) -> None:
-    Message.objects.checkpoint(answer_id, text)
+class Checkpoints:
+    """The checkpoints of one event loop's running turns, written together: while one batch is
+    written (one trip to the database thread, one transaction), the next one fills up. A
+    thousand answers streaming at once then cost a few writes per interval, not a thousand."""
+
+    __slots__ = ("texts", "written", "writer")
+
+    def __init__(self) -> None:
+        self.texts: dict[uuid.UUID, str] = {}
+        self.written: asyncio.Future[None] | None = None  # resolved once ``texts`` are saved
+        self.writer: asyncio.Task[None] | None = None
+
+    def add(self, answer_id: uuid.UUID, text: str) -> asyncio.Future[None]:
+        """Queue an answer's text; return the future of the write that will include it."""
+        loop = asyncio.get_running_loop()
+        self.texts[answer_id] = text
+        if self.written is None:
+            self.written = loop.create_future()
+        if self.writer is None:
+            self.writer = loop.create_task(self._write())
+        return self.written
+
+    async def _write(self) -> None:
+        try:
+            while self.texts:
+                texts, written = self.texts, self.written
+                self.texts, self.written = {}, None
+                assert written is not None
+                try:
+                    await run(Message.objects.checkpoint, texts)
+                except Exception as exc:
+                    written.set_exception(exc)
+                else:
+                    written.set_result(None)
+        finally:
+            self.writer = None
+
+
+_checkpoints: WeakKeyDictionary[asyncio.AbstractEventLoop, Checkpoints] = WeakKeyDictionary()
 
 
 async def checkpoint(turn: Turn) -> None:
     """Save the text so far, so a worker killed mid-answer leaves it behind."""
     assert turn.answer_id is not None
-    await asyncio.shield(run(_checkpoint, turn.answer_id, turn.state.text))
+    loop = asyncio.get_running_loop()
+    batch = _checkpoints.get(loop) or _checkpoints.setdefault(loop, Checkpoints())
+    await asyncio.shield(batch.add(turn.answer_id, turn.state.text))
 
 
 def _finish(turn: Turn) -> None:

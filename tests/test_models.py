@@ -11,7 +11,14 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from chatproxy.models import Conversation, Message, Owner, insert_rows, update_row
+from chatproxy.models import (
+    Conversation,
+    Message,
+    Owner,
+    TurnOutcome,
+    insert_rows,
+    update_row,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -93,3 +100,15 @@ def test_inserting_no_rows_runs_no_statement():
         insert_rows(Message, [])
 
     assert len(queries) == 0
+
+
+def test_checkpoint_saves_streaming_answers_and_leaves_finished_ones_alone(user):
+    owner = Owner(user_id=user.pk)
+    first = Conversation.objects.start_turn(owner, None, [{"role": "user", "content": "a"}], "m")
+    second = Conversation.objects.start_turn(owner, None, [{"role": "user", "content": "b"}], "m")
+    Message.objects.finish_turn(*second, TurnOutcome(content="final", status="completed"))
+
+    Message.objects.checkpoint({first[1]: "partial a", second[1]: "partial b"})
+
+    assert Message.objects.get(pk=first[1]).content == "partial a"
+    assert Message.objects.get(pk=second[1]).content == "final"
