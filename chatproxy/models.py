@@ -76,7 +76,9 @@ class TurnOutcome:
     metadata: dict[str, Any] | None = None
 
 
-def update_row(model: type[models.Model], pk: Any, values: dict[str, Any], **only_if: Any) -> None:
+def update_row(
+    model: type[models.Model], pk: Any, values: dict[str, Any], /, **only_if: Any
+) -> None:
     """Run what ``model.objects.filter(pk=pk, **only_if).update(**values)`` runs, one
     ``UPDATE``, without the ORM building a query for it: on the path every turn takes, that
     was most of the write's CPU. Each value goes through its field's ``get_db_prep_save``, as

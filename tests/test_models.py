@@ -112,3 +112,12 @@ def test_checkpoint_saves_streaming_answers_and_leaves_finished_ones_alone(user)
 
     assert Message.objects.get(pk=first[1]).content == "partial a"
     assert Message.objects.get(pk=second[1]).content == "final"
+
+
+def test_update_row_applies_only_if_its_conditions_hold(user):
+    conversation, _ = Conversation.objects.start_turn(Owner(user_id=user.pk), None, [], "m")
+
+    update_row(Conversation, conversation, {"title": "not this"}, model="other")
+    update_row(Conversation, conversation, {"title": "this"}, model="m", status="streaming")
+
+    assert Conversation.objects.get(pk=conversation).title == "this"
