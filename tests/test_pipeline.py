@@ -268,6 +268,6 @@ async def test_database_work_per_turn_does_not_grow_with_the_answer(client, upst
     assert counts[0] == counts[1]
     # The README's Performance section states the count for each database.
     sqlite, postgresql = re.search(
-        r"(\d+) statements on SQLite[^,]*, (\d+) on PostgreSQL", README
+        r"(\d+)\s+statements\s+on\s+SQLite[^,]*,\s+(\d+)\s+on\s+PostgreSQL", README
     ).groups()
     assert counts[0] == int({"sqlite": sqlite, "postgresql": postgresql}[connection.vendor])
