@@ -216,16 +216,6 @@ def worktree(rev: str) -> Iterator[Path]:
             subprocess.run([*git, "remove", "--force", str(path)], check=False)
 
 
-def prepare(tree: Path, database: Path) -> str:
-    """Migrate a template database with ``tree``'s migrations; return its session's key."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--prepare"],
-        cwd=tree, env=base_env() | {"BENCH_DB": str(database)},
-        capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
-    return str(json.loads(done.stdout.strip().splitlines()[-1])["sessionid"])
-
-
 def one_round(tree: Path, part: str, template: Path, sessionid: str, tmp: Path) -> dict[str, Any]:
     database = tmp / f"{part}.sqlite3"
     database.unlink(missing_ok=True)
@@ -260,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child, args.database, args.session)
+    # Here, not at the top: a child runs this file on REV's bench.run, which may predate it.
+    from bench.run import prepare_template
+
     parts = args.parts.split(",")
     if unknown := set(parts) - set(PARTS):
         parser.error(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
@@ -273,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         templates = {}
         for name, tree in sides.items():
             template = tmp / f"template-{len(templates)}.sqlite3"
-            templates[name] = (template, prepare(tree, template))
+            templates[name] = (template, prepare_template(template, tree))
         results: dict[str, dict[str, list[dict[str, Any]]]] = {
             n: {p: [] for p in parts} for n in sides
         }

@@ -319,6 +319,19 @@ def prepare_database() -> None:
     print(json.dumps({"sessionid": session.session_key}))
 
 
+def prepare_template(database: Path, tree: Path = ROOT) -> str:
+    """Run ``prepare_database`` in a subprocess, with ``tree``'s code and migrations, into
+    ``database``; return the logged-in session's key."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--prepare"],
+        cwd=tree, env=base_env() | {"BENCH_DB": str(database)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"preparing the database failed:\n{done.stdout}\n{done.stderr}")
+    return str(json.loads(done.stdout.strip().splitlines()[-1])["sessionid"])
+
+
 def copy_database(source: Path, target: Path) -> None:
     with (
         contextlib.closing(sqlite3.connect(source)) as src,
@@ -766,14 +779,7 @@ async def main_async(
     names: list[str], coalesce: bool, limits: bool, tmp: Path
 ) -> list[dict[str, Any]]:
     template = tmp / "template.sqlite3"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--prepare"],
-        cwd=ROOT, env=base_env() | {"BENCH_DB": str(template)},
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    if done.returncode:
-        raise RuntimeError(f"preparing the database failed:\n{done.stdout}\n{done.stderr}")
-    sessionid = json.loads(done.stdout.strip().splitlines()[-1])["sessionid"]
+    sessionid = prepare_template(template)
     csrftoken = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(32))
     ctx = Context(tmp, template, sessionid, csrftoken, coalesce, limits, uvicorn_args())
     results = []
