@@ -49,13 +49,15 @@ Figures (times in ms, from writing the request; percentiles over the turns that 
   turns (warm-up included) whose ``analyzing`` event gave the client an answer id; "rows" is
   shown when the table holds another number of assistant rows.
 
-The throughput scenario then measures the Django floor at the same load, ``POST /bench/floor``
-(``bench/urls.py``: an async view behind the same middleware that loads the session's user and
-streams one line), in four slices alternated with as many more chatproxy turns (their saved
-answers are checked too, so "DB ok/started" counts them). The floor's server CPU per request is
-Django's share of a turn, before chatproxy does anything; the turn's minus the floor's is
-chatproxy's own, measured side by side so the machine's drift hits both alike. Both are printed
-under the table.
+The throughput scenario then measures the Django floors at the same load (``bench/urls.py``):
+``POST /bench/floor``, an async view behind the same middleware that loads the session's user
+and streams one line, and ``POST /bench/floor/bare``, which only streams the line, in four
+slices alternated with as many more chatproxy turns (their saved answers are checked too, so "DB
+ok/started" counts them). The floor's server CPU per request is Django's share of a turn, before
+chatproxy does anything; the turn's minus the floor's is chatproxy's own, measured side by side
+so the machine's drift hits both alike. The latency and hold scenarios run both floors once at
+their own load after the measured run, for how soon Django alone gets a first line out: a bound
+on any view's time to first byte, chatproxy's included. All are printed under the table.
 
 With ``BENCH_PROFILE=<dir>`` (and ``pip install py-spy``), py-spy samples the server during
 each measured run into ``<dir>/<scenario>.txt``; such runs are for explaining, not publishing.
@@ -119,15 +121,20 @@ class Scenario:
     turns: int
     tokens: int
     delay: float  # seconds between upstream tokens
-    floor: bool = False  # also measure the Django floor (bench/urls.py) at the same load
+    # Also measure the Django floors (bench/urls.py) at the same load: "alternated" slice by
+    # slice with chatproxy turns, for CPU per request; "after", once each after the measured
+    # run, for the time to the first line.
+    floor: str = ""
 
 
 SCENARIOS = {
     s.name: s
     for s in (
-        Scenario("latency", concurrency=1, turns=30, tokens=50, delay=0.02),
-        Scenario("throughput", concurrency=50, turns=500, tokens=200, delay=0.0, floor=True),
-        Scenario("hold", concurrency=1000, turns=1000, tokens=100, delay=0.05),
+        Scenario("latency", concurrency=1, turns=30, tokens=50, delay=0.02, floor="after"),
+        Scenario(
+            "throughput", concurrency=50, turns=500, tokens=200, delay=0.0, floor="alternated"
+        ),
+        Scenario("hold", concurrency=1000, turns=1000, tokens=100, delay=0.05, floor="after"),
     )
 }
 
@@ -575,11 +582,13 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
             "server_peak_threads": peak_threads.peak,
         }
         proxy["server_cpu_ms_per_turn"] = cpu["server"] * 1e3 / proxy["ok"] if proxy["ok"] else None
-        if sc.floor:
+        if sc.floor == "alternated":
             out["django_floor"], extra_ids = await measure_floor(
                 srv_port, server.pid, ctx, sc, proxy_request, text
             )
             proxy_ids += extra_ids
+        elif sc.floor == "after":
+            out["django_floor_times"] = await measure_floor_times(srv_port, server.pid, ctx, sc)
         proxy["added_first_token_ms"] = added(proxy, out["direct"], "first_token_ms")
         proxy["added_total_ms"] = added(proxy, out["direct"], "total_ms")
         out["proxy"] = proxy
@@ -595,6 +604,7 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
     return out
 
 
+FLOOR_NAMES = {"floor": "floor (session user, one line)", "bare": "bare floor (one line)"}
 FLOOR_ROUNDS = 4  # alternated slices of the floor and of chatproxy, so drift hits both alike
 
 
@@ -606,17 +616,17 @@ async def measure_floor(
     authentication and middleware, before chatproxy does anything), and what chatproxy adds
     on top of it, measured side by side so the machine's drift affects both alike. Returns the
     figures and the answer ids of the extra turns (their saved answers are checked too)."""
-    floor_request = http_request(port, "/bench/floor", PROMPT, auth_headers(ctx))
+    requests = floor_requests(port, ctx) | {"turn": proxy_request}
     part = Scenario(sc.name, sc.concurrency, sc.turns // FLOOR_ROUNDS, sc.tokens, sc.delay)
-    cpu = {"floor": 0.0, "turn": 0.0}
-    ok = {"floor": 0, "turn": 0}
+    cpu = dict.fromkeys(requests, 0.0)
+    ok = dict.fromkeys(requests, 0)
     ids: list[str] = []
     for _ in range(FLOOR_ROUNDS):
-        for name, request in (("floor", floor_request), ("turn", proxy_request)):
+        for name, request in requests.items():
             cpu0 = cpu_seconds(pid)
             results, wall = await load(port, request, "ndjson", part)
             cpu[name] += cpu_seconds(pid) - cpu0
-            ok[name] += summarize(results, "" if name == "floor" else text, wall, 0)["ok"]
+            ok[name] += summarize(results, text if name == "turn" else "", wall, 0)["ok"]
             ids += [r.message_id for r in results if r.message_id]
     per = {k: cpu[k] * 1e3 / ok[k] if ok[k] else None for k in cpu}
     own = per["turn"] - per["floor"] if per["turn"] and per["floor"] else None
@@ -631,6 +641,35 @@ async def measure_floor(
         "chatproxy_own_ms_per_1k_tokens": own * 1e3 / sc.tokens if own else None,
     }
     return figures, ids
+
+
+def floor_requests(port: int, ctx: Context) -> dict[str, bytes]:
+    """The floor (session user, one line) and the bare floor (one line), logged in alike."""
+    return {
+        name: http_request(port, path, PROMPT, auth_headers(ctx))
+        for name, path in (("floor", "/bench/floor"), ("bare", "/bench/floor/bare"))
+    }
+
+
+async def measure_floor_times(port: int, pid: int, ctx: Context, sc: Scenario) -> dict[str, Any]:
+    """The scenario's load (its concurrency and number of requests) against each Django floor,
+    once, after the measured run: how soon Django alone, behind the same middleware, gets a
+    first line out, which bounds how soon any view's first byte can, chatproxy's included."""
+    figures: dict[str, Any] = {}
+    for name, request in floor_requests(port, ctx).items():
+        cpu0 = cpu_seconds(pid)
+        results, wall = await load(port, request, "ndjson", sc)
+        cpu = cpu_seconds(pid) - cpu0
+        done = summarize(results, "", wall, 0)
+        figures[name] = {
+            "ok": done["ok"],
+            "turns": done["turns"],
+            "errors": done["errors"],
+            "first_line_ms": done["first_line_ms"],
+            "total_ms": done["total_ms"],
+            "server_cpu_ms_per_request": cpu * 1e3 / done["ok"] if done["ok"] else None,
+        }
+    return figures
 
 
 async def start_profiler(pid: int, name: str) -> asyncio.subprocess.Process | None:
@@ -858,7 +897,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"floor {_f(per['floor'], 2)} ms of server CPU per request, chatproxy turn "
                 f"{_f(per['turn'], 2)} ms; chatproxy's own {_f(fl['chatproxy_own_ms_per_turn'], 2)}"
                 f" ms per turn = {_f(fl['chatproxy_own_ms_per_1k_tokens'], 1)} ms per 1k tokens, "
-                f"Django's {_f(fl['floor_ms_per_1k_tokens'], 1)}"
+                f"Django's {_f(fl['floor_ms_per_1k_tokens'], 1)}; the bare floor (one line) "
+                f"{_f(per.get('bare'), 2)} ms per request"
+            )
+        for name, fl in r.get("django_floor_times", {}).items():
+            first = fl["first_line_ms"]
+            print(
+                f"\n{r['scenario']['name']}, the Django {FLOOR_NAMES[name]} at the same load "
+                f"after it (ok {fl['ok']}/{fl['turns']}): first line p50 {_f(first['p50'], 1)} / "
+                f"p99 {_f(first['p99'], 1)} ms, "
+                f"{_f(fl['server_cpu_ms_per_request'], 2)} ms of server CPU per request"
             )
         if (pre := r.get("preflight")) and not pre["auth_enforced"]:
             print(f"\n{r['scenario']['name']}: auth NOT enforced as expected: {pre}")

@@ -1,9 +1,12 @@
-"""The demo project's URLs plus the benchmark's Django floor: ``POST /bench/floor``.
+"""The demo project's URLs plus the benchmark's Django floors: ``POST /bench/floor`` and
+``POST /bench/floor/bare``.
 
 The floor is the least an async Django view with session authentication can do behind the
 demo project's middleware: load the session's user (the session and user ``SELECT``s, the CSRF
 check by the middleware) and stream one NDJSON line. What it costs per request is Django's share
-of a turn, before chatproxy does anything.
+of a turn, before chatproxy does anything. The bare floor streams the line without loading the
+user: the least any view behind those middleware costs, and the soonest its first byte can go
+out, a bound no view that knows who is asking can beat.
 """
 
 from collections.abc import AsyncIterator
@@ -23,4 +26,15 @@ async def floor(request: HttpRequest) -> HttpResponse:
     return StreamingHttpResponse(lines(), content_type="application/x-ndjson")
 
 
-urlpatterns = [path("bench/floor", floor), path("", include("project.urls"))]
+async def bare(request: HttpRequest) -> HttpResponse:
+    async def lines() -> AsyncIterator[bytes]:
+        yield b'{"event":"completed"}\n'
+
+    return StreamingHttpResponse(lines(), content_type="application/x-ndjson")
+
+
+urlpatterns = [
+    path("bench/floor", floor),
+    path("bench/floor/bare", bare),
+    path("", include("project.urls")),
+]
