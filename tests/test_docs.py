@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,19 @@ def test_readme_transcript_is_valid_ndjson_in_protocol_order():
     events = [orjson.loads(line)["event"] for line in lines]
     assert events[0] == "analyzing" and events[-1] == "completed"
     assert set(events[1:-1]) == {"answering"}
+
+
+def test_demo_server_tunes_the_garbage_collector_as_the_deployment_section_says():
+    # In a child process: importing project.asgi freezes the importing process's objects.
+    code = "import gc, project.asgi; print(gc.get_threshold(), gc.get_freeze_count())"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings"},
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+
+    threshold, frozen = done.stdout.strip().rsplit(" ", 1)
+    assert threshold == "(10000, 10, 10)"
+    assert int(frozen) > 10_000  # Django, the SDK and the app, as loaded at start-up
+    deployment = section("Deployment")
+    assert "gc.freeze()" in deployment and "gc.set_threshold(10_000, 10, 10)" in deployment
