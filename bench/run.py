@@ -1,11 +1,13 @@
 """Benchmark chatproxy's HTTP stream against the fake upstream it relays, read directly.
 
     python -m bench.run [--scenarios latency,throughput,hold] [--json bench/results/latest.json]
-                        [--coalesce] [--limits]
+                        [--coalesce] [--limits] [--turns N]
 
 ``--coalesce`` sets CHATPROXY_COALESCE_DELTAS. One user drives all the load, so the per-user
 CHATPROXY_RATE_LIMIT and CHATPROXY_MAX_STREAMS are off unless ``--limits`` keeps their defaults;
 every other setting keeps the demo project's value, except those ``bench.settings`` names.
+``--turns N`` runs every scenario with N turns instead of its own number (and at most N at
+once): a quick check that everything runs, whose figures are not the scenarios'.
 
 Per scenario, on a fresh copy of a migrated SQLite database (IMMEDIATE/WAL, as the demo project):
 
@@ -93,9 +95,9 @@ import traceback
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bench.client import Mode, TurnResult, http_request, run_load
 
@@ -124,7 +126,7 @@ class Scenario:
     # Also measure the Django floors (bench/urls.py) at the same load: "alternated" slice by
     # slice with chatproxy turns, for CPU per request; "after", once each after the measured
     # run, for the time to the first line.
-    floor: str = ""
+    floor: Literal["", "alternated", "after"] = ""
 
 
 SCENARIOS = {
@@ -815,7 +817,7 @@ def uvicorn_args() -> tuple[str, ...]:
 
 
 async def main_async(
-    names: list[str], coalesce: bool, limits: bool, tmp: Path
+    names: list[str], coalesce: bool, limits: bool, tmp: Path, turns: int | None = None
 ) -> list[dict[str, Any]]:
     template = tmp / "template.sqlite3"
     sessionid = prepare_template(template)
@@ -824,6 +826,8 @@ async def main_async(
     results = []
     for name in names:
         sc = SCENARIOS[name]
+        if turns:
+            sc = replace(sc, turns=turns, concurrency=min(sc.concurrency, turns))
         print(f"… {name}: {sc.concurrency} concurrent, {sc.turns} turns", file=sys.stderr)
         started = time.monotonic()
         try:
@@ -852,6 +856,9 @@ def main(argv: list[str] | None = None) -> None:
         help="keep CHATPROXY_RATE_LIMIT and CHATPROXY_MAX_STREAMS at their defaults (off: one "
         "user drives all the load)",
     )
+    parser.add_argument(
+        "--turns", type=int, metavar="N", help="N turns per scenario: a quick check, not figures"
+    )
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.prepare:
@@ -860,6 +867,8 @@ def main(argv: list[str] | None = None) -> None:
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     if unknown := [n for n in names if n not in SCENARIOS]:
         parser.error(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
+    if args.turns is not None and args.turns < FLOOR_ROUNDS:
+        parser.error(f"--turns must be at least {FLOOR_ROUNDS}, one per floor slice")
 
     info = machine_info()
     if len(os.sched_getaffinity(0)) >= 2:
@@ -876,7 +885,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         runner = asyncio.Runner()
     with tempfile.TemporaryDirectory(prefix="chatproxy-bench-") as tmp, runner:
-        results = runner.run(main_async(names, args.coalesce, args.limits, Path(tmp)))
+        results = runner.run(main_async(names, args.coalesce, args.limits, Path(tmp), args.turns))
 
     print(table(results))
     for r in results:

@@ -5,8 +5,8 @@ The floor is the least an async Django view with session authentication can do b
 demo project's middleware: load the session's user (the session and user ``SELECT``s, the CSRF
 check by the middleware) and stream one NDJSON line. What it costs per request is Django's share
 of a turn, before chatproxy does anything. The bare floor streams the line without loading the
-user: the least any view behind those middleware costs, and the soonest its first byte can go
-out, a bound no view that knows who is asking can beat.
+user: the least any view behind those middleware costs, and the soonest any view's first byte
+can go out.
 """
 
 from collections.abc import AsyncIterator

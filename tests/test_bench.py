@@ -1,4 +1,4 @@
-"""The parts benchmark runs against this tree's code (figures are for bench.parts, not tests)."""
+"""Both benchmarks run against this tree's code; their figures are theirs to publish, not tests'."""
 
 from __future__ import annotations
 
@@ -25,3 +25,27 @@ def test_parts_benchmark_measures_every_part_once(tmp_path):
     assert results["db"][0]["value"] > 0
     assert results["read"][0]["reads_per_token"] >= 1  # every token read, none lost
     assert results["asgi"][0]["turn_ms"] > results["asgi"][0]["floor_ms"] > 0
+
+
+def test_benchmark_relays_every_token_and_measures_the_floors_in_each_scenario(tmp_path):
+    output = tmp_path / "run.json"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--turns", "8", "--json", str(output)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    scenarios = {s["scenario"]["name"]: s for s in json.loads(output.read_text())["scenarios"]}
+    assert sorted(scenarios) == ["hold", "latency", "throughput"]
+    for name, result in scenarios.items():
+        proxy, saved = result["proxy"], result["database"]
+        assert (proxy["ok"], proxy["bad_text"], proxy["errors"]) == (8, 0, {}), name
+        assert saved["ok"] == saved["expected"] > 8, name  # warm-up turns and floor slices too
+        assert proxy["server_cpu_ms_per_1k_tokens"] > 0, name
+    assert scenarios["throughput"]["django_floor"]["ok"] == {"floor": 8, "bare": 8, "turn": 8}
+    for name in ("latency", "hold"):
+        floors = scenarios[name]["django_floor_times"]
+        assert {floor["ok"] for floor in floors.values()} == {8}, name
+        assert all(floor["first_line_ms"]["p50"] > 0 for floor in floors.values()), name
+    assert "| latency | 8/8 | 0 | 0 |" in done.stdout
