@@ -10,16 +10,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_benchmark(module: str, *args: str) -> str:
+    """Run ``python -m <module> <args>`` from the repository's root; return its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_parts_benchmark_measures_every_part_once(tmp_path):
     output = tmp_path / "parts.json"
 
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.parts", "--rounds", "1", "--json", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    stdout = run_benchmark("bench.parts", "--rounds", "1", "--json", str(output))
 
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| db", "| read", "| asgi"]
     results = json.loads(output.read_text())["results"]["this tree"]
     assert results["db"][0]["value"] > 0
@@ -30,12 +36,8 @@ def test_parts_benchmark_measures_every_part_once(tmp_path):
 def test_benchmark_relays_every_token_and_measures_the_floors_in_each_scenario(tmp_path):
     output = tmp_path / "run.json"
 
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--turns", "8", "--json", str(output)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    stdout = run_benchmark("bench.run", "--turns", "8", "--json", str(output))
 
-    assert done.returncode == 0, done.stderr[-3000:]
     scenarios = {s["scenario"]["name"]: s for s in json.loads(output.read_text())["scenarios"]}
     assert sorted(scenarios) == ["hold", "latency", "throughput"]
     for name, result in scenarios.items():
@@ -48,4 +50,4 @@ def test_benchmark_relays_every_token_and_measures_the_floors_in_each_scenario(t
         floors = scenarios[name]["django_floor_times"]
         assert {floor["ok"] for floor in floors.values()} == {8}, name
         assert all(floor["first_line_ms"]["p50"] > 0 for floor in floors.values()), name
-    assert "| latency | 8/8 | 0 | 0 |" in done.stdout
+    assert "| latency | 8/8 | 0 | 0 |" in stdout
