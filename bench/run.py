@@ -33,8 +33,9 @@ Figures (times in ms, from writing the request; percentiles over the turns that 
   called; upstream: its first SSE event, the role chunk);
 - first token: time to the first content (chatproxy's first ``answering`` line; upstream: the
   first delta with content), shown for chatproxy and, as "direct", for the upstream alone;
-- total: time to the end of the body; ``+first token`` / ``+total``: chatproxy's percentile minus
-  the direct one at the same percentile (what the relay adds);
+- total: time to the end of the body; ``+first line`` (the added time to first byte),
+  ``+first token`` and ``+total``: chatproxy's percentile minus the direct one at the same
+  percentile (what the relay adds);
 - turns/s, tokens/s: successful turns and their upstream tokens over the measured wall time
   (direct in parentheses);
 - server CPU ms/1k tok: the uvicorn process's utime+stime (``/proc/<pid>/stat``, all threads)
@@ -591,6 +592,7 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
             proxy_ids += extra_ids
         elif sc.floor == "after":
             out["django_floor_times"] = await measure_floor_times(srv_port, server.pid, ctx, sc)
+        proxy["added_first_line_ms"] = added(proxy, out["direct"], "first_line_ms")
         proxy["added_first_token_ms"] = added(proxy, out["direct"], "first_token_ms")
         proxy["added_total_ms"] = added(proxy, out["direct"], "total_ms")
         out["proxy"] = proxy
@@ -724,7 +726,8 @@ def _f(value: float | None, digits: int = 0) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     head = [
         "scenario", "ok/turns", "bad text", "errors", "DB ok/started",
-        "first line p50/p99", "first token p50/p90 (direct)", "+first token p50/p90",
+        "first line p50/p99", "+first line p50/p90", "first token p50/p90 (direct)",
+        "+first token p50/p90",
         "total p50/p90 (direct)", "+total p50/p90", "turns/s", "tokens/s",
         "server CPU ms/1k tok", "server core %", "peak RSS MB", "peak threads",
     ]  # fmt: skip
@@ -750,6 +753,7 @@ def table(results: list[dict[str, Any]]) -> str:
             str(errors) + (f" ({by_code})" if errors else ""),
             f"{db['ok']}/{db['expected']}" + (f" ({db['rows']} rows)" if extra_rows else ""),
             two(p["first_line_ms"], "p50", "p99"),
+            two(p["added_first_line_ms"], "p50", "p90"),
             f"{two(p['first_token_ms'], 'p50', 'p90')} ({two(d['first_token_ms'], 'p50', 'p90')})",
             two(p["added_first_token_ms"], "p50", "p90"),
             f"{two(p['total_ms'], 'p50', 'p90', 0)} ({two(d['total_ms'], 'p50', 'p90', 0)})",
