@@ -30,14 +30,16 @@ INSTALLED_APPS = [
     "chatproxy",
 ]
 
+# Django's usual seven; five of them from project/middleware.py, which subclasses Django's own
+# and runs their hooks on the event loop instead of a thread hop each (README, Deployment).
 MIDDLEWARE = [
-    "django.middleware.security.SecurityMiddleware",
+    "project.middleware.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "project.middleware.CommonMiddleware",
+    "project.middleware.CsrfViewMiddleware",
+    "project.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "project.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"

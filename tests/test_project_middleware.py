@@ -1,0 +1,101 @@
+"""The demo project's middleware: five of Django's, with their hooks run on the event loop."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+import pytest
+from django.http import HttpRequest, HttpResponse
+from django.test import AsyncClient, RequestFactory
+from django.utils.deprecation import MiddlewareMixin
+
+from project import settings as project_settings
+from project.middleware import OnTheLoop
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def demo_stack(settings: Any) -> None:
+    settings.MIDDLEWARE = project_settings.MIDDLEWARE
+    settings.ROOT_URLCONF = "project.urls"
+
+
+@pytest.fixture
+def staff(user: Any) -> Any:
+    user.is_staff = True
+    user.save()
+    return user
+
+
+class ThreadsSeen:
+    def __init__(self, get_response: Any) -> None:
+        super().__init__(get_response)
+        self.threads: list[int] = []
+
+    def process_request(self, request: HttpRequest) -> None:
+        self.threads.append(threading.get_ident())
+
+    def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
+        self.threads.append(threading.get_ident())
+        return response
+
+
+class Inline(ThreadsSeen, OnTheLoop):
+    pass
+
+
+class Djangos(ThreadsSeen, MiddlewareMixin):
+    pass
+
+
+async def test_hooks_run_on_the_event_loops_thread_where_django_hops_to_another():
+    async def view(request: HttpRequest) -> HttpResponse:
+        return HttpResponse("ok")
+
+    inline, djangos = Inline(view), Djangos(view)
+    for middleware in (inline, djangos):
+        response = await middleware(RequestFactory().get("/"))
+        assert response.content == b"ok"
+
+    here = threading.get_ident()
+    assert inline.threads == [here, here]
+    assert len(djangos.threads) == 2 and here not in djangos.threads
+
+
+async def test_demo_stack_keeps_djangos_headers_redirects_csrf_and_login(demo_stack, staff):
+    client = AsyncClient(enforce_csrf_checks=True)
+
+    page = await client.get("/admin/login/")
+    assert page.status_code == 200
+    assert page["X-Frame-Options"] == "DENY"
+    assert page["X-Content-Type-Options"] == "nosniff"
+    assert page["Referrer-Policy"] == "same-origin"
+    token = page.cookies["csrftoken"].value
+    assert (await client.get("/admin")).status_code == 301  # APPEND_SLASH
+    credentials = {"username": "alice", "password": "pw"}
+    assert (await client.post("/admin/login/", credentials)).status_code == 403
+
+    logged_in = await client.post(
+        "/admin/login/?next=/admin/", {**credentials, "csrfmiddlewaretoken": token}
+    )
+    assert logged_in.status_code == 302 and logged_in["Location"] == "/admin/"
+    assert (await client.get("/admin/")).status_code == 200
+
+
+async def test_csrf_kept_in_the_session_keeps_djangos_thread_hops(demo_stack, staff, settings):
+    # Then the CSRF hooks load and save the session: database work, not for the event loop.
+    settings.CSRF_USE_SESSIONS = True
+    client = AsyncClient(enforce_csrf_checks=True)
+
+    page = await client.get("/admin/login/")
+    assert page.status_code == 200 and "csrftoken" not in page.cookies
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.content.decode())
+    assert token is not None
+    logged_in = await client.post(
+        "/admin/login/?next=/admin/",
+        {"username": "alice", "password": "pw", "csrfmiddlewaretoken": token.group(1)},
+    )
+    assert logged_in.status_code == 302
