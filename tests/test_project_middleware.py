@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,3 +100,23 @@ async def test_csrf_kept_in_the_session_keeps_djangos_thread_hops(demo_stack, st
         {"username": "alice", "password": "pw", "csrfmiddlewaretoken": token.group(1)},
     )
     assert logged_in.status_code == 302
+
+
+def test_demo_takes_five_of_djangos_middleware_from_project_middleware_as_the_readme_says():
+    from django.utils.module_loading import import_string
+
+    ours = [path for path in project_settings.MIDDLEWARE if path.startswith("project.")]
+    djangos = {
+        "SecurityMiddleware": "django.middleware.security",
+        "CommonMiddleware": "django.middleware.common",
+        "CsrfViewMiddleware": "django.middleware.csrf",
+        "AuthenticationMiddleware": "django.contrib.auth.middleware",
+        "XFrameOptionsMiddleware": "django.middleware.clickjacking",
+    }
+    assert [path.rsplit(".", 1)[1] for path in ours] == list(djangos)
+    for path in ours:
+        name = path.rsplit(".", 1)[1]
+        assert issubclass(import_string(path), import_string(f"{djangos[name]}.{name}"))
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    deployment = readme.split("\n## Deployment\n", 1)[1].split("\n## ", 1)[0]
+    assert "`project/middleware.py`" in deployment
