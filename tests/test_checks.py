@@ -59,6 +59,9 @@ def test_missing_key_warns_that_the_demo_model_answers(settings):
     settings.CHATPROXY_DEFAULT_MODEL = "chatproxy-demo"
 
     assert ids() == ["chatproxy.W002"]
+    # The hint names the setting to set and the variable the demo project reads it from.
+    (warning,) = check_settings()
+    assert 'CHATPROXY_API_KEY = os.environ.get("OPENAI_API_KEY"' in warning.hint
 
 
 def test_gzip_middleware_warns(settings):
@@ -92,6 +95,7 @@ def test_anonymous_chat_with_a_real_key_warns(settings):
     assert ids() == ["chatproxy.W006"]
 
 
+@pytest.mark.django_db  # Django 6 runs the model checks' database queries too
 def test_manage_py_check_fails_on_a_bad_setting(settings):
     settings.CHATPROXY_MAX_CHARS = -5
 
