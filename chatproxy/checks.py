@@ -196,7 +196,9 @@ def _warnings() -> list[CheckMessage]:
         warnings.append(
             Warning(
                 "CHATPROXY_API_KEY is not set: the offline demo model answers every chat.",
-                hint="Set CHATPROXY_API_KEY (and CHATPROXY_BASE_URL for a non-OpenAI server).",
+                hint="Set CHATPROXY_API_KEY in your settings, for example from the environment "
+                'as the demo project does: CHATPROXY_API_KEY = os.environ.get("OPENAI_API_KEY", '
+                '""). For a server other than OpenAI, set CHATPROXY_BASE_URL too.',
                 id="chatproxy.W002",
             )
         )

@@ -45,7 +45,7 @@ def begin(turn: Turn) -> None:
             turn.owner,
             turn.request.conversation_id,
             messages,
-            turn.request.model,
+            turn.model,
             turn.idempotency_key,
         )
 

@@ -9,6 +9,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+from .conf import DEMO_MODEL, conf
 from .events import Event, Usage
 from .models import Owner, Status, TurnOutcome
 from .payload import ChatRequest
@@ -129,7 +130,9 @@ class Turn:
     def __post_init__(self) -> None:
         self.messages = [*self.history, *self.request.messages]
         self.params = dict(self.request.params)
-        self.model = self.model or self.request.model
+        # Without an API key the offline demo model answers whichever allowed model was asked
+        # for, and the turn says so (in `analyzing` and on the saved rows).
+        self.model = self.model or (DEMO_MODEL if conf.demo else self.request.model)
 
     def ids(self) -> dict[str, str]:
         if self.answer_id is None:

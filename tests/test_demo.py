@@ -37,6 +37,22 @@ async def test_demo_model_streams_a_deterministic_multi_sentence_reply(demo, cli
     assert (answer.content, answer.model, answer.status) == (text, "chatproxy-demo", "completed")
 
 
+async def test_demo_model_is_named_when_it_answers_for_a_configured_model(settings, client):
+    # The install guide's settings, without a key: the demo answers, and says it does.
+    settings.CHATPROXY_API_KEY = ""
+    settings.CHATPROXY_MODELS = ["gpt-4o-mini"]
+    settings.CHATPROXY_DEFAULT_MODEL = "gpt-4o-mini"
+
+    events = await read_events(
+        await chat(client, {"messages": [{"role": "user", "content": "Hi"}]})
+    )
+
+    assert events[0]["event"] == "analyzing" and events[0]["model"] == "chatproxy-demo"
+    assert events[-1]["event"] == "completed"
+    answer = await Message.objects.select_related("conversation").aget(role="assistant")
+    assert (answer.model, answer.conversation.model) == ("chatproxy-demo", "chatproxy-demo")
+
+
 async def test_demo_model_refuses_other_models(demo, client):
     response = await chat(
         client, {"messages": [{"role": "user", "content": "Hi"}], "model": "gpt-4o"}
