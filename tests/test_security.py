@@ -459,3 +459,18 @@ async def test_bearer_key_reads_its_users_conversations(people):
 
     assert [c["id"] for c in orjson.loads(mine.content)["conversations"]] == [conversation_id]
     assert theirs.status_code == 404
+
+
+@db
+def test_createapikey_prints_a_working_key_once_and_stores_only_its_hash(people, capsys):
+    from chatproxy.models import ApiKey
+
+    call_command("createapikey", "alice", "--name", "nightly report")
+
+    raw = capsys.readouterr().out.strip()
+    key = ApiKey.objects.get()
+    assert (key.user, key.name) == (people["alice"], "nightly report")
+    assert raw.startswith("cpx_") and raw not in key.hashed
+    assert ApiKey.objects.user_for(raw) == people["alice"]
+    with pytest.raises(CommandError, match="No user 'nobody'"):
+        call_command("createapikey", "nobody")
