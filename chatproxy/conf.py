@@ -1,7 +1,7 @@
 """The only reader of ``django.conf.settings`` in chatproxy.
 
 Every setting is a property, so it is read on each access and ``override_settings`` just works.
-The README's settings table lists the same names with the same defaults (a test keeps them in step).
+docs/settings.md lists the same names with the same defaults (a test keeps them in step).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ application = ProtocolTypeRouter(
     }
 )
 
-# A long-running server's tuning of the cyclic garbage collector (README, Deployment): what
+# A long-running server's tuning of the cyclic garbage collector (docs/deployment.md): what
 # was loaded at start-up is frozen out of every later collection, and the youngest generation
 # is collected every 10,000 net allocations instead of 700, so a turn's short-lived objects
 # are mostly freed before a collection ever sees them. Measured: the collector's share of a

@@ -4,7 +4,7 @@ Under ASGI, Django runs every hook of a ``MiddlewareMixin`` middleware (``proces
 ``process_response``) through ``sync_to_async``: a hop to the request's thread and back, on
 every request, for hooks that may block. These five only read and write the request and the
 response, so here they are called where the request already is. That saves eight of the
-demo's thirteen hops per request (README, Deployment). ``SessionMiddleware`` and
+demo's thirteen hops per request (docs/deployment.md). ``SessionMiddleware`` and
 ``MessageMiddleware`` keep Django's hops: their ``process_response`` may write to the database.
 """
 

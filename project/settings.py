@@ -31,7 +31,7 @@ INSTALLED_APPS = [
 ]
 
 # Django's usual seven; five of them from project/middleware.py, which subclasses Django's own
-# and runs their hooks on the event loop instead of a thread hop each (README, Deployment).
+# and runs their hooks on the event loop instead of a thread hop each (docs/deployment.md).
 MIDDLEWARE = [
     "project.middleware.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

@@ -117,6 +117,5 @@ def test_demo_takes_five_of_djangos_middleware_from_project_middleware_as_the_re
     for path in ours:
         name = path.rsplit(".", 1)[1]
         assert issubclass(import_string(path), import_string(f"{djangos[name]}.{name}"))
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    deployment = readme.split("\n## Deployment\n", 1)[1].split("\n## ", 1)[0]
-    assert "`project/middleware.py`" in deployment
+    deployment = Path(__file__).resolve().parent.parent / "docs" / "deployment.md"
+    assert "`project/middleware.py`" in deployment.read_text()

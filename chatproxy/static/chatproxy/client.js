@@ -9,7 +9,7 @@
  * with one of the codes in LOCAL_ERRORS, so a page handles a single shape.
  */
 
-/** Codes of the `error` events this client makes itself; the server's are in the README. */
+/** Codes of the `error` events this client makes itself; the server's are in docs/protocol.md. */
 export const LOCAL_ERRORS = Object.freeze({
   cancelled: "The answer was stopped on request.",
   network_error: "The connection to the server failed. Check your network and try again.",
