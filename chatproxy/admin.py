@@ -55,7 +55,9 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
         queryset: QuerySet[Conversation] = super().get_queryset(request)
-        return queryset.select_related("owner").annotate(Count("messages"))
+        # distinct: the search on messages__content joins the messages again, and each
+        # matching message would otherwise count every message once more.
+        return queryset.select_related("owner").annotate(Count("messages", distinct=True))
 
     @admin.display(description="messages", ordering="messages__count")
     def message_count(self, obj: Conversation) -> int:

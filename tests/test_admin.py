@@ -108,3 +108,18 @@ def test_staff_without_view_permission_are_refused(django_user_model, conversati
     c.force_login(django_user_model.objects.create_user("clerk", password="pw", is_staff=True))
 
     assert c.get(f"/admin/chatproxy/conversation/{conversation.pk}/change/").status_code == 403
+
+
+def test_message_count_stays_true_when_a_search_matches_several_messages(
+    staff_client, conversation, user
+):
+    for _ in range(2):  # two more turns: six messages, each answer matching the search
+        _, answer_id = Conversation.objects.start_turn(
+            Owner(user_id=user.pk), conversation.pk, [{"role": "user", "content": "Again?"}], "m"
+        )
+        Message.objects.filter(pk=answer_id).update(content="It is 4.", status="completed")
+
+    response = staff_client.get("/admin/chatproxy/conversation/", {"q": "It is 4"})
+
+    assert response.context["cl"].result_count == 1
+    assert '<td class="field-message_count">6</td>' in response.content.decode()
