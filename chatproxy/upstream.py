@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
@@ -62,7 +63,13 @@ def get_client() -> openai.AsyncOpenAI:
         if demo:
             http_client = httpx2.AsyncClient(transport=DemoTransport())
         else:
-            http_client = httpx2.AsyncClient(transport=AiohttpTransport(), timeout=None)
+            http_client = httpx2.AsyncClient(
+                transport=AiohttpTransport(),
+                timeout=None,
+                # httpx2 keeps the cookies responses set, and sends them on every later call
+                # (every user's): a jar whose policy allows no domain keeps none.
+                cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+            )
         client = per_loop[key] = openai.AsyncOpenAI(
             api_key=api_key or "offline-demo",
             base_url=DEMO_BASE_URL if demo else base_url,

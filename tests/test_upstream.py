@@ -1,4 +1,5 @@
-"""The upstream module's pure parts: SSE framing and chunk reading, without a network."""
+"""The upstream module: SSE framing and chunk reading without a network, then what the client
+sends to and keeps from the fake upstream, and what it logs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chatproxy.exceptions import UpstreamError
-from chatproxy.upstream import Chunk, SSEDecoder, parse_chunk
+from chatproxy.upstream import AnswerStream, Chunk, SSEDecoder, parse_chunk
+from tests.fake_upstream import Reply
 
 STREAM = (
     b'data: {"id":"c1","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
@@ -68,3 +70,26 @@ def test_errors_and_garbage_raise_upstream_errors(payload, code):
 
     assert raised.value.code == code
     assert "boom" not in raised.value.message
+
+
+async def read_answer() -> list[Chunk]:
+    """Stream one answer from the upstream the settings name, through the shared client."""
+    stream = AnswerStream("gpt-test", [{"role": "user", "content": "Hi"}], {}, "")
+    chunks: list[Chunk] = []
+    try:
+        while (batch := await stream.next_batch()) is not None:
+            chunks += batch
+    finally:
+        await stream.aclose()
+    return chunks
+
+
+async def test_a_cookie_the_upstream_sets_is_never_sent_back(upstream, settings):
+    # By name, not 127.0.0.1: cookie jars may refuse cookies from a bare IP address.
+    settings.CHATPROXY_BASE_URL = f"http://localhost:{upstream.port}/v1"
+    upstream.enqueue(Reply(headers={"set-cookie": "affinity=alices-session; Path=/"}), Reply())
+
+    first, second = await read_answer(), await read_answer()
+
+    assert first and second
+    assert [r.headers.get("cookie") for r in upstream.requests] == [None, None]
