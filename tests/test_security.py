@@ -318,6 +318,58 @@ def test_api_key_never_appears_in_admin(people):
     assert all(KEY not in page for page in pages)
 
 
+# Caching: every answer depends on who asks, and may hold a transcript.
+
+PRIVATE = "private, no-store"
+PRIVATE_STREAM = "private, no-store, no-transform"
+# (who, method, path, status, Cache-Control); "alice's key" sends her bearer key, no cookie.
+CACHING = [
+    ("alice", "POST", "/completions", 200, PRIVATE_STREAM),
+    ("alice's key", "POST", "/completions", 200, PRIVATE_STREAM),
+    ("anonymous", "POST", "/completions", 401, PRIVATE),
+    ("alice", "GET", "/completions", 405, PRIVATE),
+    ("alice", "GET", "/completions/{id}/stream", 200, PRIVATE_STREAM),
+    ("bob", "GET", "/completions/{id}/stream", 404, PRIVATE),
+    ("alice", "POST", "/completions/{id}/cancel", 409, PRIVATE),
+    ("staff", "GET", "/completions/{id}/watch", 200, PRIVATE_STREAM),
+    ("bob", "GET", "/completions/{id}/watch", 404, PRIVATE),
+    ("alice", "GET", "/conversations", 200, PRIVATE),
+    ("alice's key", "GET", "/conversations", 200, PRIVATE),
+    ("anonymous", "GET", "/conversations", 401, PRIVATE),
+    ("alice", "GET", "/conversations/{id}", 200, PRIVATE),
+    ("alice's key", "GET", "/conversations/{id}", 200, PRIVATE),
+    ("bob", "GET", "/conversations/{id}", 404, PRIVATE),
+    ("alice", "POST", "/conversations/{id}", 405, PRIVATE),
+    ("alice", "GET", "/", 200, PRIVATE),
+]
+
+
+@db
+@pytest.mark.parametrize(("who", "method", "path", "status", "cache_control"), CACHING)
+async def test_private_answers_are_never_stored_and_vary_on_who_asks(
+    people, who, method, path, status, cache_control
+):
+    conversation_id = await alices_conversation(people)
+    headers = {}
+    if who == "alice's key":
+        _, raw = await sync_to_async(ApiKey.objects.issue)(people["alice"], "backend")
+        client, headers = AsyncClient(), {"Authorization": f"Bearer {raw}"}
+    else:
+        client = await client_for(people[who])
+    url = path.format(id=conversation_id)
+
+    if method == "POST" and path == "/completions":
+        response = await chat(client, HI, headers=headers)
+    else:
+        response = await client.generic(method, url, headers=headers)
+    if response.streaming:
+        await read_body(response)
+
+    assert response.status_code == status
+    assert response["Cache-Control"] == cache_control
+    assert {v.strip() for v in response["Vary"].split(",")} >= {"Cookie", "Authorization"}
+
+
 # Data: privacy mode, retention, escaping.
 
 
