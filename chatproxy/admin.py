@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.utils.translation import gettext_lazy as _
 
 from .models import ApiKey, Conversation, Message
 
@@ -101,7 +104,29 @@ class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         if change:
             super().save_model(request, obj, form, change)
             return
-        # The raw key exists only now: it is shown once and only its hash is stored.
+        # The raw key exists only now: only its hash is stored, and response_add shows it once.
         key, raw = ApiKey.objects.issue(obj.user, obj.name)
-        obj.pk, obj.prefix = key.pk, key.prefix
-        messages.warning(request, f"Copy this API key now; it will not be shown again: {raw}")
+        obj.pk, obj.prefix, obj.created_at = key.pk, key.prefix, key.created_at
+        _new_keys[request] = raw
+
+    def response_add(
+        self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None
+    ) -> HttpResponse:
+        """Show the new key on this response, never in a message: messages travel in a cookie
+        (signed, not encrypted) or the session."""
+        raw = _new_keys.pop(request, None)
+        if raw is None:
+            return super().response_add(request, obj, post_url_continue)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Copy the new API key"),
+            "opts": self.opts,
+            "key": obj,
+            "raw_key": raw,
+            "has_view_permission": self.has_view_or_change_permission(request, obj),
+        }
+        return TemplateResponse(request, "admin/chatproxy/apikey/created.html", context)
+
+
+# The raw key an add request issued, from save_model to response_add of the same request.
+_new_keys: WeakKeyDictionary[HttpRequest, str] = WeakKeyDictionary()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import re
 
 import orjson
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Group, Permission
+from django.contrib.sessions.models import Session
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import AsyncClient, Client
@@ -195,19 +197,23 @@ def test_admin_shows_a_new_key_once_and_stores_only_its_hash(people):
     c = Client()
     c.force_login(people["superuser"])
 
-    response = c.post(
-        "/admin/chatproxy/apikey/add/", {"user": people["alice"].pk, "name": "ci"}, follow=True
-    )
+    response = c.post("/admin/chatproxy/apikey/add/", {"user": people["alice"].pk, "name": "ci"})
 
-    shown = [str(m) for m in response.context["messages"] if "cpx_" in str(m)]
-    assert len(shown) == 2  # the one-time key, and Django's "added" line with its prefix only
-    raw = shown[0].split(": ")[-1]
-    assert shown[0].startswith("Copy this API key now") and raw not in shown[1]
+    html = response.content.decode()
+    raw = re.search(r"cpx_[0-9a-f]{8}_[A-Za-z0-9_-]{43}", html).group()
+    assert html.count(raw) == 1
+    assert "no-store" in response["Cache-Control"]
     key = ApiKey.objects.get()
     assert ApiKey.objects.user_for(raw) == people["alice"]
-    listing = c.get("/admin/chatproxy/apikey/").content.decode()
-    detail = c.get(f"/admin/chatproxy/apikey/{key.pk}/change/").content.decode()
-    assert raw not in listing and raw not in detail
+    assert key.hashed != raw and raw not in key.hashed
+    # Nowhere else: not in the pages after it, nor in a message, the session or a cookie.
+    for url in ("/admin/", "/admin/chatproxy/apikey/", f"/admin/chatproxy/apikey/{key.pk}/change/"):
+        later = c.get(url)
+        assert raw not in later.content.decode()
+        assert all(raw not in str(m) for m in later.context["messages"])
+    cookies = [*response.cookies.values(), *c.cookies.values()]
+    assert not [cookie.key for cookie in cookies if raw in cookie.value]
+    assert not [s for s in Session.objects.all() if raw in str(s.get_decoded())]
 
 
 # Limits.
