@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from weakref import WeakKeyDictionary
 
+from django import forms
 from django.contrib import admin
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse
@@ -84,6 +85,26 @@ class MessageAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_select_related = ["conversation"]
 
 
+ISSUE_FOR_OTHERS = "chatproxy.issue_apikey_for_others"
+OWN_KEYS_ONLY = (
+    "You may create API keys only for yourself: a key lets whoever holds it act as its user. "
+    "Creating one for another user needs the “Can create API keys for other users” permission."
+)
+
+
+class ApiKeyAddForm(forms.ModelForm):  # type: ignore[type-arg]
+    """A new key is for the requester, unless they may issue keys for others: a key acts as
+    its user on the chat API, transcripts included."""
+
+    requester: Any = None  # set on the class ApiKeyAdmin.get_form makes for each request
+
+    def clean_user(self) -> Any:
+        user = self.cleaned_data["user"]
+        if user.pk != self.requester.pk and not self.requester.has_perm(ISSUE_FOR_OTHERS):
+            raise forms.ValidationError(OWN_KEYS_ONLY, code="own_keys_only")
+        return user
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ["name", "user", "prefix", "revoked", "created_at", "last_used_at"]
@@ -98,7 +119,26 @@ class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         )
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        return self.readonly_fields if obj is None else ["user", *self.readonly_fields]
+        if obj is None:
+            return self.readonly_fields
+        # Revoking is for good: brought back, a leaked key would work again.
+        return ["user", *(["revoked"] if obj.revoked else []), *self.readonly_fields]
+
+    def get_form(
+        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        if obj is not None:
+            return super().get_form(request, obj, change, **kwargs)
+        # A subclass of ApiKeyAddForm made for this request alone (modelform_factory).
+        form = cast(
+            type[ApiKeyAddForm],
+            super().get_form(request, obj, change, form=ApiKeyAddForm, **kwargs),
+        )
+        form.requester = request.user
+        return form
+
+    def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
+        return {"user": request.user.pk, **super().get_changeform_initial_data(request)}
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:

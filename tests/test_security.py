@@ -129,6 +129,59 @@ async def test_matrix_admin_transcripts(people, who):
     assert listing.status_code == detail.status_code == ADMIN_LIST[who]
 
 
+# A key acts as its user on the chat API, transcripts included: whoever may make one for alice
+# may read hers, so that takes a permission of its own (or a superuser).
+API_KEYS = {
+    # who: (the key list, adding a key for alice, revoking alice's key)
+    "anonymous": (302, 302, 302),
+    "alice": (302, 302, 302),
+    "bob": (302, 302, 302),
+    "staff": (403, 403, 403),
+    "key clerk": (403, "refused", 403),
+    "key issuer": (403, "issued", 403),
+    "key keeper": (200, 403, "revoked"),
+    "superuser": (200, "issued", "revoked"),
+}
+
+
+@pytest.fixture
+def key_people(people, django_user_model):
+    """``people`` and three staff with API-key permissions only."""
+    grants = {
+        "key clerk": ["add_apikey"],
+        "key issuer": ["add_apikey", "issue_apikey_for_others"],
+        "key keeper": ["view_apikey", "change_apikey"],
+    }
+    for who, codenames in grants.items():
+        staff = django_user_model.objects.create_user(who.replace(" ", "_"), is_staff=True)
+        staff.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+        people[who] = staff
+    return people
+
+
+@db
+@pytest.mark.parametrize("who", API_KEYS)
+def test_matrix_admin_api_keys(key_people, who):
+    alice = key_people["alice"]
+    key, _ = ApiKey.objects.issue(alice, "alices")
+    c = Client()
+    if key_people[who] is not None:
+        c.force_login(key_people[who])
+
+    listing = c.get("/admin/chatproxy/apikey/")
+    added = c.post("/admin/chatproxy/apikey/add/", {"user": alice.pk, "name": "new"})
+    revoked = c.post(f"/admin/chatproxy/apikey/{key.pk}/change/", {"name": "x", "revoked": "on"})
+
+    issued = ApiKey.objects.filter(user=alice, name="new").exists()
+    key.refresh_from_db()
+    outcome = (
+        listing.status_code,
+        ("issued" if issued else "refused") if added.status_code == 200 else added.status_code,
+        "revoked" if key.revoked else revoked.status_code,
+    )
+    assert outcome == API_KEYS[who]
+
+
 @db
 async def test_conversation_ids_are_random_uuid4(people):
     ids = {await alices_conversation(people) for _ in range(3)}
