@@ -2,6 +2,9 @@
 
 With no OPENAI_API_KEY the offline demo model answers and anonymous chat is allowed; with a key,
 chat needs a logged-in user unless CHATPROXY_ALLOW_ANONYMOUS=1 says otherwise.
+
+The defaults are for a laptop, and the insecure ones are marked INSECURE below. On a server, go
+through the production checklist (README, Deployment) and run ``manage.py check --deploy``.
 """
 
 import os
@@ -13,12 +16,25 @@ from django.utils.module_loading import import_string
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
+# INSECURE default: a secret key everyone can read here. Set DJANGO_SECRET_KEY on a server.
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "demo-only-insecure-secret-key-change-me")
+# INSECURE default: DEBUG on shows tracebacks and settings to anyone. DJANGO_DEBUG=0 on a server.
 DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
 CSRF_TRUSTED_ORIGINS = [
     o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o
 ]
+
+# INSECURE default: plain HTTP, for http://127.0.0.1. Behind a proxy that ends TLS and sets
+# X-Forwarded-Proto (README, Deployment), DJANGO_HTTPS=1 redirects to HTTPS, sends HSTS for
+# DJANGO_HSTS_SECONDS (an hour to begin with; raise it once HTTPS works everywhere) and sends
+# the session and CSRF cookies over HTTPS only.
+if os.environ.get("DJANGO_HTTPS") == "1":
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_HSTS_SECONDS", "3600"))
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
 
 INSTALLED_APPS = [
     "daphne",
