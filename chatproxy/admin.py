@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
+from weakref import WeakKeyDictionary
 
-from django.contrib import admin, messages
+from django import forms
+from django.contrib import admin
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.utils.translation import gettext_lazy as _
 
 from .models import ApiKey, Conversation, Message
 
@@ -55,7 +59,9 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
         queryset: QuerySet[Conversation] = super().get_queryset(request)
-        return queryset.select_related("owner").annotate(Count("messages"))
+        # distinct: the search on messages__content joins the messages again, and each
+        # matching message would otherwise count every message once more.
+        return queryset.select_related("owner").annotate(Count("messages", distinct=True))
 
     @admin.display(description="messages", ordering="messages__count")
     def message_count(self, obj: Conversation) -> int:
@@ -79,6 +85,26 @@ class MessageAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_select_related = ["conversation"]
 
 
+ISSUE_FOR_OTHERS = "chatproxy.issue_apikey_for_others"
+OWN_KEYS_ONLY = (
+    "You may create API keys only for yourself: a key lets whoever holds it act as its user. "
+    "Creating one for another user needs the “Can create API keys for other users” permission."
+)
+
+
+class ApiKeyAddForm(forms.ModelForm):  # type: ignore[type-arg]
+    """A new key is for the requester, unless they may issue keys for others: a key acts as
+    its user on the chat API, transcripts included."""
+
+    requester: Any = None  # set on the class ApiKeyAdmin.get_form makes for each request
+
+    def clean_user(self) -> Any:
+        user = self.cleaned_data["user"]
+        if user.pk != self.requester.pk and not self.requester.has_perm(ISSUE_FOR_OTHERS):
+            raise forms.ValidationError(OWN_KEYS_ONLY, code="own_keys_only")
+        return user
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = ["name", "user", "prefix", "revoked", "created_at", "last_used_at"]
@@ -93,13 +119,54 @@ class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         )
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        return self.readonly_fields if obj is None else ["user", *self.readonly_fields]
+        if obj is None:
+            return self.readonly_fields
+        # Revoking is for good: brought back, a leaked key would work again.
+        return ["user", *(["revoked"] if obj.revoked else []), *self.readonly_fields]
+
+    def get_form(
+        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        if obj is not None:
+            return super().get_form(request, obj, change, **kwargs)
+        # A subclass of ApiKeyAddForm made for this request alone (modelform_factory).
+        form = cast(
+            type[ApiKeyAddForm],
+            super().get_form(request, obj, change, form=ApiKeyAddForm, **kwargs),
+        )
+        form.requester = request.user
+        return form
+
+    def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
+        return {"user": request.user.pk, **super().get_changeform_initial_data(request)}
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
             return
-        # The raw key exists only now: it is shown once and only its hash is stored.
+        # The raw key exists only now: only its hash is stored, and response_add shows it once.
         key, raw = ApiKey.objects.issue(obj.user, obj.name)
-        obj.pk, obj.prefix = key.pk, key.prefix
-        messages.warning(request, f"Copy this API key now; it will not be shown again: {raw}")
+        obj.pk, obj.prefix, obj.created_at = key.pk, key.prefix, key.created_at
+        _new_keys[request] = raw
+
+    def response_add(
+        self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None
+    ) -> HttpResponse:
+        """Show the new key on this response, never in a message: messages travel in a cookie
+        (signed, not encrypted) or the session."""
+        raw = _new_keys.pop(request, None)
+        if raw is None:
+            return super().response_add(request, obj, post_url_continue)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Copy the new API key"),
+            "opts": self.opts,
+            "key": obj,
+            "raw_key": raw,
+            "has_view_permission": self.has_view_or_change_permission(request, obj),
+        }
+        return TemplateResponse(request, "admin/chatproxy/apikey/created.html", context)
+
+
+# The raw key an add request issued, from save_model to response_add of the same request.
+_new_keys: WeakKeyDictionary[HttpRequest, str] = WeakKeyDictionary()

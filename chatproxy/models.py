@@ -393,6 +393,9 @@ class ApiKey(models.Model):
         verbose_name = _("API key")
         verbose_name_plural = _("API keys")
         ordering = ["-created_at"]
+        # A key acts as its user on the chat API (their transcripts included), so a key for
+        # anyone but oneself needs this, or a superuser.
+        permissions = [("issue_apikey_for_others", "Can create API keys for other users")]
 
     def __str__(self) -> str:
         return f"{self.name} ({KEY_PREFIX}{self.prefix}_…)"

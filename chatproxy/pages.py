@@ -22,7 +22,7 @@ from .auth import authenticate, session_key
 from .conf import conf
 from .exceptions import RequestError
 from .models import Conversation, Message, Owner
-from .views import error_response
+from .views import PRIVATE_HEADERS, error_response
 
 CONVERSATION_LIST_LIMIT = 50
 # Where chatproxy.routing mounts the consumer; not reversible, since Django's URL resolver does
@@ -46,7 +46,10 @@ async def chat_page(request: HttpRequest) -> HttpResponse:
         # The switch is offered only when the project can route the consumer.
         "websocket_path": WEBSOCKET_PATH if apps.is_installed("channels") else "",
     }
-    return render(request, "chatproxy/chat.html", context)
+    response = render(request, "chatproxy/chat.html", context)
+    for name, value in PRIVATE_HEADERS.items():  # it names the user, and sets their CSRF cookie
+        response[name] = value
+    return response
 
 
 async def conversations(request: HttpRequest) -> HttpResponse:
@@ -56,7 +59,7 @@ async def conversations(request: HttpRequest) -> HttpResponse:
     except RequestError as exc:
         return _answer_error(exc)
     if owner is None:
-        return JsonResponse({"conversations": []})
+        return JsonResponse({"conversations": []}, headers=PRIVATE_HEADERS)
     rows = Conversation.objects.owned_by(owner).order_by("-updated_at", "-created_at")
     found = [
         {
@@ -68,7 +71,7 @@ async def conversations(request: HttpRequest) -> HttpResponse:
         }
         async for c in rows[:CONVERSATION_LIST_LIMIT]
     ]
-    return JsonResponse({"conversations": found})
+    return JsonResponse({"conversations": found}, headers=PRIVATE_HEADERS)
 
 
 async def conversation(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
@@ -90,7 +93,9 @@ async def conversation(request: HttpRequest, conversation_id: uuid.UUID) -> Http
     messages: list[dict[str, Any]] = [
         {"role": m.role, "content": m.content, "status": m.status} async for m in rows
     ]
-    return JsonResponse({"id": str(found.pk), "title": found.title, "messages": messages})
+    return JsonResponse(
+        {"id": str(found.pk), "title": found.title, "messages": messages}, headers=PRIVATE_HEADERS
+    )
 
 
 async def _read_owner(request: HttpRequest) -> Owner | None:

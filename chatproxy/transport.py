@@ -33,6 +33,9 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
                 auto_decompress=False,  # httpx2 decodes by the response's Content-Encoding
                 trust_env=False,
+                # One session serves every user's turns: a cookie the upstream sets for one
+                # must not ride along on the next user's calls.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, NamedTuple
 from weakref import WeakKeyDictionary
 
@@ -62,7 +64,13 @@ def get_client() -> openai.AsyncOpenAI:
         if demo:
             http_client = httpx2.AsyncClient(transport=DemoTransport())
         else:
-            http_client = httpx2.AsyncClient(transport=AiohttpTransport(), timeout=None)
+            http_client = httpx2.AsyncClient(
+                transport=AiohttpTransport(),
+                timeout=None,
+                # httpx2 keeps the cookies responses set, and sends them on every later call
+                # (every user's): a jar whose policy allows no domain keeps none.
+                cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+            )
         client = per_loop[key] = openai.AsyncOpenAI(
             api_key=api_key or "offline-demo",
             base_url=DEMO_BASE_URL if demo else base_url,
@@ -411,9 +419,20 @@ def _retry_delay(exc: openai.APIError, attempt: int, cap: float) -> float | None
     return min(0.5 * 2.0**attempt, cap)
 
 
+_UNLOGGABLE = re.compile(r"[^A-Za-z0-9._:-]")
+_REQUEST_ID_LENGTH = 64
+
+
+def _loggable_request_id(value: str | None) -> str:
+    """Return the upstream's request id as it may be logged: only ``[A-Za-z0-9._:-]``, at most
+    _REQUEST_ID_LENGTH characters, ``-`` when there is none. The upstream chooses the header,
+    and a log line must not carry its control characters, forged lines or kilobytes."""
+    return _UNLOGGABLE.sub("", value or "")[:_REQUEST_ID_LENGTH] or "-"
+
+
 def _map_error(exc: openai.APIError) -> UpstreamError:
     # Log the upstream's request id, never its body: bodies can echo keys or internal URLs.
-    request_id = getattr(exc, "request_id", None)
+    request_id = _loggable_request_id(getattr(exc, "request_id", None))
     logger.warning("Upstream error %s (request id %s)", type(exc).__name__, request_id)
     if isinstance(exc, openai.APITimeoutError):
         return UpstreamError(

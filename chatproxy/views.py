@@ -25,8 +25,13 @@ from .payload import ChatRequest, decode_json, validate_request
 from .pipeline import prepare_turn, run_turn
 from .resume import last_answer, latest_answer, replay
 
+# Every answer here depends on who asks (the session cookie or the bearer key) and may carry a
+# transcript: no cache, the browser's included, may keep it or hand it to someone else.
+PRIVATE_HEADERS = {"Cache-Control": "private, no-store", "Vary": "Cookie, Authorization"}
+# no-transform: a proxy that compresses or re-chunks the body would hold back its lines.
 STREAM_HEADERS = {
-    "Cache-Control": "no-cache, no-transform",
+    **PRIVATE_HEADERS,
+    "Cache-Control": "private, no-store, no-transform",
     "X-Accel-Buffering": "no",
 }
 
@@ -34,7 +39,9 @@ STREAM_HEADERS = {
 def error_response(exc: RequestError) -> JsonResponse:
     """Return the 4xx JSON answer ``{"error": {"code", "message"}}`` for ``exc``."""
     response = JsonResponse(
-        {"error": {"code": exc.code, "message": exc.message}}, status=exc.status
+        {"error": {"code": exc.code, "message": exc.message}},
+        status=exc.status,
+        headers=PRIVATE_HEADERS,
     )
     if exc.status == 405:
         response["Allow"] = exc.allow or "POST"
@@ -123,7 +130,9 @@ async def cancel(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
             )
     except RequestError as exc:
         return error_response(exc)
-    return JsonResponse({"cancelling": True, "message_id": str(answer.pk)}, status=202)
+    return JsonResponse(
+        {"cancelling": True, "message_id": str(answer.pk)}, status=202, headers=PRIVATE_HEADERS
+    )
 
 
 async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:

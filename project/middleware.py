@@ -6,6 +6,9 @@ every request, for hooks that may block. These five only read and write the requ
 response, so here they are called where the request already is. That saves eight of the
 demo's thirteen hops per request (docs/deployment.md). ``SessionMiddleware`` and
 ``MessageMiddleware`` keep Django's hops: their ``process_response`` may write to the database.
+
+``project/settings.py`` wraps ``MIDDLEWARE`` in its ``Middleware`` list, so Django's deploy
+checks, which look for the exact dotted paths of Django's own, find these five as Django's.
 """
 
 from __future__ import annotations

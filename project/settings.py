@@ -2,21 +2,39 @@
 
 With no OPENAI_API_KEY the offline demo model answers and anonymous chat is allowed; with a key,
 chat needs a logged-in user unless CHATPROXY_ALLOW_ANONYMOUS=1 says otherwise.
+
+The defaults are for a laptop, and the insecure ones are marked INSECURE below. On a server, go
+through the production checklist (docs/deployment.md) and run ``manage.py check --deploy``.
 """
 
 import os
 from pathlib import Path
 
 import dj_database_url
+from django.apps import apps
+from django.utils.module_loading import import_string
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
+# INSECURE default: a secret key everyone can read here. Set DJANGO_SECRET_KEY on a server.
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "demo-only-insecure-secret-key-change-me")
+# INSECURE default: DEBUG on shows tracebacks and settings to anyone. DJANGO_DEBUG=0 on a server.
 DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
 CSRF_TRUSTED_ORIGINS = [
     o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o
 ]
+
+# INSECURE default: plain HTTP, for http://127.0.0.1. Behind a proxy that ends TLS and sets
+# X-Forwarded-Proto (docs/deployment.md), DJANGO_HTTPS=1 redirects to HTTPS, sends HSTS for
+# DJANGO_HSTS_SECONDS (an hour to begin with; raise it once HTTPS works everywhere) and sends
+# the session and CSRF cookies over HTTPS only.
+if os.environ.get("DJANGO_HTTPS") == "1":
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_HSTS_SECONDS", "3600"))
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
 
 INSTALLED_APPS = [
     "daphne",
@@ -30,9 +48,30 @@ INSTALLED_APPS = [
     "chatproxy",
 ]
 
+
+class Middleware(list[str]):
+    """A MIDDLEWARE list in which ``in`` also finds one of Django's middleware by a subclass
+    that stands in for it. Django's deploy checks look for the exact dotted path
+    (``"django.middleware.security.SecurityMiddleware" in settings.MIDDLEWARE``): without this
+    they report the security, CSRF and X-Frame-Options middleware missing, and skip the HSTS,
+    SSL-redirect and secure-cookie checks that need them. (The admin's checks already accept
+    subclasses.)"""
+
+    def __contains__(self, path: object) -> bool:
+        if super().__contains__(path):
+            return True
+        if not isinstance(path, str) or not apps.ready:  # importing middleware needs the apps
+            return False
+        try:
+            wanted = import_string(path)
+            return any(issubclass(import_string(entry), wanted) for entry in self)
+        except ImportError:
+            return False
+
+
 # Django's usual seven; five of them from project/middleware.py, which subclasses Django's own
 # and runs their hooks on the event loop instead of a thread hop each (docs/deployment.md).
-MIDDLEWARE = [
+MIDDLEWARE = Middleware([
     "project.middleware.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "project.middleware.CommonMiddleware",
@@ -40,7 +79,7 @@ MIDDLEWARE = [
     "project.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "project.middleware.XFrameOptionsMiddleware",
-]
+])  # fmt: skip
 
 ROOT_URLCONF = "project.urls"
 ASGI_APPLICATION = "project.asgi.application"

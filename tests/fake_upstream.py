@@ -205,7 +205,9 @@ class _Exchange:
 
     def _head(self, status: int, headers: dict[str, str]) -> bytes:
         phrase = _PHRASES.get(status, "Unknown")
-        lines = [f"HTTP/1.1 {status} {phrase}", f"x-request-id: req_{self.n}"]
+        lines = [f"HTTP/1.1 {status} {phrase}"]
+        # A Reply's own x-request-id (say, a hostile one) replaces the default.
+        headers = {"x-request-id": f"req_{self.n}", **headers}
         lines += [f"{k}: {v}" for k, v in headers.items()]
         lines += ["connection: close"] if self.close else []
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -1,12 +1,15 @@
-"""Staff read transcripts in the admin; nobody edits them; non-staff see nothing."""
+"""Staff read transcripts in the admin; nobody edits them; non-staff see nothing. Staff make API
+keys for themselves; a key for someone else needs its own permission."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 from django.contrib.auth.models import Permission
 from django.test import Client
 
-from chatproxy.models import Conversation, Message, Owner
+from chatproxy.models import ApiKey, Conversation, Message, Owner
 
 pytestmark = pytest.mark.django_db
 
@@ -108,3 +111,103 @@ def test_staff_without_view_permission_are_refused(django_user_model, conversati
     c.force_login(django_user_model.objects.create_user("clerk", password="pw", is_staff=True))
 
     assert c.get(f"/admin/chatproxy/conversation/{conversation.pk}/change/").status_code == 403
+
+
+def test_message_count_stays_true_when_a_search_matches_several_messages(
+    staff_client, conversation, user
+):
+    for _ in range(2):  # two more turns: six messages, each answer matching the search
+        _, answer_id = Conversation.objects.start_turn(
+            Owner(user_id=user.pk), conversation.pk, [{"role": "user", "content": "Again?"}], "m"
+        )
+        Message.objects.filter(pk=answer_id).update(content="It is 4.", status="completed")
+
+    response = staff_client.get("/admin/chatproxy/conversation/", {"q": "It is 4"})
+
+    assert response.context["cl"].result_count == 1
+    assert '<td class="field-message_count">6</td>' in response.content.decode()
+
+
+# API keys: a key acts as its user on the chat API, transcripts included.
+
+ADD_KEY = "/admin/chatproxy/apikey/add/"
+RAW_KEY = re.compile(r"cpx_[0-9a-f]{8}_[A-Za-z0-9_-]{43}")
+OWN_KEYS_ONLY = (
+    "You may create API keys only for yourself: a key lets whoever holds it act as its user. "
+    "Creating one for another user needs the “Can create API keys for other users” permission."
+)
+
+
+def staff_with(django_user_model, username, *codenames):
+    staff = django_user_model.objects.create_user(username, password="pw", is_staff=True)
+    staff.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    c = Client()
+    c.force_login(staff)
+    return staff, c
+
+
+def test_staff_who_may_add_keys_get_the_form_for_a_key_of_their_own(django_user_model):
+    clerk, c = staff_with(django_user_model, "clerk", "add_apikey")
+
+    form = c.get(ADD_KEY).content.decode()
+
+    assert re.search(rf'<input [^>]*name="user" value="{clerk.pk}"', form)
+
+
+def test_staff_who_may_only_add_keys_make_them_for_themselves(django_user_model):
+    clerk, c = staff_with(django_user_model, "clerk", "add_apikey")
+
+    response = c.post(ADD_KEY, {"user": clerk.pk, "name": "mine"})
+
+    assert response.status_code == 200
+    raw = RAW_KEY.search(response.content.decode()).group()
+    assert ApiKey.objects.user_for(raw) == clerk
+
+
+@pytest.mark.parametrize("whose", ["another user", "a superuser"])
+def test_staff_who_may_only_add_keys_are_refused_a_key_for_anyone_else(
+    django_user_model, user, whose
+):
+    root = django_user_model.objects.create_superuser("root", password="pw")
+    _, c = staff_with(django_user_model, "clerk", "add_apikey")
+    target = user if whose == "another user" else root
+
+    response = c.post(ADD_KEY, {"user": target.pk, "name": "theirs"})
+
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors == {"user": [OWN_KEYS_ONLY]}
+    assert not RAW_KEY.search(response.content.decode())
+    assert not ApiKey.objects.exists()
+
+
+def test_staff_with_the_permission_make_keys_for_anyone(django_user_model, user):
+    root = django_user_model.objects.create_superuser("root", password="pw")
+    _, c = staff_with(django_user_model, "issuer", "add_apikey", "issue_apikey_for_others")
+
+    for target in (user, root):
+        response = c.post(ADD_KEY, {"user": target.pk, "name": "theirs"})
+        raw = RAW_KEY.search(response.content.decode()).group()
+        assert ApiKey.objects.user_for(raw) == target
+
+
+def test_superusers_make_keys_for_anyone(django_user_model, user):
+    c = Client()
+    c.force_login(django_user_model.objects.create_superuser("root", password="pw"))
+
+    response = c.post(ADD_KEY, {"user": user.pk, "name": "theirs"})
+
+    raw = RAW_KEY.search(response.content.decode()).group()
+    assert ApiKey.objects.user_for(raw) == user
+
+
+def test_staff_who_may_change_keys_revoke_anyones_but_never_unrevoke_one(django_user_model, user):
+    key, raw = ApiKey.objects.issue(user, "alices")
+    _, c = staff_with(django_user_model, "revoker", "view_apikey", "change_apikey")
+    change = f"/admin/chatproxy/apikey/{key.pk}/change/"
+
+    revoked = c.post(change, {"name": "alices", "revoked": "on"})
+    unrevoked = c.post(change, {"name": "alices"})
+
+    assert revoked.status_code == unrevoked.status_code == 302
+    assert ApiKey.objects.get().revoked
+    assert ApiKey.objects.user_for(raw) is None

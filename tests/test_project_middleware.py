@@ -1,8 +1,13 @@
-"""The demo project's middleware: five of Django's, with their hooks run on the event loop."""
+"""The demo project's middleware: five of Django's, with their hooks run on the event loop, and
+seen as Django's own by Django's deploy checks."""
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -119,3 +124,35 @@ def test_demo_takes_five_of_djangos_middleware_from_project_middleware_as_the_re
         assert issubclass(import_string(path), import_string(f"{djangos[name]}.{name}"))
     deployment = Path(__file__).resolve().parent.parent / "docs" / "deployment.md"
     assert "`project/middleware.py`" in deployment.read_text()
+
+
+def deploy_check(**environ: str) -> str:
+    """Run ``manage.py check --deploy`` on the demo project, as on a server: DEBUG off and a
+    real secret key."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", "DJANGO_DEBUG": "0"}
+    env |= {"DJANGO_SECRET_KEY": secrets.token_urlsafe(50), **environ}
+    done = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done.stdout + done.stderr
+
+
+def test_deploy_checks_see_the_demos_middleware_and_warn_about_https():
+    found = set(re.findall(r"\((security\.[EW]\d{3})\)", deploy_check()))
+
+    # Not "middleware missing": the security, X-Frame-Options and CSRF middleware are found.
+    assert not found & {"security.W001", "security.W002", "security.W003"}
+    # So the checks that need them run: no HSTS, no SSL redirect, cookies sent over HTTP.
+    assert found >= {"security.W004", "security.W008", "security.W012", "security.W016"}
+
+
+def test_deploy_checks_pass_the_demo_behind_https():
+    found = set(re.findall(r"\((security\.[EW]\d{3})\)", deploy_check(DJANGO_HTTPS="1")))
+
+    # HSTS for subdomains and preloading are each site's own decision, which the checks ask for.
+    assert found <= {"security.W005", "security.W021"}

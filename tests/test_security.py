@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import re
 
 import orjson
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Group, Permission
+from django.contrib.sessions.models import Session
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import AsyncClient, Client
@@ -127,6 +129,59 @@ async def test_matrix_admin_transcripts(people, who):
     assert listing.status_code == detail.status_code == ADMIN_LIST[who]
 
 
+# A key acts as its user on the chat API, transcripts included: whoever may make one for alice
+# may read hers, so that takes a permission of its own (or a superuser).
+API_KEYS = {
+    # who: (the key list, adding a key for alice, revoking alice's key)
+    "anonymous": (302, 302, 302),
+    "alice": (302, 302, 302),
+    "bob": (302, 302, 302),
+    "staff": (403, 403, 403),
+    "key clerk": (403, "refused", 403),
+    "key issuer": (403, "issued", 403),
+    "key keeper": (200, 403, "revoked"),
+    "superuser": (200, "issued", "revoked"),
+}
+
+
+@pytest.fixture
+def key_people(people, django_user_model):
+    """``people`` and three staff with API-key permissions only."""
+    grants = {
+        "key clerk": ["add_apikey"],
+        "key issuer": ["add_apikey", "issue_apikey_for_others"],
+        "key keeper": ["view_apikey", "change_apikey"],
+    }
+    for who, codenames in grants.items():
+        staff = django_user_model.objects.create_user(who.replace(" ", "_"), is_staff=True)
+        staff.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+        people[who] = staff
+    return people
+
+
+@db
+@pytest.mark.parametrize("who", API_KEYS)
+def test_matrix_admin_api_keys(key_people, who):
+    alice = key_people["alice"]
+    key, _ = ApiKey.objects.issue(alice, "alices")
+    c = Client()
+    if key_people[who] is not None:
+        c.force_login(key_people[who])
+
+    listing = c.get("/admin/chatproxy/apikey/")
+    added = c.post("/admin/chatproxy/apikey/add/", {"user": alice.pk, "name": "new"})
+    revoked = c.post(f"/admin/chatproxy/apikey/{key.pk}/change/", {"name": "x", "revoked": "on"})
+
+    issued = ApiKey.objects.filter(user=alice, name="new").exists()
+    key.refresh_from_db()
+    outcome = (
+        listing.status_code,
+        ("issued" if issued else "refused") if added.status_code == 200 else added.status_code,
+        "revoked" if key.revoked else revoked.status_code,
+    )
+    assert outcome == API_KEYS[who]
+
+
 @db
 async def test_conversation_ids_are_random_uuid4(people):
     ids = {await alices_conversation(people) for _ in range(3)}
@@ -195,19 +250,23 @@ def test_admin_shows_a_new_key_once_and_stores_only_its_hash(people):
     c = Client()
     c.force_login(people["superuser"])
 
-    response = c.post(
-        "/admin/chatproxy/apikey/add/", {"user": people["alice"].pk, "name": "ci"}, follow=True
-    )
+    response = c.post("/admin/chatproxy/apikey/add/", {"user": people["alice"].pk, "name": "ci"})
 
-    shown = [str(m) for m in response.context["messages"] if "cpx_" in str(m)]
-    assert len(shown) == 2  # the one-time key, and Django's "added" line with its prefix only
-    raw = shown[0].split(": ")[-1]
-    assert shown[0].startswith("Copy this API key now") and raw not in shown[1]
+    html = response.content.decode()
+    raw = re.search(r"cpx_[0-9a-f]{8}_[A-Za-z0-9_-]{43}", html).group()
+    assert html.count(raw) == 1
+    assert "no-store" in response["Cache-Control"]
     key = ApiKey.objects.get()
     assert ApiKey.objects.user_for(raw) == people["alice"]
-    listing = c.get("/admin/chatproxy/apikey/").content.decode()
-    detail = c.get(f"/admin/chatproxy/apikey/{key.pk}/change/").content.decode()
-    assert raw not in listing and raw not in detail
+    assert key.hashed != raw and raw not in key.hashed
+    # Nowhere else: not in the pages after it, nor in a message, the session or a cookie.
+    for url in ("/admin/", "/admin/chatproxy/apikey/", f"/admin/chatproxy/apikey/{key.pk}/change/"):
+        later = c.get(url)
+        assert raw not in later.content.decode()
+        assert all(raw not in str(m) for m in later.context["messages"])
+    cookies = [*response.cookies.values(), *c.cookies.values()]
+    assert not [cookie.key for cookie in cookies if raw in cookie.value]
+    assert not [s for s in Session.objects.all() if raw in str(s.get_decoded())]
 
 
 # Limits.
@@ -316,6 +375,58 @@ def test_api_key_never_appears_in_admin(people):
     pages = [c.get(url).content.decode() for url in ("/admin/", "/admin/chatproxy/conversation/")]
 
     assert all(KEY not in page for page in pages)
+
+
+# Caching: every answer depends on who asks, and may hold a transcript.
+
+PRIVATE = "private, no-store"
+PRIVATE_STREAM = "private, no-store, no-transform"
+# (who, method, path, status, Cache-Control); "alice's key" sends her bearer key, no cookie.
+CACHING = [
+    ("alice", "POST", "/completions", 200, PRIVATE_STREAM),
+    ("alice's key", "POST", "/completions", 200, PRIVATE_STREAM),
+    ("anonymous", "POST", "/completions", 401, PRIVATE),
+    ("alice", "GET", "/completions", 405, PRIVATE),
+    ("alice", "GET", "/completions/{id}/stream", 200, PRIVATE_STREAM),
+    ("bob", "GET", "/completions/{id}/stream", 404, PRIVATE),
+    ("alice", "POST", "/completions/{id}/cancel", 409, PRIVATE),
+    ("staff", "GET", "/completions/{id}/watch", 200, PRIVATE_STREAM),
+    ("bob", "GET", "/completions/{id}/watch", 404, PRIVATE),
+    ("alice", "GET", "/conversations", 200, PRIVATE),
+    ("alice's key", "GET", "/conversations", 200, PRIVATE),
+    ("anonymous", "GET", "/conversations", 401, PRIVATE),
+    ("alice", "GET", "/conversations/{id}", 200, PRIVATE),
+    ("alice's key", "GET", "/conversations/{id}", 200, PRIVATE),
+    ("bob", "GET", "/conversations/{id}", 404, PRIVATE),
+    ("alice", "POST", "/conversations/{id}", 405, PRIVATE),
+    ("alice", "GET", "/", 200, PRIVATE),
+]
+
+
+@db
+@pytest.mark.parametrize(("who", "method", "path", "status", "cache_control"), CACHING)
+async def test_private_answers_are_never_stored_and_vary_on_who_asks(
+    people, who, method, path, status, cache_control
+):
+    conversation_id = await alices_conversation(people)
+    headers = {}
+    if who == "alice's key":
+        _, raw = await sync_to_async(ApiKey.objects.issue)(people["alice"], "backend")
+        client, headers = AsyncClient(), {"Authorization": f"Bearer {raw}"}
+    else:
+        client = await client_for(people[who])
+    url = path.format(id=conversation_id)
+
+    if method == "POST" and path == "/completions":
+        response = await chat(client, HI, headers=headers)
+    else:
+        response = await client.generic(method, url, headers=headers)
+    if response.streaming:
+        await read_body(response)
+
+    assert response.status_code == status
+    assert response["Cache-Control"] == cache_control
+    assert {v.strip() for v in response["Vary"].split(",")} >= {"Cookie", "Authorization"}
 
 
 # Data: privacy mode, retention, escaping.

@@ -24,7 +24,7 @@ async def test_seed_body_streams_the_three_event_protocol_byte_for_byte(client, 
 
     assert response.status_code == 200
     assert response["Content-Type"] == "application/x-ndjson"
-    assert response["Cache-Control"] == "no-cache, no-transform"
+    assert response["Cache-Control"] == "private, no-store, no-transform"
     assert response["X-Accel-Buffering"] == "no"
     body = await read_body(response)
     answer = await Message.objects.aget(role="assistant")
