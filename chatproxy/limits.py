@@ -5,6 +5,7 @@ Synchronous: they run on chatproxy's database thread, in the trip that starts th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import time
@@ -39,25 +40,55 @@ def check_model(model: str, user: Any) -> None:
     )
 
 
-def check_rate(owner: Owner) -> None:
-    """Count this request in a fixed window per owner; refuse it past CHATPROXY_RATE_LIMIT."""
+# The rate limit's window is cut into this many slots, each counted on its own.
+SLOTS = 10
+
+
+def check_rate(owner: Owner, *, now: float | None = None) -> None:
+    """Count this request in a sliding window per owner; refuse it past CHATPROXY_RATE_LIMIT.
+
+    The window is the current slot (a tenth of the period) and the ``SLOTS`` before it, so it
+    always covers the whole last period: no more than the limit passes in any period, at the
+    cost of counting up to a tenth of a period more. Each slot is one cache counter, raised with
+    the cache's atomic ``incr``, so the limit holds across workers sharing the cache. A refused
+    request is taken back out, so a client retrying while refused does not lock itself out.
+    """
     limit = conf.CHATPROXY_RATE_LIMIT
     if limit is None:
         return
     count, period = limit
-    now = time.time()
-    window = int(now // period)
-    key = f"chatproxy:rate:{owner.key}:{window}"
-    used = _count(key, period + 1)
-    if used > count:
-        retry = max(1, math.ceil((window + 1) * period - now))
-        raise RequestError(
-            "rate_limited",
-            f"Too many chat requests: at most {count} every {period} seconds. "
-            f"Try again in {retry} seconds.",
-            status=429,
-            retry_after=retry,
-        )
+    now = time.time() if now is None else now
+    width = period / SLOTS
+    slot = math.floor(now / width)
+    keys = [f"chatproxy:rate:{owner.key}:{s}" for s in range(slot - SLOTS, slot + 1)]
+    cache = caches[conf.CHATPROXY_CACHE]
+    # A slot stays in the window for SLOTS + 1 slot widths after it starts.
+    current = _count(keys[-1], math.ceil(period + width) + 1)
+    earlier = cache.get_many(keys[:-1])
+    counts = [int(earlier.get(key, 0)) for key in keys[:-1]] + [current]
+    if sum(counts) <= count:
+        return
+    with contextlib.suppress(ValueError):  # expired meanwhile: nothing left to take back
+        cache.decr(keys[-1])
+    retry = max(1, math.ceil(_frees_at(counts, count, slot, width) - now))
+    raise RequestError(
+        "rate_limited",
+        f"Too many chat requests: at most {count} every {period} seconds. "
+        f"Try again in {retry} seconds.",
+        status=429,
+        retry_after=retry,
+    )
+
+
+def _frees_at(counts: list[int], count: int, slot: int, width: float) -> float:
+    """When enough of the oldest slots have left the window for one more request to fit."""
+    # Without this refused request, the window holds sum(counts) - 1; one more needs count - 1.
+    excess, gone, age = sum(counts) - count, 0, 0
+    while gone + counts[age] < excess:
+        gone += counts[age]
+        age += 1
+    # Slot number `slot - SLOTS + age` leaves the window when slot `slot + age + 1` begins.
+    return (slot + age + 1) * width
 
 
 def _count(key: str, timeout: int) -> int:
@@ -68,7 +99,7 @@ def _count(key: str, timeout: int) -> int:
         return 1
     try:
         return int(cache.incr(key))
-    except ValueError:  # the window expired between add and incr
+    except ValueError:  # the slot expired between add and incr
         cache.add(key, 1, timeout=timeout)
         return 1
 

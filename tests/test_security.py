@@ -240,7 +240,8 @@ async def test_rate_limit_answers_429_with_retry_after(people, settings):
     assert first[-1]["event"] == second[-1]["event"] == "completed"
     assert third.status_code == 429
     assert orjson.loads(third.content)["error"]["code"] == "rate_limited"
-    assert 1 <= int(third["Retry-After"]) <= 60
+    # The sliding window counts up to a tenth of a period more than the period itself.
+    assert 1 <= int(third["Retry-After"]) <= 66
     assert others.status_code == 200
     await read_body(others)
 
