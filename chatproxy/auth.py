@@ -30,7 +30,7 @@ def user_from_bearer(authorization: str) -> Any | None:
 
 
 def identify(request: HttpRequest, create_session: bool = True) -> tuple[Owner, Any]:
-    """Return who is chatting and the user; raise if nobody may, or a session lacks CSRF.
+    """Return who is chatting and the user; raise if nobody may, or a cookie lacks CSRF.
 
     Synchronous, for chatproxy's database thread (``database.run``), where a turn does all of
     its reads and its first writes in one trip. ``create_session=False`` is for reads: an
@@ -39,23 +39,18 @@ def identify(request: HttpRequest, create_session: bool = True) -> tuple[Owner, 
     bearer = user_from_bearer(request.headers.get("Authorization", ""))
     if bearer is not None:
         return Owner(user_id=bearer.pk), bearer  # no cookie, so no CSRF to check
-    user = request.user  # set by AuthenticationMiddleware
+    user = request.user  # set by AuthenticationMiddleware, which loads the session
     if user.is_authenticated:
-        # Like Django's own views, a session-authenticated request must carry the CSRF token
-        # (the middleware lets safe methods such as GET through).
-        csrf = CsrfViewMiddleware(lambda r: HttpResponse())
-        csrf.process_request(request)
-        if csrf.process_view(request, _csrf_protected, (), {}) is not None:
-            raise RequestError(
-                "csrf_failed",
-                "CSRF check failed. Send the csrftoken cookie's value in the X-CSRFToken header.",
-                status=403,
-            )
+        _check_csrf(request)
         return Owner(user_id=user.pk), user
     if not conf.CHATPROXY_ALLOW_ANONYMOUS:
         raise RequestError(
             "authentication_required", "Log in to chat: this endpoint needs a user.", status=401
         )
+    if request.session.session_key is not None:
+        # An anonymous session is an identity carried by a cookie, which another site's form
+        # would send too. (A cookieless request has none to forge.)
+        _check_csrf(request)
     if not create_session:
         return Owner(session_key=request.session.session_key or ""), user
     return Owner(session_key=session_key(request)), user
@@ -64,6 +59,19 @@ def identify(request: HttpRequest, create_session: bool = True) -> tuple[Owner, 
 async def authenticate(request: HttpRequest, *, create_session: bool = True) -> tuple[Owner, Any]:
     """``identify()`` from async code, on chatproxy's database thread."""
     return await database.run(identify, request, create_session)
+
+
+def _check_csrf(request: HttpRequest) -> None:
+    """Refuse a request without the CSRF token, as Django's own views do (the middleware lets
+    safe methods such as GET through)."""
+    csrf = CsrfViewMiddleware(lambda r: HttpResponse())
+    csrf.process_request(request)
+    if csrf.process_view(request, _csrf_protected, (), {}) is not None:
+        raise RequestError(
+            "csrf_failed",
+            "CSRF check failed. Send the csrftoken cookie's value in the X-CSRFToken header.",
+            status=403,
+        )
 
 
 def _csrf_protected(request: HttpRequest) -> HttpResponse:

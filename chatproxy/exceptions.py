@@ -30,7 +30,7 @@ ERROR_CODES: dict[str, str] = {
     "invalid_parameter": "A sampling parameter that is not a number (400).",
     "authentication_required": "The request carries no logged-in user (401).",
     "invalid_api_key": "The Authorization: Bearer key is unknown or revoked (401).",
-    "csrf_failed": "A session-authenticated request without a valid CSRF token (403).",
+    "csrf_failed": "A request identified by a session cookie lacks a valid CSRF token (403).",
     "conversation_not_found": "No conversation with that id belongs to you (404).",
     "method_not_allowed": "Only POST is accepted (405).",
     "unsupported_media_type": "The body is not sent as application/json (415).",

@@ -56,7 +56,7 @@ class CompletionsView(View):
 
     @classmethod
     def as_view(cls, **initkwargs: Any) -> Any:
-        # CSRF is checked in authenticate(), for session-authenticated requests only.
+        # CSRF is checked in authenticate(), for requests identified by a session cookie.
         return csrf_exempt(super().as_view(**initkwargs))
 
     async def post(self, request: HttpRequest) -> HttpResponseBase:
@@ -108,7 +108,7 @@ async def resume(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
     )
 
 
-@csrf_exempt  # checked in authenticate(), for session-authenticated requests only
+@csrf_exempt  # checked in authenticate(), for requests identified by a session cookie
 async def cancel(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:
     """Stop the conversation's running answer in whichever worker generates it."""
     if request.method != "POST":

@@ -460,3 +460,101 @@ async def test_bearer_key_reads_its_users_conversations(people):
 
     assert [c["id"] for c in orjson.loads(mine.content)["conversations"]] == [conversation_id]
     assert theirs.status_code == 404
+
+
+# With anonymous chat on: every identity that comes from a cookie is CSRF-checked.
+
+ANONYMOUS_NEW_CHAT = {
+    "cookieless": 200,
+    "session_without_token": 403,
+    "session_with_token": 200,
+    "alice_without_token": 403,
+    "alice_with_token": 200,
+}
+# Each tries to stop the anonymous visitor's (finished) conversation.
+ANONYMOUS_CANCEL = {
+    "cookieless": 404,
+    "session_without_token": 403,
+    "session_with_token": 409,
+    "alice_without_token": 403,
+    "alice_with_token": 404,
+}
+TOKEN = "k" * 32
+
+
+async def anonymous_visitor() -> tuple[AsyncClient, str]:
+    """A strict client whose anonymous session (made by its first turn) owns a conversation."""
+    visitor = AsyncClient(enforce_csrf_checks=True)
+    events = await read_events(await chat(visitor, HI))
+    assert visitor.cookies["sessionid"].value
+    visitor.cookies["csrftoken"] = TOKEN
+    return visitor, events[0]["conversation_id"]
+
+
+async def strict_client_for(who: str, people, visitor: AsyncClient) -> tuple[AsyncClient, dict]:
+    if who.startswith("session"):
+        client = visitor
+    else:
+        client = AsyncClient(enforce_csrf_checks=True)
+        if who.startswith("alice"):
+            await client.aforce_login(people["alice"])
+            client.cookies["csrftoken"] = TOKEN
+    return client, ({"X-CSRFToken": TOKEN} if who.endswith("with_token") else {})
+
+
+@db
+@pytest.mark.parametrize("who", ANONYMOUS_NEW_CHAT)
+async def test_matrix_anonymous_chat_new_conversation_needs_csrf_with_a_cookie(
+    people, settings, who
+):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    visitor, _ = await anonymous_visitor()
+    client, headers = await strict_client_for(who, people, visitor)
+
+    response = await chat(client, HI, headers=headers)
+
+    assert response.status_code == ANONYMOUS_NEW_CHAT[who]
+    if response.status_code == 200:
+        assert (await read_events(response))[-1]["event"] == "completed"
+    else:
+        assert orjson.loads(response.content)["error"] == {
+            "code": "csrf_failed",
+            "message": "CSRF check failed. Send the csrftoken cookie's value in the "
+            "X-CSRFToken header.",
+        }
+
+
+@db
+@pytest.mark.parametrize("who", ANONYMOUS_CANCEL)
+async def test_matrix_anonymous_chat_cancel_needs_csrf_with_a_cookie(people, settings, who):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    visitor, conversation_id = await anonymous_visitor()
+    client, headers = await strict_client_for(who, people, visitor)
+
+    response = await client.post(f"/completions/{conversation_id}/cancel", headers=headers)
+
+    assert response.status_code == ANONYMOUS_CANCEL[who]
+
+
+@db
+async def test_a_cross_site_form_post_cannot_stop_an_anonymous_answer(settings, upstream):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    visitor, _ = await anonymous_visitor()
+    upstream.enqueue(Reply(tokens=[f"w{i} " for i in range(40)], delay=0.02))
+    response = await chat(visitor, HI, headers={"X-CSRFToken": TOKEN})
+    lines = response.streaming_content.__aiter__()
+    analyzing = orjson.loads(await anext(lines))
+    await anext(lines)  # the answer streams
+
+    # What a form on another site sends: the visitor's cookies, a form body, no token.
+    forged = await visitor.post(
+        f"/completions/{analyzing['conversation_id']}/cancel",
+        "x=1",
+        content_type="application/x-www-form-urlencoded",
+    )
+    rest = [orjson.loads(line) for chunk in [c async for c in lines] for line in chunk.splitlines()]
+
+    assert forged.status_code == 403
+    assert rest[-1]["event"] == "completed"
+    answer = await Message.objects.aget(pk=analyzing["message_id"])
+    assert answer.status == "completed"
