@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import numbers
 from typing import Any
 
@@ -24,6 +25,10 @@ _SECONDS = (
     "CHATPROXY_STALE_AFTER",
     "CHATPROXY_IDEMPOTENCY_WINDOW",
 )
+
+
+# Caps that are None (off) or a positive integer.
+_OPTIONAL_CAPS = ("CHATPROXY_MAX_ANONYMOUS_STREAMS",)
 
 
 def _is_number(value: Any) -> bool:
@@ -112,6 +117,13 @@ def _errors() -> list[CheckMessage]:
         errors.append(
             Error("CHATPROXY_MAX_STREAMS must be None or a positive integer.", id="chatproxy.E010")
         )
+    for name in _OPTIONAL_CAPS:
+        value = conf.raw(name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            errors.append(Error(f"{name} must be None or a positive integer.", id="chatproxy.E014"))
+    errors += _proxy_errors()
     groups = conf.raw("CHATPROXY_GROUP_MODELS")
     if groups is not None and not (
         isinstance(groups, dict)
@@ -151,6 +163,34 @@ def _errors() -> list[CheckMessage]:
             )
         )
     return errors
+
+
+def _proxy_errors() -> list[CheckMessage]:
+    proxies = conf.raw("CHATPROXY_TRUSTED_PROXIES")
+    if proxies is None:
+        return []
+    if isinstance(proxies, list | tuple):
+        bad = [proxy for proxy in proxies if not _is_network(proxy)]
+        if not bad:
+            return []
+        proxies = bad[0]
+    return [
+        Error(
+            "CHATPROXY_TRUSTED_PROXIES must be a list of IP addresses or networks, such as "
+            f'["10.0.0.0/8", "127.0.0.1"]; {proxies!r} is not one.',
+            hint="List the addresses of your own reverse proxies only: chatproxy reads "
+            "X-Forwarded-For when a request comes from one of them.",
+            id="chatproxy.E013",
+        )
+    ]
+
+
+def _is_network(value: Any) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
 
 
 def _interceptor_errors() -> list[CheckMessage]:

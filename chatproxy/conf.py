@@ -126,6 +126,15 @@ class Settings:
         return None if limit is None else int(limit)
 
     @property
+    def CHATPROXY_MAX_ANONYMOUS_STREAMS(self) -> int | None:
+        limit = getattr(settings, "CHATPROXY_MAX_ANONYMOUS_STREAMS", 10)
+        return None if limit is None else int(limit)
+
+    @property
+    def CHATPROXY_TRUSTED_PROXIES(self) -> list[str]:
+        return list(getattr(settings, "CHATPROXY_TRUSTED_PROXIES", []))
+
+    @property
     def CHATPROXY_CACHE(self) -> str:
         return str(getattr(settings, "CHATPROXY_CACHE", "default"))
 

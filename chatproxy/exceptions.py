@@ -37,6 +37,8 @@ ERROR_CODES: dict[str, str] = {
     "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",
     "rate_limited": "More requests than CHATPROXY_RATE_LIMIT allows; see Retry-After (429).",
     "too_many_streams": "More answers streaming at once than CHATPROXY_MAX_STREAMS (429).",
+    "too_many_anonymous_streams": "More answers streaming to anonymous visitors than "
+    "CHATPROXY_MAX_ANONYMOUS_STREAMS (429).",
     # Errors after the first line: the terminal `error` event.
     "upstream_timeout": "The upstream did not answer, or went silent, within CHATPROXY_TIMEOUT.",
     "upstream_unreachable": "The upstream could not be reached.",

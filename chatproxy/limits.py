@@ -1,5 +1,7 @@
-"""Per-user limits checked before a turn starts: models, request rate, concurrent streams.
+"""Limits checked before a turn starts: models, request rate, concurrent streams.
 
+Each counts per user, or for anonymous chat per session and per client address as well (a
+fresh session is free to get, an address is not), plus one cap on all anonymous streams.
 Synchronous: they run on chatproxy's database thread, in the trip that starts the turn.
 """
 
@@ -42,10 +44,13 @@ def check_model(model: str, user: Any) -> None:
 
 # The rate limit's window is cut into this many slots, each counted on its own.
 SLOTS = 10
+# The PostgreSQL advisory lock that serializes the starts of all anonymous turns.
+ANONYMOUS_LOCK = zlib.crc32(b"chatproxy:anonymous")
 
 
 def check_rate(owner: Owner, *, now: float | None = None) -> None:
-    """Count this request in a sliding window per owner; refuse it past CHATPROXY_RATE_LIMIT.
+    """Count this request in a sliding window per owner (and, for anonymous chat, per client
+    address); refuse it past CHATPROXY_RATE_LIMIT in either.
 
     The window is the current slot (a tenth of the period) and the ``SLOTS`` before it, so it
     always covers the whole last period: no more than the limit passes in any period, at the
@@ -58,19 +63,28 @@ def check_rate(owner: Owner, *, now: float | None = None) -> None:
         return
     count, period = limit
     now = time.time() if now is None else now
+    scopes = [] if owner.is_new else [owner.key]
+    if owner.user_id is None and owner.address:
+        scopes.append(f"address:{owner.address}")
     width = period / SLOTS
     slot = math.floor(now / width)
-    keys = [f"chatproxy:rate:{owner.key}:{s}" for s in range(slot - SLOTS, slot + 1)]
     cache = caches[conf.CHATPROXY_CACHE]
-    # A slot stays in the window for SLOTS + 1 slot widths after it starts.
-    current = _count(keys[-1], math.ceil(period + width) + 1)
-    earlier = cache.get_many(keys[:-1])
-    counts = [int(earlier.get(key, 0)) for key in keys[:-1]] + [current]
-    if sum(counts) <= count:
+    counted, frees_at = [], 0.0
+    for scope in scopes:
+        keys = [f"chatproxy:rate:{scope}:{s}" for s in range(slot - SLOTS, slot + 1)]
+        # A slot stays in the window for SLOTS + 1 slot widths after it starts.
+        current = _count(keys[-1], math.ceil(period + width) + 1)
+        counted.append(keys[-1])
+        earlier = cache.get_many(keys[:-1])
+        counts = [int(earlier.get(key, 0)) for key in keys[:-1]] + [current]
+        if sum(counts) > count:
+            frees_at = max(frees_at, _frees_at(counts, count, slot, width))
+    if not frees_at:
         return
-    with contextlib.suppress(ValueError):  # expired meanwhile: nothing left to take back
-        cache.decr(keys[-1])
-    retry = max(1, math.ceil(_frees_at(counts, count, slot, width) - now))
+    for key in counted:
+        with contextlib.suppress(ValueError):  # expired meanwhile: nothing left to take back
+            cache.decr(key)
+    retry = max(1, math.ceil(frees_at - now))
     raise RequestError(
         "rate_limited",
         f"Too many chat requests: at most {count} every {period} seconds. "
@@ -105,27 +119,53 @@ def _count(key: str, timeout: int) -> int:
 
 
 def check_streams(owner: Owner) -> None:
-    """Refuse a turn while the owner already has CHATPROXY_MAX_STREAMS answers streaming.
+    """Refuse a turn while the owner already has CHATPROXY_MAX_STREAMS answers streaming; for
+    anonymous chat, also while as many stream to the owner's address, or
+    CHATPROXY_MAX_ANONYMOUS_STREAMS to anonymous owners altogether.
 
     Called inside the transaction that starts the turn, after taking a lock that serializes
-    the owner's starts, so concurrent requests cannot all slip under the limit. Counted in the
-    database, so it holds across processes; an answer left ``streaming`` by a dead worker stops
-    counting after CHATPROXY_STALE_AFTER seconds.
+    the owner's starts (all anonymous starts, for anonymous chat), so concurrent requests cannot
+    all slip under a limit. Counted in the database, so it holds across processes; an answer
+    left ``streaming`` by a dead worker stops counting after CHATPROXY_STALE_AFTER seconds.
     """
     limit = conf.CHATPROXY_MAX_STREAMS
-    if limit is None:
+    anonymous = owner.user_id is None
+    everyone = conf.CHATPROXY_MAX_ANONYMOUS_STREAMS if anonymous else None
+    if limit is None and everyone is None:
         return
     if connection.vendor == "postgresql":
+        lock = ANONYMOUS_LOCK if anonymous else zlib.crc32(owner.key.encode())
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [zlib.crc32(owner.key.encode())])
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [lock])
     # (SQLite's BEGIN IMMEDIATE already serializes every start.)
     since = timezone.now() - datetime.timedelta(seconds=conf.CHATPROXY_STALE_AFTER)
-    owned = {f"conversation__{k}": v for k, v in owner.filter().items()}
-    streaming = Message.objects.filter(status=Status.STREAMING, created_at__gte=since, **owned)
-    if streaming.count() >= limit:
+    streaming = Message.objects.filter(status=Status.STREAMING, created_at__gte=since)
+    if limit is not None:
+        owned = {f"conversation__{k}": v for k, v in owner.filter().items()}
+        if not owner.is_new and streaming.filter(**owned).count() >= limit:
+            raise _too_many(
+                f"You already have {limit} answers streaming. Wait for one to finish, or stop one."
+            )
+        if (
+            anonymous
+            and owner.address
+            and streaming.filter(address_key=owner.address).count() >= limit
+        ):
+            raise _too_many(
+                f"{limit} answers are already streaming to your network address. "
+                "Wait for one to finish, or log in."
+            )
+    if everyone is not None and (
+        streaming.filter(conversation__owner__isnull=True).count() >= everyone
+    ):
         raise RequestError(
-            "too_many_streams",
-            f"You already have {limit} answers streaming. Wait for one to finish, or stop one.",
+            "too_many_anonymous_streams",
+            "The site is answering as many visitors without an account as it can "
+            f"({everyone} at once). Try again in a moment, or log in.",
             status=429,
             retry_after=5,
         )
+
+
+def _too_many(message: str) -> RequestError:
+    return RequestError("too_many_streams", message, status=429, retry_after=5)

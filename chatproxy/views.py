@@ -16,7 +16,7 @@ from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
 from . import followers
-from .auth import authenticate, identify
+from .auth import authenticate, identify, open_session
 from .conf import conf
 from .exceptions import RequestError
 from .interception import InterceptorSpec
@@ -73,6 +73,7 @@ class CompletionsView(View):
                     chat,
                     interceptors=self.interceptors,
                     idempotency_key=key,
+                    open_session=functools.partial(open_session, request),
                 )
                 lines = run_turn(turn)
             except DuplicateTurnError as duplicate:  # the key's turn ran or runs: replay it
@@ -142,7 +143,7 @@ async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespons
 
 async def _owned_answer(request: HttpRequest, conversation_id: uuid.UUID) -> Message:
     """The latest answer of the requester's conversation; 404 for anyone else's."""
-    owner, _ = await authenticate(request, create_session=False)
+    owner, _ = await authenticate(request)
     answer = await latest_answer(owner, conversation_id)
     if answer is None:
         raise _not_found()
