@@ -13,7 +13,12 @@ from django.utils.module_loading import import_string
 from .conf import conf
 from .interception import Interceptor
 
-_POSITIVE_INTS = ("CHATPROXY_MAX_MESSAGES", "CHATPROXY_MAX_CHARS", "CHATPROXY_MAX_BODY_BYTES")
+_POSITIVE_INTS = (
+    "CHATPROXY_MAX_MESSAGES",
+    "CHATPROXY_MAX_CHARS",
+    "CHATPROXY_MAX_HISTORY_CHARS",
+    "CHATPROXY_MAX_BODY_BYTES",
+)
 _SECONDS = (
     "CHATPROXY_TIMEOUT",
     "CHATPROXY_CONNECT_TIMEOUT",
@@ -78,12 +83,28 @@ def _errors() -> list[CheckMessage]:
                 id="chatproxy.E003",
             )
         )
+    bad_limits = set()
     for name in _POSITIVE_INTS:
         value = conf.raw(name)
         if value is not None and (
             not isinstance(value, int) or isinstance(value, bool) or value < 1
         ):
+            bad_limits.add(name)
             errors.append(Error(f"{name} must be a positive integer.", id="chatproxy.E004"))
+    if (
+        not bad_limits & {"CHATPROXY_MAX_CHARS", "CHATPROXY_MAX_HISTORY_CHARS"}
+        and conf.CHATPROXY_MAX_HISTORY_CHARS < conf.CHATPROXY_MAX_CHARS
+    ):
+        errors.append(
+            Error(
+                f"CHATPROXY_MAX_HISTORY_CHARS ({conf.CHATPROXY_MAX_HISTORY_CHARS}) is below "
+                f"CHATPROXY_MAX_CHARS ({conf.CHATPROXY_MAX_CHARS}): a request at the limit "
+                "would not fit.",
+                hint="Raise CHATPROXY_MAX_HISTORY_CHARS, or leave it out for 4 times "
+                "CHATPROXY_MAX_CHARS.",
+                id="chatproxy.E015",
+            )
+        )
     for name in _SECONDS:
         value = conf.raw(name)
         if value is not None and (not _is_number(value) or value < 0):

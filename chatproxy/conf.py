@@ -71,6 +71,11 @@ class Settings:
         return int(getattr(settings, "CHATPROXY_MAX_CHARS", 40_000))
 
     @property
+    def CHATPROXY_MAX_HISTORY_CHARS(self) -> int:
+        default = 4 * self.CHATPROXY_MAX_CHARS
+        return int(getattr(settings, "CHATPROXY_MAX_HISTORY_CHARS", default))
+
+    @property
     def CHATPROXY_MAX_BODY_BYTES(self) -> int:
         return int(getattr(settings, "CHATPROXY_MAX_BODY_BYTES", 256 * 1024))
 

@@ -48,6 +48,36 @@ SLOTS = 10
 ANONYMOUS_LOCK = zlib.crc32(b"chatproxy:anonymous")
 
 
+def bound_history(
+    history: list[dict[str, str]], messages: list[dict[str, str]]
+) -> tuple[list[dict[str, str]], int]:
+    """Return the stored ``history`` cut to fit, with the request's own ``messages``, in
+    CHATPROXY_MAX_HISTORY_CHARS characters, and how many of its messages were dropped.
+
+    The oldest exchanges go first, each whole: a user message and the answers after it.
+    System messages stay, and so do the request's own messages (CHATPROXY_MAX_CHARS bounds
+    them). What interceptors add later (a system prompt, context) comes on top.
+    """
+    limit = conf.CHATPROXY_MAX_HISTORY_CHARS
+    total = sum(len(m["content"]) for m in [*history, *messages])
+    if total <= limit:
+        return history, 0
+    exchanges: list[list[int]] = []
+    for i, message in enumerate(history):
+        if message["role"] == "system":
+            continue
+        if message["role"] == "user" or not exchanges:
+            exchanges.append([])
+        exchanges[-1].append(i)
+    dropped: set[int] = set()
+    for exchange in exchanges:
+        if total <= limit:
+            break
+        dropped.update(exchange)
+        total -= sum(len(history[i]["content"]) for i in exchange)
+    return [m for i, m in enumerate(history) if i not in dropped], len(dropped)
+
+
 def check_rate(owner: Owner, *, now: float | None = None) -> None:
     """Count this request in a sliding window per owner (and, for anonymous chat, per client
     address); refuse it past CHATPROXY_RATE_LIMIT in either.

@@ -22,7 +22,7 @@ from .events import PING, Encoder, Event, error_event
 from .exceptions import RequestError, TurnError
 from .followers import TurnChannel
 from .interception import Chain, InterceptorSpec, build_chain
-from .limits import check_model, check_rate
+from .limits import bound_history, check_model, check_rate
 from .models import Conversation, DuplicateTurnError, IdempotencyKey, Message, Owner, Status
 from .payload import ChatRequest
 from .signals import turn_finished
@@ -92,6 +92,8 @@ def _open_turn(
                     status=404,
                 )
             history = found
+        # Bounded here, before the interceptors, which keep what they add (a system prompt).
+        history, dropped = bound_history(history, request.messages)
         turn = Turn(
             owner=owner,
             request=request,
@@ -101,6 +103,7 @@ def _open_turn(
             chain=chain,
             state=TurnState(transforming=chain.transforming),
             idempotency_key=key,
+            dropped_messages=dropped,
         )
         # Written before the first byte, so a limit (429) or a duplicate submission can
         # still be answered as such.
@@ -193,6 +196,8 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                 "finish_reason": state.finish_reason,
                 "usage": state.usage,
             }
+            if turn.dropped_messages:
+                terminal["history"] = turn.history_cut()
         except TurnError as exc:
             if state.status is Status.STREAMING:
                 state.end(Status(exc.status), exc.code, exc.message)

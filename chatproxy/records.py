@@ -132,6 +132,8 @@ def _finish(turn: Turn) -> None:
     outcome = turn.state.outcome()
     outcome.model, outcome.cost = turn.model, turn.cost
     outcome.metadata = turn.metadata or None
+    if turn.dropped_messages:
+        outcome.metadata = {**turn.metadata, "history": turn.history_cut()}
     if not conf.CHATPROXY_STORE_CONTENT:
         outcome.content = outcome.raw_content = ""
     Message.objects.finish_turn(turn.conversation_id, turn.answer_id, outcome)

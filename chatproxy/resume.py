@@ -80,11 +80,14 @@ def _terminal(answer: Message, ids: dict[str, str]) -> dict[str, Any]:
                 "completion_tokens": answer.completion_tokens,
                 "total_tokens": answer.total_tokens,
             }
-        return {
+        completed = {
             "event": "completed",
             **ids,
             "finish_reason": answer.finish_reason or None,
             "usage": usage,
         }
+        if isinstance(answer.metadata, dict) and "history" in answer.metadata:
+            completed["history"] = answer.metadata["history"]
+        return completed
     message = answer.error_message or "The answer did not finish."
     return dict(error_event(answer.error_code or "internal_error", message, **ids))

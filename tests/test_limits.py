@@ -80,3 +80,36 @@ def test_refused_requests_do_not_count(limit):
 
     # Once the first 30 have aged out, the hammering has not pushed the window further.
     assert passes(owner, start + PERIOD + PERIOD / 10 + 30)
+
+
+def said(role: str, text: str) -> dict[str, str]:
+    return {"role": role, "content": text}
+
+
+def test_the_history_bound_drops_the_oldest_exchanges_whole_and_keeps_system_messages(settings):
+    from chatproxy.limits import bound_history
+
+    settings.CHATPROXY_MAX_CHARS = 100
+    settings.CHATPROXY_MAX_HISTORY_CHARS = 350
+    history = [
+        said("system", "s" * 10),
+        said("user", "a" * 100),
+        said("assistant", "b" * 100),
+        said("user", "c" * 100),  # its answer was interrupted before any text
+        said("user", "d" * 100),
+        said("assistant", "e" * 100),
+    ]
+
+    kept, dropped = bound_history(history, [said("user", "f" * 100)])
+
+    assert kept == [history[0], history[4], history[5]]
+    assert dropped == 3
+
+
+def test_a_history_within_the_bound_is_sent_whole(settings):
+    from chatproxy.limits import bound_history
+
+    settings.CHATPROXY_MAX_HISTORY_CHARS = 301
+    history = [said("user", "a" * 100), said("assistant", "b" * 100)]
+
+    assert bound_history(history, [said("user", "c" * 100)]) == (history, 0)
