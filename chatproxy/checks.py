@@ -33,7 +33,11 @@ _SECONDS = (
 
 
 # Caps that are None (off) or a positive integer.
-_OPTIONAL_CAPS = ("CHATPROXY_MAX_ANONYMOUS_STREAMS",)
+_OPTIONAL_CAPS = (
+    "CHATPROXY_MAX_ANONYMOUS_STREAMS",
+    "CHATPROXY_MAX_FOLLOWERS",
+    "CHATPROXY_MAX_FOLLOWERS_PER_USER",
+)
 
 
 def _is_number(value: Any) -> bool:

@@ -140,6 +140,16 @@ class Settings:
         return list(getattr(settings, "CHATPROXY_TRUSTED_PROXIES", []))
 
     @property
+    def CHATPROXY_MAX_FOLLOWERS(self) -> int | None:
+        limit = getattr(settings, "CHATPROXY_MAX_FOLLOWERS", 10)
+        return None if limit is None else int(limit)
+
+    @property
+    def CHATPROXY_MAX_FOLLOWERS_PER_USER(self) -> int | None:
+        limit = getattr(settings, "CHATPROXY_MAX_FOLLOWERS_PER_USER", 10)
+        return None if limit is None else int(limit)
+
+    @property
     def CHATPROXY_CACHE(self) -> str:
         return str(getattr(settings, "CHATPROXY_CACHE", "default"))
 

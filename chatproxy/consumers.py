@@ -153,7 +153,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
     def _follow(self, answer: Message, extra: dict[str, Any]) -> Lines:
         self.turn, self.following = None, answer.pk
-        return replay(answer, extra)
+        return replay(answer, extra, self.owner.key)
 
     async def relay(self, lines: Lines) -> None:
         try:

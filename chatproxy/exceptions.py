@@ -39,6 +39,8 @@ ERROR_CODES: dict[str, str] = {
     "too_many_streams": "More answers streaming at once than CHATPROXY_MAX_STREAMS (429).",
     "too_many_anonymous_streams": "More answers streaming to anonymous visitors than "
     "CHATPROXY_MAX_ANONYMOUS_STREAMS (429).",
+    "too_many_followers": "A resume or watch past CHATPROXY_MAX_FOLLOWERS on the answer, or "
+    "CHATPROXY_MAX_FOLLOWERS_PER_USER for the user (429; an error frame on a WebSocket).",
     # Errors after the first line: the terminal `error` event.
     "upstream_timeout": "The upstream did not answer, or went silent, within CHATPROXY_TIMEOUT.",
     "upstream_unreachable": "The upstream could not be reached.",
@@ -57,6 +59,8 @@ ERROR_CODES: dict[str, str] = {
     "not_streaming": "POST …/cancel found no answer streaming in that conversation (409).",
     "invalid_idempotency_key": "The Idempotency-Key is empty or longer than 200 characters (400).",
     "server_shutdown": "The server shut down before the answer finished (saved `interrupted`).",
+    "follower_too_slow": "A resume or watch fell too far behind the answer and was dropped; "
+    "the answer itself goes on.",
     "worker_lost": "The worker generating the answer died: a resume serves the checkpointed "
     "text, then this (also saved by `markinterrupted`).",
     # Saved on an answer, never sent: nobody is listening any more.

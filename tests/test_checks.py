@@ -42,6 +42,8 @@ def test_test_settings_pass_cleanly():
         ("CHATPROXY_TRUSTED_PROXIES", "10.0.0.1", "chatproxy.E013"),
         ("CHATPROXY_TRUSTED_PROXIES", ["10.0.0.0/8", "proxy.internal"], "chatproxy.E013"),
         ("CHATPROXY_MAX_ANONYMOUS_STREAMS", 0, "chatproxy.E014"),
+        ("CHATPROXY_MAX_FOLLOWERS", "many", "chatproxy.E014"),
+        ("CHATPROXY_MAX_FOLLOWERS_PER_USER", 0, "chatproxy.E014"),
         ("CHATPROXY_MAX_HISTORY_CHARS", 0, "chatproxy.E004"),
         ("CHATPROXY_MAX_HISTORY_CHARS", 39_999, "chatproxy.E015"),
     ],
