@@ -697,3 +697,34 @@ async def test_the_chat_page_creates_no_session_for_a_visitor(settings):
     assert all(page.cookies["csrftoken"].value for page in pages)
     assert not any("sessionid" in page.cookies for page in pages)
     assert await session_count() == 0
+
+
+# Each reads the anonymous visitor's conversation: the resume, the JSON view, a socket's resume.
+ANONYMOUS_READ = {"cookieless": 404, "session": 200, "alice": 404}
+
+
+@db
+@pytest.mark.parametrize("who", ANONYMOUS_READ)
+async def test_matrix_anonymous_chat_resume_and_read_the_visitors_conversation(
+    people, settings, who
+):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    visitor, conversation_id = await anonymous_visitor()
+    client = {"session": visitor, "alice": await client_for(people["alice"])}.get(who)
+    client = client or AsyncClient()
+    cookie = "; ".join(f"{k}={v.value}" for k, v in client.cookies.items())
+    socket = await open_socket(cookie)
+    await socket.connect()
+
+    resumed = await client.get(f"/completions/{conversation_id}/stream")
+    read = await client.get(f"/conversations/{conversation_id}")
+    await socket.send_json_to({"type": "resume", "conversation_id": conversation_id})
+    frames = await frames_until_terminal(socket)
+    await socket.disconnect()
+
+    assert resumed.status_code == read.status_code == ANONYMOUS_READ[who]
+    if resumed.status_code == 200:
+        assert (await read_events(resumed))[-1]["event"] == "completed"
+    last = frames[-1]
+    expected = "completed" if ANONYMOUS_READ[who] == 200 else "conversation_not_found"
+    assert (last["event"] if last["event"] == "completed" else last["error"]["code"]) == expected
