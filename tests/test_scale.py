@@ -446,7 +446,8 @@ async def test_followers_are_capped_per_user_across_answers(user, client, upstre
 async def test_a_follower_that_falls_behind_is_dropped_with_an_error_event(client, upstream):
     from chatproxy.followers import QUEUE_SIZE
 
-    upstream.enqueue(Reply(tokens=["t "] * (QUEUE_SIZE + 50)))
+    # Trickled, so the follower attaches with well over a queue's worth still to come.
+    upstream.enqueue(Reply(tokens=["t "] * (QUEUE_SIZE + 300), delay=0.002))
     turn = await chat(client, HI)
     lines = turn.streaming_content.__aiter__()
     analyzing = orjson.loads(await anext(lines))
