@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import numbers
 from typing import Any
 
@@ -12,7 +13,12 @@ from django.utils.module_loading import import_string
 from .conf import conf
 from .interception import Interceptor
 
-_POSITIVE_INTS = ("CHATPROXY_MAX_MESSAGES", "CHATPROXY_MAX_CHARS", "CHATPROXY_MAX_BODY_BYTES")
+_POSITIVE_INTS = (
+    "CHATPROXY_MAX_MESSAGES",
+    "CHATPROXY_MAX_CHARS",
+    "CHATPROXY_MAX_HISTORY_CHARS",
+    "CHATPROXY_MAX_BODY_BYTES",
+)
 _SECONDS = (
     "CHATPROXY_TIMEOUT",
     "CHATPROXY_CONNECT_TIMEOUT",
@@ -23,6 +29,14 @@ _SECONDS = (
     "CHATPROXY_SHUTDOWN_GRACE",
     "CHATPROXY_STALE_AFTER",
     "CHATPROXY_IDEMPOTENCY_WINDOW",
+)
+
+
+# Caps that are None (off) or a positive integer.
+_OPTIONAL_CAPS = (
+    "CHATPROXY_MAX_ANONYMOUS_STREAMS",
+    "CHATPROXY_MAX_FOLLOWERS",
+    "CHATPROXY_MAX_FOLLOWERS_PER_USER",
 )
 
 
@@ -73,12 +87,28 @@ def _errors() -> list[CheckMessage]:
                 id="chatproxy.E003",
             )
         )
+    bad_limits = set()
     for name in _POSITIVE_INTS:
         value = conf.raw(name)
         if value is not None and (
             not isinstance(value, int) or isinstance(value, bool) or value < 1
         ):
+            bad_limits.add(name)
             errors.append(Error(f"{name} must be a positive integer.", id="chatproxy.E004"))
+    if (
+        not bad_limits & {"CHATPROXY_MAX_CHARS", "CHATPROXY_MAX_HISTORY_CHARS"}
+        and conf.CHATPROXY_MAX_HISTORY_CHARS < conf.CHATPROXY_MAX_CHARS
+    ):
+        errors.append(
+            Error(
+                f"CHATPROXY_MAX_HISTORY_CHARS ({conf.CHATPROXY_MAX_HISTORY_CHARS}) is below "
+                f"CHATPROXY_MAX_CHARS ({conf.CHATPROXY_MAX_CHARS}): a request at the limit "
+                "would not fit.",
+                hint="Raise CHATPROXY_MAX_HISTORY_CHARS, or leave it out for 4 times "
+                "CHATPROXY_MAX_CHARS.",
+                id="chatproxy.E015",
+            )
+        )
     for name in _SECONDS:
         value = conf.raw(name)
         if value is not None and (not _is_number(value) or value < 0):
@@ -112,6 +142,13 @@ def _errors() -> list[CheckMessage]:
         errors.append(
             Error("CHATPROXY_MAX_STREAMS must be None or a positive integer.", id="chatproxy.E010")
         )
+    for name in _OPTIONAL_CAPS:
+        value = conf.raw(name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            errors.append(Error(f"{name} must be None or a positive integer.", id="chatproxy.E014"))
+    errors += _proxy_errors()
     groups = conf.raw("CHATPROXY_GROUP_MODELS")
     if groups is not None and not (
         isinstance(groups, dict)
@@ -151,6 +188,34 @@ def _errors() -> list[CheckMessage]:
             )
         )
     return errors
+
+
+def _proxy_errors() -> list[CheckMessage]:
+    proxies = conf.raw("CHATPROXY_TRUSTED_PROXIES")
+    if proxies is None:
+        return []
+    if isinstance(proxies, list | tuple):
+        bad = [proxy for proxy in proxies if not _is_network(proxy)]
+        if not bad:
+            return []
+        proxies = bad[0]
+    return [
+        Error(
+            "CHATPROXY_TRUSTED_PROXIES must be a list of IP addresses or networks, such as "
+            f'["10.0.0.0/8", "127.0.0.1"]; {proxies!r} is not one.',
+            hint="List the addresses of your own reverse proxies only: chatproxy reads "
+            "X-Forwarded-For when a request comes from one of them.",
+            id="chatproxy.E013",
+        )
+    ]
+
+
+def _is_network(value: Any) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
 
 
 def _interceptor_errors() -> list[CheckMessage]:

@@ -71,6 +71,11 @@ class Settings:
         return int(getattr(settings, "CHATPROXY_MAX_CHARS", 40_000))
 
     @property
+    def CHATPROXY_MAX_HISTORY_CHARS(self) -> int:
+        default = 4 * self.CHATPROXY_MAX_CHARS
+        return int(getattr(settings, "CHATPROXY_MAX_HISTORY_CHARS", default))
+
+    @property
     def CHATPROXY_MAX_BODY_BYTES(self) -> int:
         return int(getattr(settings, "CHATPROXY_MAX_BODY_BYTES", 256 * 1024))
 
@@ -123,6 +128,25 @@ class Settings:
     @property
     def CHATPROXY_MAX_STREAMS(self) -> int | None:
         limit = getattr(settings, "CHATPROXY_MAX_STREAMS", 3)
+        return None if limit is None else int(limit)
+
+    @property
+    def CHATPROXY_MAX_ANONYMOUS_STREAMS(self) -> int | None:
+        limit = getattr(settings, "CHATPROXY_MAX_ANONYMOUS_STREAMS", 10)
+        return None if limit is None else int(limit)
+
+    @property
+    def CHATPROXY_TRUSTED_PROXIES(self) -> list[str]:
+        return list(getattr(settings, "CHATPROXY_TRUSTED_PROXIES", []))
+
+    @property
+    def CHATPROXY_MAX_FOLLOWERS(self) -> int | None:
+        limit = getattr(settings, "CHATPROXY_MAX_FOLLOWERS", 10)
+        return None if limit is None else int(limit)
+
+    @property
+    def CHATPROXY_MAX_FOLLOWERS_PER_USER(self) -> int | None:
+        limit = getattr(settings, "CHATPROXY_MAX_FOLLOWERS_PER_USER", 10)
         return None if limit is None else int(limit)
 
     @property

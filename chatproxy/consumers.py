@@ -15,7 +15,7 @@ from typing import Any
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from . import database, followers
-from .auth import user_from_bearer
+from .auth import scope_address_key, user_from_bearer
 from .conf import conf
 from .events import Encoder, error_event
 from .exceptions import RequestError
@@ -61,7 +61,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             # under a key of its own unless the browser already has a session.
             session = self.scope.get("session")
             key = getattr(session, "session_key", None) or f"ws-{uuid.uuid4().hex}"
-            self.owner = Owner(session_key=key)
+            self.owner = Owner(session_key=key, address=scope_address_key(self.scope))
         else:
             await self.close(code=CLOSE_UNAUTHENTICATED)
 
@@ -153,7 +153,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
     def _follow(self, answer: Message, extra: dict[str, Any]) -> Lines:
         self.turn, self.following = None, answer.pk
-        return replay(answer, extra)
+        return replay(answer, extra, self.owner.key)
 
     async def relay(self, lines: Lines) -> None:
         try:

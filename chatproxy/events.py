@@ -35,12 +35,17 @@ class PingEvent(TypedDict):
     event: Literal["ping"]
 
 
+class HistoryCut(TypedDict):
+    dropped_messages: int
+
+
 class CompletedEvent(TypedDict):
     event: Literal["completed"]
     conversation_id: str
     message_id: str
     finish_reason: str | None
     usage: Usage | None
+    history: NotRequired[HistoryCut]  # only when CHATPROXY_MAX_HISTORY_CHARS cut the history
 
 
 class ErrorBody(TypedDict):

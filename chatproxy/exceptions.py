@@ -30,13 +30,17 @@ ERROR_CODES: dict[str, str] = {
     "invalid_parameter": "A sampling parameter that is not a number (400).",
     "authentication_required": "The request carries no logged-in user (401).",
     "invalid_api_key": "The Authorization: Bearer key is unknown or revoked (401).",
-    "csrf_failed": "A session-authenticated request without a valid CSRF token (403).",
+    "csrf_failed": "A request identified by a session cookie lacks a valid CSRF token (403).",
     "conversation_not_found": "No conversation with that id belongs to you (404).",
     "method_not_allowed": "Only POST is accepted (405).",
     "unsupported_media_type": "The body is not sent as application/json (415).",
     "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",
     "rate_limited": "More requests than CHATPROXY_RATE_LIMIT allows; see Retry-After (429).",
     "too_many_streams": "More answers streaming at once than CHATPROXY_MAX_STREAMS (429).",
+    "too_many_anonymous_streams": "More answers streaming to anonymous visitors than "
+    "CHATPROXY_MAX_ANONYMOUS_STREAMS (429).",
+    "too_many_followers": "A resume or watch past CHATPROXY_MAX_FOLLOWERS on the answer, or "
+    "CHATPROXY_MAX_FOLLOWERS_PER_USER for the user (429; an error frame on a WebSocket).",
     # Errors after the first line: the terminal `error` event.
     "upstream_timeout": "The upstream did not answer, or went silent, within CHATPROXY_TIMEOUT.",
     "upstream_unreachable": "The upstream could not be reached.",
@@ -55,6 +59,8 @@ ERROR_CODES: dict[str, str] = {
     "not_streaming": "POST …/cancel found no answer streaming in that conversation (409).",
     "invalid_idempotency_key": "The Idempotency-Key is empty or longer than 200 characters (400).",
     "server_shutdown": "The server shut down before the answer finished (saved `interrupted`).",
+    "follower_too_slow": "A resume or watch fell too far behind the answer and was dropped; "
+    "the answer itself goes on.",
     "worker_lost": "The worker generating the answer died: a resume serves the checkpointed "
     "text, then this (also saved by `markinterrupted`).",
     # Saved on an answer, never sent: nobody is listening any more.

@@ -23,10 +23,20 @@ TITLE_LENGTH = 80
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Owner:
-    """Who a conversation belongs to: a user, or for anonymous chat a session."""
+    """Who a conversation belongs to: a user, or for anonymous chat a session.
+
+    An anonymous visitor without a session yet (``is_new``) owns nothing; the turn that is
+    accepted for them creates the session. ``address`` is, for anonymous chat, a digest of the
+    client's network address (``auth.address_key``): the limits count it too.
+    """
 
     user_id: int | None = None
     session_key: str | None = None
+    address: str = ""
+
+    @property
+    def is_new(self) -> bool:
+        return self.user_id is None and not self.session_key
 
     @property
     def key(self) -> str:
@@ -38,7 +48,9 @@ class Owner:
     def filter(self) -> dict[str, Any]:
         if self.user_id is not None:
             return {"owner_id": self.user_id}
-        return {"owner__isnull": True, "session_key": self.session_key or ""}
+        if self.is_new:
+            return {"pk__in": []}
+        return {"owner__isnull": True, "session_key": self.session_key}
 
 
 class Status(models.TextChoices):
@@ -203,6 +215,7 @@ class ConversationManager(models.Manager["Conversation"]):
                 role=Role.ASSISTANT,
                 status=Status.STREAMING,
                 model=model,
+                address_key="" if owner.user_id else owner.address,
             )
             insert_rows(Message, [*rows, answer])
             if idempotency_key:
@@ -316,6 +329,15 @@ class Message(models.Model):
     duration_ms = models.PositiveIntegerField(_("duration (ms)"), null=True, blank=True)
     cost = models.DecimalField(_("cost"), max_digits=12, decimal_places=6, null=True, blank=True)
     metadata = models.JSONField(_("metadata"), default=dict, blank=True)
+    address_key = models.CharField(
+        _("address key"),
+        max_length=32,
+        blank=True,
+        help_text=_(
+            "For anonymous chat, a keyed digest of the client's network address (never the "
+            "address): the per-address stream cap counts it."
+        ),
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
 

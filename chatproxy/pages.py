@@ -17,8 +17,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import ensure_csrf_cookie
 
-from . import database
-from .auth import authenticate, session_key
+from .auth import authenticate
 from .conf import conf
 from .exceptions import RequestError
 from .models import Conversation, Message, Owner
@@ -33,14 +32,14 @@ READ_METHODS = ("GET", "HEAD")
 
 @ensure_csrf_cookie
 async def chat_page(request: HttpRequest) -> HttpResponse:
-    """Render the chat page; the cookie it sets is the CSRF token the page's requests send."""
+    """Render the chat page; the cookie it sets is the CSRF token the page's requests send.
+
+    It creates no session for an anonymous visitor (a page view must not cost a row): their
+    first accepted turn over HTTP does, and sockets opened after it share it.
+    """
     user = await request.auser()
-    if not user.is_authenticated:
-        if not conf.CHATPROXY_ALLOW_ANONYMOUS:
-            return redirect_to_login(request.get_full_path())
-        # Create the session now, so the WebSocket (which cannot set a cookie) and the HTTP
-        # stream file this visitor's conversations under the same key.
-        await database.run(session_key, request)
+    if not user.is_authenticated and not conf.CHATPROXY_ALLOW_ANONYMOUS:
+        return redirect_to_login(request.get_full_path())
     context = {
         "username": user.get_username() if user.is_authenticated else "",
         # The switch is offered only when the project can route the consumer.
@@ -107,8 +106,8 @@ async def _read_owner(request: HttpRequest) -> Owner | None:
     if request.method not in READ_METHODS:
         raise RequestError("method_not_allowed", "Read conversations with GET.", status=405)
     # The same doors as a chat turn: a bearer API key, the session's user, or anonymous chat.
-    owner, _ = await authenticate(request, create_session=False)
-    return None if owner.user_id is None and not owner.session_key else owner
+    owner, _ = await authenticate(request)
+    return None if owner.is_new else owner
 
 
 def _answer_error(exc: RequestError) -> JsonResponse:

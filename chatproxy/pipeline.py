@@ -22,7 +22,7 @@ from .events import PING, Encoder, Event, error_event
 from .exceptions import RequestError, TurnError
 from .followers import TurnChannel
 from .interception import Chain, InterceptorSpec, build_chain
-from .limits import check_model, check_rate
+from .limits import bound_history, check_model, check_rate
 from .models import Conversation, DuplicateTurnError, IdempotencyKey, Message, Owner, Status
 from .payload import ChatRequest
 from .signals import turn_finished
@@ -33,6 +33,7 @@ logger = logging.getLogger("chatproxy.pipeline")
 
 
 Identify = Callable[[], tuple[Owner, Any]]
+OpenSession = Callable[[Owner], Owner]
 
 
 async def prepare_turn(
@@ -42,6 +43,7 @@ async def prepare_turn(
     extra: dict[str, Any] | None = None,
     interceptors: Sequence[InterceptorSpec] | None = None,
     idempotency_key: str = "",
+    open_session: OpenSession | None = None,
 ) -> Turn:
     """Do everything that can still fail with a 4xx, before the first byte, in one trip to the
     database thread: who is asking (``identify()``, synchronous: e.g. ``auth.identify`` for a
@@ -50,19 +52,32 @@ async def prepare_turn(
 
     Raises ``DuplicateTurnError`` (with its ``answer`` loaded) when ``idempotency_key`` already
     started a turn. ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn.
+    ``open_session`` gives an owner that ``is_new`` (an anonymous visitor without a session)
+    one, once the turn has passed every limit (e.g. ``auth.open_session`` for a request).
     """
     chain = build_chain(interceptors)
     return await records.start(
-        functools.partial(_open_turn, identify, request, chain, extra or {}, idempotency_key)
+        functools.partial(
+            _open_turn, identify, request, chain, extra or {}, idempotency_key, open_session
+        )
     )
 
 
 def _open_turn(
-    identify: Identify, request: ChatRequest, chain: Chain, extra: dict[str, Any], key: str
+    identify: Identify,
+    request: ChatRequest,
+    chain: Chain,
+    extra: dict[str, Any],
+    key: str,
+    open_session: OpenSession | None,
 ) -> Turn:
     try:
         owner, user = identify()
-        if key and (claimed := IdempotencyKey.objects.live_answer(owner, key)) is not None:
+        if (
+            key
+            and not owner.is_new  # who has no session has started no turn
+            and (claimed := IdempotencyKey.objects.live_answer(owner, key)) is not None
+        ):
             raise DuplicateTurnError(claimed)  # before the limits: a retry is not a new turn
         check_rate(owner)
         check_model(request.model, user)
@@ -77,6 +92,8 @@ def _open_turn(
                     status=404,
                 )
             history = found
+        # Bounded here, before the interceptors, which keep what they add (a system prompt).
+        history, dropped = bound_history(history, request.messages)
         turn = Turn(
             owner=owner,
             request=request,
@@ -86,10 +103,11 @@ def _open_turn(
             chain=chain,
             state=TurnState(transforming=chain.transforming),
             idempotency_key=key,
+            dropped_messages=dropped,
         )
         # Written before the first byte, so a limit (429) or a duplicate submission can
         # still be answered as such.
-        records.begin(turn)
+        records.begin(turn, open_session)
     except DuplicateTurnError as duplicate:  # the key's turn, or a race for it lost
         duplicate.answer = Message.objects.get(pk=duplicate.answer_id)
         raise
@@ -178,6 +196,8 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                 "finish_reason": state.finish_reason,
                 "usage": state.usage,
             }
+            if turn.dropped_messages:
+                terminal["history"] = turn.history_cut()
         except TurnError as exc:
             if state.status is Status.STREAMING:
                 state.end(Status(exc.status), exc.code, exc.message)

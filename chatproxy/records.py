@@ -18,7 +18,7 @@ from django.db import transaction
 from .conf import conf
 from .database import run
 from .limits import check_streams
-from .models import Conversation, Message, Status
+from .models import Conversation, Message, Owner, Status
 from .turns import Turn
 
 logger = logging.getLogger("chatproxy.records")
@@ -33,14 +33,20 @@ INTERRUPTED = {
 _abandoned: set[asyncio.Task[None]] = set()
 
 
-def begin(turn: Turn) -> None:
+def begin(turn: Turn, open_session: Callable[[Owner], Owner] | None = None) -> None:
     """Save the new messages and the ``streaming`` answer; fill in the turn's ids.
-    Synchronous: the last step of ``open_turn`` in ``start()``."""
+    Synchronous: the last step of ``open_turn`` in ``start()``. A new anonymous visitor gets
+    their session from ``open_session`` here, after the last limit, so a refused turn leaves
+    no session behind."""
     messages = turn.request.messages
     if not conf.CHATPROXY_STORE_CONTENT:
         messages = [{"role": m["role"], "content": ""} for m in messages]
     with transaction.atomic():
         check_streams(turn.owner)
+        if turn.owner.is_new:
+            if open_session is None:
+                raise TypeError("An owner without a session needs open_session to start a turn.")
+            turn.owner = open_session(turn.owner)
         turn.conversation_id, turn.answer_id = Conversation.objects.start_turn(
             turn.owner,
             turn.request.conversation_id,
@@ -126,6 +132,8 @@ def _finish(turn: Turn) -> None:
     outcome = turn.state.outcome()
     outcome.model, outcome.cost = turn.model, turn.cost
     outcome.metadata = turn.metadata or None
+    if turn.dropped_messages:
+        outcome.metadata = {**turn.metadata, "history": turn.history_cut()}
     if not conf.CHATPROXY_STORE_CONTENT:
         outcome.content = outcome.raw_content = ""
     Message.objects.finish_turn(turn.conversation_id, turn.answer_id, outcome)

@@ -8,12 +8,14 @@ the answer is marked ``interrupted`` (``worker_lost``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from django.utils import timezone
 
 from .events import Encoder, error_event
+from .exceptions import RequestError
 from .followers import TurnGone, follow
 from .models import Conversation, Message, Owner, Role, Status
 
@@ -33,16 +35,52 @@ async def last_answer(conversation_id: uuid.UUID) -> Message | None:
     return await answers.exclude(status="").order_by("-position").afirst()
 
 
-async def replay(answer: Message, extra: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
-    """Yield the answer as a turn's NDJSON lines: ``analyzing`` (with ``"resumed": true``),
-    its text, then the same terminal event the turn itself sends."""
-    encoder = Encoder(extra)
-    ids = {"conversation_id": str(answer.conversation_id), "message_id": str(answer.pk)}
-    yield encoder.event({"event": "analyzing", **ids, "model": answer.model, "resumed": True})
-    sent = ""
+async def open_replay(
+    answer: Message, extra: dict[str, Any] | None = None, who: str = ""
+) -> AsyncGenerator[bytes, None]:
+    """Return the answer's lines as a turn's: ``analyzing`` (with ``"resumed": true``), its
+    text, then the same terminal event the turn itself sends. A streaming answer is followed
+    live, attached before this returns, as a follower of the user ``who`` (an ``Owner.key``):
+    too many followers raise ``too_many_followers`` here, before the first byte."""
+    items = None
     if answer.status == Status.STREAMING:
         try:
-            async for item in follow(answer.pk):
+            items = await follow(answer.pk, who)
+        except TurnGone:
+            answer = await _give_up_on(answer)
+    return _lines(answer, items, Encoder(extra))
+
+
+async def replay(
+    answer: Message, extra: dict[str, Any] | None = None, who: str = ""
+) -> AsyncIterator[bytes]:
+    """``open_replay()``'s lines, for a transport that reports a refusal in-band (the
+    WebSocket): too many followers is then the one ``error`` event."""
+    try:
+        lines = await open_replay(answer, extra, who)
+    except RequestError as exc:
+        ids = _ids(answer)
+        event = dict(error_event(exc.code, exc.message, **ids), retry_after=exc.retry_after)
+        yield Encoder(extra).event(event)
+        return
+    async with aclosing(lines):
+        async for line in lines:
+            yield line
+
+
+def _ids(answer: Message) -> dict[str, str]:
+    return {"conversation_id": str(answer.conversation_id), "message_id": str(answer.pk)}
+
+
+async def _lines(
+    answer: Message, items: AsyncIterator[dict[str, Any]] | None, encoder: Encoder
+) -> AsyncGenerator[bytes, None]:
+    ids = _ids(answer)
+    yield encoder.event({"event": "analyzing", **ids, "model": answer.model, "resumed": True})
+    sent = ""
+    if items is not None:
+        try:
+            async for item in items:
                 if item["kind"] == "event":
                     yield encoder.event(item["event"])
                 elif item["text"]:
@@ -80,11 +118,14 @@ def _terminal(answer: Message, ids: dict[str, str]) -> dict[str, Any]:
                 "completion_tokens": answer.completion_tokens,
                 "total_tokens": answer.total_tokens,
             }
-        return {
+        completed = {
             "event": "completed",
             **ids,
             "finish_reason": answer.finish_reason or None,
             "usage": usage,
         }
+        if isinstance(answer.metadata, dict) and "history" in answer.metadata:
+            completed["history"] = answer.metadata["history"]
+        return completed
     message = answer.error_message or "The answer did not finish."
     return dict(error_event(answer.error_code or "internal_error", message, **ids))

@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from .conf import DEMO_MODEL, conf
-from .events import Event, Usage
+from .events import Event, HistoryCut, Usage
 from .models import Owner, Status, TurnOutcome
 from .payload import ChatRequest
 
@@ -120,6 +120,8 @@ class Turn:
     # purpose sets its own reason before cancelling.
     interrupt_code: str = "client_disconnected"
     idempotency_key: str = ""
+    # How many of the stored history's oldest messages CHATPROXY_MAX_HISTORY_CHARS left out.
+    dropped_messages: int = 0
     stopped: str | None = None
     # Set by abort() from outside the turn (a cancel from another request, a shutdown).
     aborted: Exception | None = None
@@ -138,6 +140,10 @@ class Turn:
         if self.answer_id is None:
             return {}
         return {"conversation_id": str(self.conversation_id), "message_id": str(self.answer_id)}
+
+    def history_cut(self) -> HistoryCut:
+        """What the ``completed`` event and the saved answer say of a history that was cut."""
+        return {"dropped_messages": self.dropped_messages}
 
     def emit(self, event: Event) -> None:
         """Send an extra event to the client, e.g. ``{"event": "sources", "items": [...]}``."""

@@ -16,14 +16,14 @@ from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
 from . import followers
-from .auth import authenticate, identify
+from .auth import authenticate, identify, open_session
 from .conf import conf
 from .exceptions import RequestError
 from .interception import InterceptorSpec
-from .models import DuplicateTurnError, Message, Status
+from .models import DuplicateTurnError, Message, Owner, Status
 from .payload import ChatRequest, decode_json, validate_request
 from .pipeline import prepare_turn, run_turn
-from .resume import last_answer, latest_answer, replay
+from .resume import last_answer, latest_answer, open_replay
 
 # Every answer here depends on who asks (the session cookie or the bearer key) and may carry a
 # transcript: no cache, the browser's included, may keep it or hand it to someone else.
@@ -63,7 +63,7 @@ class CompletionsView(View):
 
     @classmethod
     def as_view(cls, **initkwargs: Any) -> Any:
-        # CSRF is checked in authenticate(), for session-authenticated requests only.
+        # CSRF is checked in authenticate(), for requests identified by a session cookie.
         return csrf_exempt(super().as_view(**initkwargs))
 
     async def post(self, request: HttpRequest) -> HttpResponseBase:
@@ -80,10 +80,12 @@ class CompletionsView(View):
                     chat,
                     interceptors=self.interceptors,
                     idempotency_key=key,
+                    open_session=functools.partial(open_session, request),
                 )
                 lines = run_turn(turn)
             except DuplicateTurnError as duplicate:  # the key's turn ran or runs: replay it
-                lines = replay(duplicate.answer)
+                owner, _ = await authenticate(request)
+                lines = await open_replay(duplicate.answer, who=owner.key)
         except RequestError as exc:
             return error_response(exc)
         return StreamingHttpResponse(
@@ -107,21 +109,22 @@ async def resume(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
     if request.method != "GET":
         return error_response(_not_allowed("GET"))
     try:
-        answer = await _owned_answer(request, conversation_id)
+        owner, _ = await authenticate(request)
+        answer = await _owned_answer(owner, conversation_id)
+        lines = await open_replay(answer, who=owner.key)
     except RequestError as exc:
         return error_response(exc)
-    return StreamingHttpResponse(
-        replay(answer), content_type="application/x-ndjson", headers=STREAM_HEADERS
-    )
+    return StreamingHttpResponse(lines, content_type="application/x-ndjson", headers=STREAM_HEADERS)
 
 
-@csrf_exempt  # checked in authenticate(), for session-authenticated requests only
+@csrf_exempt  # checked in authenticate(), for requests identified by a session cookie
 async def cancel(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:
     """Stop the conversation's running answer in whichever worker generates it."""
     if request.method != "POST":
         return error_response(_not_allowed("POST"))
     try:
-        answer = await _owned_answer(request, conversation_id)
+        owner, _ = await authenticate(request)
+        answer = await _owned_answer(owner, conversation_id)
         if answer.status != Status.STREAMING or not await followers.cancel(answer.pk):
             raise RequestError(
                 "not_streaming",
@@ -142,16 +145,17 @@ async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespons
     if allowed:
         allowed = await sync_to_async(user.has_perm)("chatproxy.view_conversation")
     answer = await last_answer(conversation_id) if allowed else None
-    if answer is None:
-        return error_response(_not_found())
-    return StreamingHttpResponse(
-        replay(answer), content_type="application/x-ndjson", headers=STREAM_HEADERS
-    )
+    try:
+        if answer is None:
+            raise _not_found()
+        lines = await open_replay(answer, who=f"user:{user.pk}")
+    except RequestError as exc:
+        return error_response(exc)
+    return StreamingHttpResponse(lines, content_type="application/x-ndjson", headers=STREAM_HEADERS)
 
 
-async def _owned_answer(request: HttpRequest, conversation_id: uuid.UUID) -> Message:
-    """The latest answer of the requester's conversation; 404 for anyone else's."""
-    owner, _ = await authenticate(request, create_session=False)
+async def _owned_answer(owner: Owner, conversation_id: uuid.UUID) -> Message:
+    """The latest answer of the owner's conversation; 404 for anyone else's."""
     answer = await latest_answer(owner, conversation_id)
     if answer is None:
         raise _not_found()

@@ -62,6 +62,20 @@ async def client(user: Any) -> AsyncClient:
     return c
 
 
+class ClientAt(AsyncClient):
+    """A cookieless async test client whose requests come from ``address``: the ASGI scope's
+    ``client``, which Django's test client fixes at 127.0.0.1."""
+
+    def __init__(self, address: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.address = address
+
+    def _base_scope(self, **request: Any) -> dict[str, Any]:
+        scope = super()._base_scope(**request)
+        scope["client"] = [self.address, 40000]
+        return scope
+
+
 async def chat(client: AsyncClient, body: Any, **kwargs: Any) -> Any:
     data = body if isinstance(body, bytes | str) else orjson.dumps(body)
     return await client.post(

@@ -67,6 +67,14 @@ else:
     }
 
 if os.environ.get("REDIS_URL"):
+    # The rate limit's cache, shared with the server processes the tests start, as in production.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": os.environ["REDIS_URL"],
+            "KEY_PREFIX": os.environ.setdefault("CHATPROXY_TEST_CACHE", f"cpt-{os.getpid()}"),
+        }
+    }
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",

@@ -19,6 +19,7 @@ import pytest
 from chatproxy.models import Conversation, Message
 from tests.conftest import CSRF_TOKEN, session_cookie
 from tests.fake_upstream import Reply
+from tests.server import ServerProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -361,3 +362,46 @@ async def test_screenshot_of_a_finished_exchange(page, upstream, user):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     await page.screenshot(path=str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+@pytest.fixture
+async def anonymous_page(browser: Browser, django_db_blocker: Any, upstream: Any) -> Any:
+    """The chat page of a server with anonymous chat on, for a visitor with no cookies."""
+    from tests.conftest import shared_database_name
+
+    settings = {"CHATPROXY_ALLOW_ANONYMOUS": True}
+    server = ServerProcess(shared_database_name(django_db_blocker), upstream.base_url, settings)
+    await asyncio.to_thread(server.start)
+    context = await browser.new_context(base_url=server.url)
+    errors: list[Any] = []
+    context.on("weberror", lambda error: errors.append(error.error))
+    page = await context.new_page()
+    await page.goto("/")
+    yield page
+    await context.close()
+    await asyncio.to_thread(server.stop)
+    assert errors == []
+    assert not [line for line in server.output if re.search("Traceback|Warning", line)]
+
+
+async def test_an_anonymous_visitor_chats_with_a_session_from_their_first_turn(
+    anonymous_page, upstream
+):
+    from django.contrib.sessions.models import Session
+
+    page = anonymous_page
+    assert await Session.objects.acount() == 0  # the page view made none
+
+    first = await send(page, "Hi")
+    await expect(first).to_have_attribute("data-status", "completed")
+    # Now the visitor has a session cookie, so the page's requests must carry the CSRF token.
+    second = await send(page, "Again")
+    await expect(second).to_have_attribute("data-status", "completed")
+
+    assert await Session.objects.acount() == 1
+    conversation = await Conversation.objects.aget()
+    assert conversation.owner_id is None and conversation.session_key
+    assert [
+        m async for m in Message.objects.filter(role="user").values_list("content", flat=True)
+    ] == ["Hi", "Again"]
+    await expect(page.locator(".chatproxy-conversation")).to_have_count(1)

@@ -39,6 +39,13 @@ def test_test_settings_pass_cleanly():
         ("CHATPROXY_MAX_STREAMS", 0, "chatproxy.E010"),
         ("CHATPROXY_GROUP_MODELS", {"pro": "gpt-pro"}, "chatproxy.E011"),
         ("CHATPROXY_CACHE", "nowhere", "chatproxy.E012"),
+        ("CHATPROXY_TRUSTED_PROXIES", "10.0.0.1", "chatproxy.E013"),
+        ("CHATPROXY_TRUSTED_PROXIES", ["10.0.0.0/8", "proxy.internal"], "chatproxy.E013"),
+        ("CHATPROXY_MAX_ANONYMOUS_STREAMS", 0, "chatproxy.E014"),
+        ("CHATPROXY_MAX_FOLLOWERS", "many", "chatproxy.E014"),
+        ("CHATPROXY_MAX_FOLLOWERS_PER_USER", 0, "chatproxy.E014"),
+        ("CHATPROXY_MAX_HISTORY_CHARS", 0, "chatproxy.E004"),
+        ("CHATPROXY_MAX_HISTORY_CHARS", 39_999, "chatproxy.E015"),
     ],
 )
 def test_bad_setting_is_an_error(settings, name, value, expected):

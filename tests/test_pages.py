@@ -176,12 +176,11 @@ async def test_anonymous_chat_reads_only_its_own_sessions_conversations(settings
     page = await visitor.get("/")
     assert page.status_code == 200
     assert "Signed in as" not in page.content.decode()
-    assert page.cookies["sessionid"].value  # the page starts the session turns are filed under
+    assert "sessionid" not in page.cookies  # a page view costs no session row
     assert (await visitor.get("/conversations")).json() == {"conversations": []}
-    events = await read_events(
-        await chat(visitor, {"messages": [{"role": "user", "content": "Hi"}]})
-    )
-    mine = events[0]["conversation_id"]
+    first = await chat(visitor, {"messages": [{"role": "user", "content": "Hi"}]})
+    assert first.cookies["sessionid"].value  # the first turn starts the session it is filed under
+    mine = (await read_events(first))[0]["conversation_id"]
 
     listed = (await visitor.get("/conversations")).json()["conversations"]
     assert [c["id"] for c in listed] == [mine]

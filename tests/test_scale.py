@@ -373,3 +373,140 @@ async def test_staff_follow_a_running_answer_live_and_others_cannot(
     assert answer_text(watched) == answer_text(original) == "".join(SLOW)
     assert watched[-1] == original[-1]
     assert refused.status_code == 404
+
+
+# Followers are metered: per answer, per user, and each with a bounded queue.
+
+
+async def a_streaming_answer(user) -> tuple[object, str]:
+    """A slow turn of ``user``'s running on a socket; its socket and conversation id."""
+    socket = await open_socket(await session_cookie(user))
+    await socket.connect()
+    await socket.send_json_to({"type": "chat", **HI})
+    analyzing = await socket.receive_json_from(timeout=5)
+    return socket, analyzing["conversation_id"]
+
+
+@db
+async def test_followers_of_one_answer_are_capped(user, client, upstream, settings):
+    settings.CHATPROXY_MAX_FOLLOWERS = 2
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.02))
+    socket, conversation_id = await a_streaming_answer(user)
+    url = f"/completions/{conversation_id}/stream"
+
+    followers = [await client.get(url), await client.get(url)]
+    refused = await client.get(url)
+    late_socket = await open_socket(await session_cookie(user))
+    await late_socket.connect()
+    await late_socket.send_json_to({"type": "resume", "conversation_id": conversation_id})
+    refused_frame = await late_socket.receive_json_from(timeout=5)
+    await late_socket.disconnect()
+    followed = [await read_events(response) for response in followers]
+    original = await frames_until_terminal(socket)
+    await socket.disconnect()
+
+    assert refused.status_code == 429 and refused["Retry-After"] == "5"
+    assert orjson.loads(refused.content)["error"] == {
+        "code": "too_many_followers",
+        "message": "This answer already has 2 followers. Close a tab or window that follows "
+        "it, or wait for it to finish.",
+    }
+    assert refused_frame["event"] == "error"
+    assert refused_frame["error"]["code"] == "too_many_followers"
+    for events in followed:
+        assert answer_text(events) == "".join(SLOW) and events[-1] == original[-1]
+    # Once the answer is finished, a resume replays it from the database, uncounted.
+    assert (await read_events(await client.get(url)))[-1] == original[-1]
+
+
+@db
+async def test_followers_are_capped_per_user_across_answers(user, client, upstream, settings):
+    settings.CHATPROXY_MAX_FOLLOWERS_PER_USER = 1
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.02), Reply(tokens=SLOW, delay=0.02))
+    first_socket, first = await a_streaming_answer(user)
+    second_socket, second = await a_streaming_answer(user)
+
+    following = await client.get(f"/completions/{first}/stream")
+    refused = await client.get(f"/completions/{second}/stream")
+    await read_events(following)
+    for socket in (first_socket, second_socket):
+        await frames_until_terminal(socket)
+        await socket.disconnect()
+
+    assert following.status_code == 200
+    assert refused.status_code == 429
+    assert orjson.loads(refused.content)["error"] == {
+        "code": "too_many_followers",
+        "message": "You already follow 1 running answers. Close a tab or window that follows "
+        "one, or wait for it to finish.",
+    }
+
+
+@db
+async def test_a_follower_that_falls_behind_is_dropped_with_an_error_event(client, upstream):
+    from chatproxy.followers import QUEUE_SIZE
+
+    # Trickled, so the follower attaches with well over a queue's worth still to come.
+    upstream.enqueue(Reply(tokens=["t "] * (QUEUE_SIZE + 300), delay=0.002))
+    turn = await chat(client, HI)
+    lines = turn.streaming_content.__aiter__()
+    analyzing = orjson.loads(await anext(lines))
+    await anext(lines)  # the turn runs: its channel is open
+    # A follower that reads nothing while the whole answer streams past it.
+    stalled = await client.get(f"/completions/{analyzing['conversation_id']}/stream")
+    rest = b"".join([chunk async for chunk in lines])
+
+    followed = await read_events(stalled)
+
+    assert rest.endswith(b"\n") and orjson.loads(rest.splitlines()[-1])["event"] == "completed"
+    assert followed[0]["resumed"] is True
+    assert followed[-1] == {
+        "event": "error",
+        "error": {
+            "code": "follower_too_slow",
+            "message": "This answer went on faster than it could be sent to you, so it "
+            "stopped being sent. Resume it to catch up.",
+        },
+        "conversation_id": analyzing["conversation_id"],
+        "message_id": analyzing["message_id"],
+    }
+    assert len(followed) < QUEUE_SIZE // 2  # what piled up was let go, not kept
+
+
+@pytest.fixture
+def capped_workers(django_db_blocker, upstream_server):
+    processes = [
+        ServerProcess(
+            shared_database_name(django_db_blocker),
+            upstream_server.base_url,
+            {"CHATPROXY_MAX_FOLLOWERS": 1},
+        )
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    yield processes
+    for process in processes:
+        process.stop()
+
+
+@db
+@needs_redis
+@pytest.mark.server
+async def test_followers_through_the_layer_are_counted_where_the_turn_runs(
+    capped_workers, upstream, user
+):
+    upstream.enqueue(Reply(tokens=SLOW, delay=0.03))
+    cookie = await session_cookie(user)
+    a, b = capped_workers
+    async with turn_on(a, headers(cookie)) as (http, lines):
+        started = [orjson.loads(await anext(lines)) for _ in range(3)]
+        url = f"{b.url}/completions/{started[0]['conversation_id']}/stream"
+        async with http.stream("GET", url, headers=headers(cookie)) as following:
+            refused = await http.get(url, headers=headers(cookie))
+            followed = await lines_of(following)
+        original = started + [orjson.loads(line) async for line in lines]
+
+    assert refused.status_code == 429
+    assert orjson.loads(refused.content)["error"]["code"] == "too_many_followers"
+    assert answer_text(followed) == answer_text(original) and followed[-1] == original[-1]

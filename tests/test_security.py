@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from chatproxy.models import ApiKey, Conversation, Message
 from tests.conftest import (
+    ClientAt,
     chat,
     frames_until_terminal,
     open_socket,
@@ -299,7 +300,8 @@ async def test_rate_limit_answers_429_with_retry_after(people, settings):
     assert first[-1]["event"] == second[-1]["event"] == "completed"
     assert third.status_code == 429
     assert orjson.loads(third.content)["error"]["code"] == "rate_limited"
-    assert 1 <= int(third["Retry-After"]) <= 60
+    # The sliding window counts up to a tenth of a period more than the period itself.
+    assert 1 <= int(third["Retry-After"]) <= 66
     assert others.status_code == 200
     await read_body(others)
 
@@ -585,3 +587,270 @@ def test_createapikey_prints_a_working_key_once_and_stores_only_its_hash(people,
     assert ApiKey.objects.user_for(raw) == people["alice"]
     with pytest.raises(CommandError, match="No user 'nobody'"):
         call_command("createapikey", "nobody")
+
+
+# With anonymous chat on: every identity that comes from a cookie is CSRF-checked.
+
+ANONYMOUS_NEW_CHAT = {
+    "cookieless": 200,
+    "session_without_token": 403,
+    "session_with_token": 200,
+    "alice_without_token": 403,
+    "alice_with_token": 200,
+}
+# Each tries to stop the anonymous visitor's (finished) conversation.
+ANONYMOUS_CANCEL = {
+    "cookieless": 404,
+    "session_without_token": 403,
+    "session_with_token": 409,
+    "alice_without_token": 403,
+    "alice_with_token": 404,
+}
+TOKEN = "k" * 32
+
+
+async def anonymous_visitor() -> tuple[AsyncClient, str]:
+    """A strict client whose anonymous session (made by its first turn) owns a conversation."""
+    visitor = AsyncClient(enforce_csrf_checks=True)
+    events = await read_events(await chat(visitor, HI))
+    assert visitor.cookies["sessionid"].value
+    visitor.cookies["csrftoken"] = TOKEN
+    return visitor, events[0]["conversation_id"]
+
+
+async def strict_client_for(who: str, people, visitor: AsyncClient) -> tuple[AsyncClient, dict]:
+    if who.startswith("session"):
+        client = visitor
+    else:
+        client = AsyncClient(enforce_csrf_checks=True)
+        if who.startswith("alice"):
+            await client.aforce_login(people["alice"])
+            client.cookies["csrftoken"] = TOKEN
+    return client, ({"X-CSRFToken": TOKEN} if who.endswith("with_token") else {})
+
+
+@db
+@pytest.mark.parametrize("who", ANONYMOUS_NEW_CHAT)
+async def test_matrix_anonymous_chat_new_conversation_needs_csrf_with_a_cookie(
+    people, settings, who
+):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    visitor, _ = await anonymous_visitor()
+    client, headers = await strict_client_for(who, people, visitor)
+
+    response = await chat(client, HI, headers=headers)
+
+    assert response.status_code == ANONYMOUS_NEW_CHAT[who]
+    if response.status_code == 200:
+        assert (await read_events(response))[-1]["event"] == "completed"
+    else:
+        assert orjson.loads(response.content)["error"] == {
+            "code": "csrf_failed",
+            "message": "CSRF check failed. Send the csrftoken cookie's value in the "
+            "X-CSRFToken header.",
+        }
+
+
+@db
+@pytest.mark.parametrize("who", ANONYMOUS_CANCEL)
+async def test_matrix_anonymous_chat_cancel_needs_csrf_with_a_cookie(people, settings, who):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    visitor, conversation_id = await anonymous_visitor()
+    client, headers = await strict_client_for(who, people, visitor)
+
+    response = await client.post(f"/completions/{conversation_id}/cancel", headers=headers)
+
+    assert response.status_code == ANONYMOUS_CANCEL[who]
+
+
+@db
+async def test_a_cross_site_form_post_cannot_stop_an_anonymous_answer(settings, upstream):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    visitor, _ = await anonymous_visitor()
+    upstream.enqueue(Reply(tokens=[f"w{i} " for i in range(40)], delay=0.02))
+    response = await chat(visitor, HI, headers={"X-CSRFToken": TOKEN})
+    lines = response.streaming_content.__aiter__()
+    analyzing = orjson.loads(await anext(lines))
+    await anext(lines)  # the answer streams
+
+    # What a form on another site sends: the visitor's cookies, a form body, no token.
+    forged = await visitor.post(
+        f"/completions/{analyzing['conversation_id']}/cancel",
+        "x=1",
+        content_type="application/x-www-form-urlencoded",
+    )
+    rest = [orjson.loads(line) for chunk in [c async for c in lines] for line in chunk.splitlines()]
+
+    assert forged.status_code == 403
+    assert rest[-1]["event"] == "completed"
+    answer = await Message.objects.aget(pk=analyzing["message_id"])
+    assert answer.status == "completed"
+
+
+# With anonymous chat on: limits per client address, a cap for all anonymous streams, and no
+# session row until a turn is accepted.
+
+
+def from_address(address: str) -> AsyncClient:
+    """A cookieless client whose requests come from ``address``."""
+    return ClientAt(address)
+
+
+async def session_count() -> int:
+    from django.contrib.sessions.models import Session
+
+    return await Session.objects.acount()
+
+
+@db
+async def test_cookieless_requests_are_rate_limited_per_address(settings):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    settings.CHATPROXY_RATE_LIMIT = (3, 60)
+
+    answers = [await chat(from_address("198.51.100.7"), HI) for _ in range(6)]
+    elsewhere = await chat(from_address("198.51.100.8"), HI)
+
+    assert [a.status_code for a in answers] == [200, 200, 200, 429, 429, 429]
+    for response in [*answers[:3], elsewhere]:
+        assert (await read_events(response))[-1]["event"] == "completed"
+    assert orjson.loads(answers[3].content)["error"]["code"] == "rate_limited"
+    assert int(answers[3]["Retry-After"]) >= 1
+    assert await session_count() == 4  # one per accepted turn, none for the refused ones
+
+
+@db
+async def test_a_spoofed_x_forwarded_for_is_ignored_without_trusted_proxies(settings):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    settings.CHATPROXY_RATE_LIMIT = (2, 60)
+
+    answers = [
+        await chat(from_address("198.51.100.9"), HI, headers={"X-Forwarded-For": f"10.0.0.{i}"})
+        for i in range(4)
+    ]
+
+    assert [a.status_code for a in answers] == [200, 200, 429, 429]
+    for response in answers[:2]:
+        await read_body(response)
+
+
+@db
+async def test_behind_a_trusted_proxy_each_forwarded_client_is_counted_on_its_own(settings):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    settings.CHATPROXY_RATE_LIMIT = (1, 60)
+    settings.CHATPROXY_TRUSTED_PROXIES = ["192.0.2.0/24"]
+    proxy = "192.0.2.10"
+
+    def through_proxy(chain: str):
+        return chat(from_address(proxy), HI, headers={"X-Forwarded-For": chain})
+
+    first = await through_proxy("203.0.113.1")
+    second = await through_proxy("203.0.113.2")
+    # The client claims to be someone else; the proxy appended the address it really saw.
+    spoofing = await through_proxy("203.0.113.2, 203.0.113.1")
+
+    assert [first.status_code, second.status_code, spoofing.status_code] == [200, 200, 429]
+    for response in (first, second):
+        await read_body(response)
+
+
+@db
+async def test_concurrent_cookieless_streams_are_capped_per_address(settings, upstream):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    settings.CHATPROXY_MAX_STREAMS = 3
+    upstream.default_reply = lambda body: Reply(tokens=["slow "] * 20, delay=0.02)
+
+    responses = await asyncio.gather(*(chat(from_address("198.51.100.20"), HI) for _ in range(8)))
+
+    accepted = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    for response in accepted:
+        assert (await read_events(response))[-1]["event"] == "completed"
+    assert (len(accepted), len(refused)) == (3, 5)
+    assert {orjson.loads(r.content)["error"]["code"] for r in refused} == {"too_many_streams"}
+
+
+@db
+async def test_anonymous_streams_have_a_cap_across_all_addresses(people, settings, upstream):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    settings.CHATPROXY_MAX_ANONYMOUS_STREAMS = 2
+    upstream.default_reply = lambda body: Reply(tokens=["slow "] * 20, delay=0.02)
+
+    responses = await asyncio.gather(
+        *(chat(from_address(f"198.51.100.{30 + i}"), HI) for i in range(5))
+    )
+    user = await chat(await client_for(people["alice"]), HI)
+
+    accepted = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    for response in [*accepted, user]:
+        assert (await read_events(response))[-1]["event"] == "completed"
+    assert (len(accepted), len(refused)) == (2, 3)
+    assert orjson.loads(refused[0].content)["error"] == {
+        "code": "too_many_anonymous_streams",
+        "message": "The site is answering as many visitors without an account as it can "
+        "(2 at once). Try again in a moment, or log in.",
+    }
+    assert refused[0]["Retry-After"] == "5"
+
+
+@db
+async def test_anonymous_sockets_are_rate_limited_per_address(settings):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    settings.CHATPROXY_RATE_LIMIT = (1, 60)
+    first, second = await open_socket(), await open_socket()
+    for socket in (first, second):  # each owns its turns under a key of its own
+        socket.scope["client"] = ["198.51.100.40", 50000]
+        await socket.connect()
+
+    await first.send_json_to({"type": "chat", **HI})
+    frames = await frames_until_terminal(first)
+    await second.send_json_to({"type": "chat", **HI})
+    refused = await second.receive_json_from(timeout=5)
+    await first.disconnect()
+    await second.disconnect()
+
+    assert frames[-1]["event"] == "completed"
+    assert refused["error"]["code"] == "rate_limited"
+
+
+@db
+async def test_the_chat_page_creates_no_session_for_a_visitor(settings):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+
+    pages = [await AsyncClient().get("/") for _ in range(20)]
+
+    assert {page.status_code for page in pages} == {200}
+    assert all(page.cookies["csrftoken"].value for page in pages)
+    assert not any("sessionid" in page.cookies for page in pages)
+    assert await session_count() == 0
+
+
+# Each reads the anonymous visitor's conversation: the resume, the JSON view, a socket's resume.
+ANONYMOUS_READ = {"cookieless": 404, "session": 200, "alice": 404}
+
+
+@db
+@pytest.mark.parametrize("who", ANONYMOUS_READ)
+async def test_matrix_anonymous_chat_resume_and_read_the_visitors_conversation(
+    people, settings, who
+):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    visitor, conversation_id = await anonymous_visitor()
+    client = {"session": visitor, "alice": await client_for(people["alice"])}.get(who)
+    client = client or AsyncClient()
+    cookie = "; ".join(f"{k}={v.value}" for k, v in client.cookies.items())
+    socket = await open_socket(cookie)
+    await socket.connect()
+
+    resumed = await client.get(f"/completions/{conversation_id}/stream")
+    read = await client.get(f"/conversations/{conversation_id}")
+    await socket.send_json_to({"type": "resume", "conversation_id": conversation_id})
+    frames = await frames_until_terminal(socket)
+    await socket.disconnect()
+
+    assert resumed.status_code == read.status_code == ANONYMOUS_READ[who]
+    if resumed.status_code == 200:
+        assert (await read_events(resumed))[-1]["event"] == "completed"
+    last = frames[-1]
+    expected = "completed" if ANONYMOUS_READ[who] == 200 else "conversation_not_found"
+    assert (last["event"] if last["event"] == "completed" else last["error"]["code"]) == expected

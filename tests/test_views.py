@@ -361,3 +361,39 @@ async def test_anonymous_chat_when_allowed_is_owned_by_the_session(settings, ups
     assert error_of(someone_else)[:2] == (404, "conversation_not_found")
     conversation = await Conversation.objects.aget(pk=conversation_id)
     assert conversation.owner_id is None and conversation.session_key
+
+
+def long_turn(n: int) -> str:
+    return f"turn {n} ".ljust(999, "x")  # just under CHATPROXY_MAX_CHARS below
+
+
+async def test_a_long_conversation_sends_upstream_only_the_newest_turns_within_the_bound(
+    client, upstream, settings
+):
+    settings.CHATPROXY_MAX_CHARS = 1000  # the history bound defaults to 4 times this
+    settings.CHATPROXY_SYSTEM_PROMPT = "Be brief."
+    conversation_id, ends = None, []
+    for n in range(1, 7):
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": long_turn(n)}]}
+        if conversation_id:
+            body["conversation_id"] = conversation_id
+        events = await read_events(await chat(client, body))
+        conversation_id = events[0]["conversation_id"]
+        ends.append(events[-1])
+
+    sent = (await upstream.wait_for_request(6)).json["messages"]
+    # The system prompt is added after the bound, by SystemPrompt; the rest fits in it.
+    assert sent[0] == {"role": "system", "content": "Be brief."}
+    assert sum(len(m["content"]) for m in sent[1:]) <= 4000
+    assert [m["content"][:7] for m in sent[1:]] == ["turn 5 ", "Echo: t", "turn 6 "]
+    assert sent[-1] == {"role": "user", "content": long_turn(6)}
+    # Each earlier turn and its answer were dropped together, the oldest first.
+    assert [end.get("history") for end in ends] == [None, None] + [
+        {"dropped_messages": n} for n in (2, 4, 6, 8)
+    ]
+    answer = await Message.objects.aget(pk=ends[-1]["message_id"])
+    assert answer.metadata == {"history": {"dropped_messages": 8}}
+    resumed = await read_events(await client.get(f"/completions/{conversation_id}/stream"))
+    assert resumed[-1] == ends[-1]
+    # The stored conversation keeps every message.
+    assert await Message.objects.filter(conversation_id=conversation_id).acount() == 12
