@@ -16,6 +16,14 @@ class Usage(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: NotRequired[int]  # only when the upstream sent them
+    reasoning_tokens: NotRequired[int]
+
+
+class ToolCall(TypedDict):
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model sent it
 
 
 class AnalyzingEvent(TypedDict):
@@ -31,6 +39,18 @@ class AnsweringEvent(TypedDict):
     content: str
 
 
+class ReasoningEvent(TypedDict):
+    event: Literal["reasoning"]
+    content: str
+
+
+class ToolCallEvent(TypedDict):
+    event: Literal["tool_call"]
+    id: str
+    name: str
+    arguments: str
+
+
 class PingEvent(TypedDict):
     event: Literal["ping"]
 
@@ -41,6 +61,7 @@ class CompletedEvent(TypedDict):
     message_id: str
     finish_reason: str | None
     usage: Usage | None
+    tool_calls: NotRequired[list[ToolCall]]
 
 
 class ErrorBody(TypedDict):
@@ -55,11 +76,21 @@ class ErrorEvent(TypedDict):
     message_id: NotRequired[str]
 
 
-Event = AnalyzingEvent | AnsweringEvent | PingEvent | CompletedEvent | ErrorEvent | dict[str, Any]
+Event = (
+    AnalyzingEvent
+    | AnsweringEvent
+    | ReasoningEvent
+    | ToolCallEvent
+    | PingEvent
+    | CompletedEvent
+    | ErrorEvent
+    | dict[str, Any]
+)
 
 TERMINAL_EVENTS = frozenset({"completed", "error"})
 
 _ANSWERING_PREFIX = b'{"event":"answering","content":'
+_REASONING_PREFIX = b'{"event":"reasoning","content":'
 
 
 class Encoder:
@@ -84,6 +115,10 @@ class Encoder:
     def answering(self, content: str) -> bytes:
         """Return the ``answering`` line without building a dict: this is the per-delta path."""
         return _ANSWERING_PREFIX + orjson.dumps(content) + self._tail
+
+    def reasoning(self, content: str) -> bytes:
+        """Return the ``reasoning`` line, the same way."""
+        return _REASONING_PREFIX + orjson.dumps(content) + self._tail
 
 
 PING: Event = {"event": "ping"}

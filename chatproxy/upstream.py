@@ -9,17 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Any, NamedTuple
+from typing import Any
 from weakref import WeakKeyDictionary
 
 import aiohttp
 import httpx2
 import openai
-import orjson
 
+from .chunks import Chunk, SSEDecoder, SSEEvent, in_band_error, parse_chunk, parse_completion
 from .conf import conf
 from .demo import DemoTransport
-from .events import Usage
 from .exceptions import UpstreamError
 from .relay import Relay
 from .transport import RESPONSE, AiohttpTransport
@@ -28,15 +27,6 @@ logger = logging.getLogger("chatproxy.upstream")
 
 DEMO_BASE_URL = "http://chatproxy-demo.invalid/v1"
 RAW_STREAM = {"X-Stainless-Raw-Response": "stream"}
-
-
-class Chunk(NamedTuple):
-    """What chatproxy needs from one upstream chunk."""
-
-    content: str
-    finish_reason: str | None
-    usage: Usage | None
-    response_id: str
 
 
 # One client per event loop: pooled connections belong to the loop that opened them, so a
@@ -96,7 +86,7 @@ class AnswerStream:
     """
 
     __slots__ = (
-        "_opening", "_response", "_reader", "_relay", "_decoder", "_error", "_ended",
+        "_opening", "_response", "_reader", "_relay", "_decoder", "_error", "_ended", "_whole",
         "_heard", "_silent_after", "_deadline", "_silence", "_waking", "_reading", "_woken",
     )  # fmt: skip
 
@@ -118,6 +108,7 @@ class AnswerStream:
         self._decoder = SSEDecoder()
         self._error: Exception | None = None
         self._ended = False
+        self._whole: httpx2.Response | None = None
         # The timing of silences while the body is read (_read_or_wake).
         self._heard = self._silent_after = self._deadline = 0.0
         self._silence: asyncio.TimerHandle | None = None
@@ -133,16 +124,26 @@ class AnswerStream:
                 raise self._error
             if self._ended:
                 return None
-            if self._response is None and not await self._opened(timeout):
-                return []
+            if self._response is None:
+                if not await self._opened(timeout):
+                    return []
+                if self._whole is not None:  # the server answered with one JSON body
+                    return [await self._read_whole(self._whole)]
             data = await self._read(timeout)
             if data is None:
                 return []
-            if not data:  # the body ended without [DONE]: the answer is what arrived
+            if data:
+                events = self._decoder.feed(data)
+            else:  # the body ended without [DONE]: the answer is what arrived
                 self._ended = True
-                return None
+                events = self._decoder.close()
             chunks = []
-            for payload in self._decoder.feed(data):
+            for payload in events:
+                if isinstance(payload, SSEEvent):
+                    if payload.type == "error":
+                        self._error = in_band_error()
+                        break
+                    continue  # another type of event: not for an OpenAI client
                 if payload == b"[DONE]":
                     self._ended = True
                     break
@@ -153,6 +154,8 @@ class AnswerStream:
                     break
             if chunks:
                 return chunks
+            if self._ended and self._error is None:
+                return None
             # Only part of an event arrived, or [DONE], or an error: look again.
 
     async def _opened(self, timeout: float | None) -> bool:
@@ -166,6 +169,9 @@ class AnswerStream:
                 return False
         self._opening = None
         response = self._response = opening.result()
+        if response.headers.get("content-type", "").startswith("application/json"):
+            self._whole = response  # a server that ignores stream: true
+            return True
         raw: aiohttp.ClientResponse | None = response.extensions.get(RESPONSE)
         encoded = response.headers.get("content-encoding", "identity") != "identity"
         if raw is not None and not encoded:  # httpx2 decodes an encoded body
@@ -180,6 +186,18 @@ class AnswerStream:
         else:
             self._relay = Relay(response.aiter_bytes())
         return True
+
+    async def _read_whole(self, response: httpx2.Response) -> Chunk:
+        """Read a ``chat.completion`` body whole, as the one chunk of the answer."""
+        self._whole, self._ended = None, True
+        try:
+            async with asyncio.timeout(conf.CHATPROXY_TIMEOUT or None):
+                body = await response.aread()
+        except TimeoutError:
+            raise UpstreamError(SILENT, code="upstream_timeout") from None
+        except httpx2.TransportError:
+            raise UpstreamError(DROPPED, code="upstream_disconnected") from None
+        return parse_completion(body)
 
     async def _read(self, timeout: float | None) -> bytes | None:
         """Return the next bytes of the body, ``b""`` at its end, None after ``timeout``."""
@@ -294,67 +312,6 @@ async def _read_any(reader: aiohttp.StreamReader) -> tuple[bytes, UpstreamError 
     if not rest:
         raise error
     return rest, error
-
-
-class SSEDecoder:
-    """Split a server-sent-events byte stream into the payloads of its ``data:`` fields."""
-
-    __slots__ = ("_buffer", "_data")
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[bytes] = []
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Take the next bytes; return the payload of every event they complete."""
-        *lines, self._buffer = (self._buffer + data).split(b"\n")
-        payloads = []
-        for line in lines:
-            line = line.removesuffix(b"\r")
-            if not line:  # a blank line ends the event
-                if self._data:
-                    payloads.append(b"\n".join(self._data))
-                    self._data = []
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                self._data.append(value[1:] if value.startswith(b" ") else value)
-            # Comments (":") and the other fields (event, id, retry) carry nothing we use.
-        return payloads
-
-
-def parse_chunk(payload: bytes) -> Chunk:
-    """Read one ``chat.completion.chunk``; raise ``UpstreamError`` for an error or garbage."""
-    try:
-        chunk = orjson.loads(payload)
-        if "error" in chunk:
-            logger.warning("Upstream reported an error inside the stream")
-            raise UpstreamError(
-                "The model's server failed while answering. Try again.", code="upstream_error"
-            )
-        usage = chunk.get("usage")
-        choices = chunk.get("choices")
-        if choices:
-            choice = choices[0]
-            content = (choice.get("delta") or {}).get("content") or ""
-            return Chunk(content, choice.get("finish_reason"), None, chunk.get("id") or "")
-        if usage:
-            return Chunk(
-                "",
-                None,
-                {
-                    "prompt_tokens": int(usage["prompt_tokens"]),
-                    "completion_tokens": int(usage["completion_tokens"]),
-                    "total_tokens": int(usage["total_tokens"]),
-                },
-                chunk.get("id") or "",
-            )
-        return Chunk("", None, None, chunk.get("id") or "")
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError):
-        logger.warning("Upstream sent an unreadable chunk")
-        raise UpstreamError(
-            "The model's server sent a response chatproxy could not read.",
-            code="upstream_bad_response",
-        ) from None
 
 
 async def _start(

@@ -54,6 +54,14 @@ class Reply:
     fail: str | None = None
     fail_after: int = 0  # content tokens sent before the failure (clamped to len(tokens))
     error_message: str = "upstream exploded"  # tests assert this never leaks to end users
+    # A recorded stream (tests/fixtures/*.sse) sent as it is, each piece of it cut at ``cuts``
+    # in a chunk of its own (flushed apart, so the client likely reads them apart).
+    raw: bytes | None = None
+    cuts: list[int] = field(default_factory=list)
+    content_type: str = "text/event-stream"
+    # A server that ignores stream: true: this JSON body (or the default chat.completion).
+    body: Any = None
+    ignore_stream: bool = False
 
 
 @dataclass
@@ -232,12 +240,27 @@ class _Exchange:
         if fail == "stall":
             await asyncio.get_running_loop().create_future()
 
+    async def _raw(self, reply: Reply) -> bool:
+        assert reply.raw is not None
+        hdrs = {"content-type": reply.content_type, "transfer-encoding": "chunked"}
+        self.writer.write(self._head(200, {**hdrs, **reply.headers}))
+        bounds = [0, *sorted(reply.cuts), len(reply.raw)]
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            if end > start:
+                self.writer.write(http_chunk(reply.raw[start:end]))
+                await self.writer.drain()
+        return await self._finish(_END)
+
     async def chat(self, body: dict[str, Any], reply: Reply) -> bool:
         if reply.status != 200:
             err = _error_body(reply.status, reply.error_message)
             return await self.json(reply.status, err, reply.headers)
         tokens, model = reply.tokens, body.get("model")
-        if not body.get("stream"):
+        if reply.raw is not None:
+            return await self._raw(reply)
+        if reply.body is not None:
+            return await self.json(200, reply.body, reply.headers)
+        if not body.get("stream") or reply.ignore_stream:
             await self._fail_stop(reply.fail)
             p, c = prompt_tokens(body), len(tokens)
             message = {"role": "assistant", "content": "".join(tokens), "refusal": None}
