@@ -39,10 +39,11 @@ async def replay(answer: Message, extra: dict[str, Any] | None = None) -> AsyncI
     encoder = Encoder(extra)
     ids = {"conversation_id": str(answer.conversation_id), "message_id": str(answer.pk)}
     yield encoder.event({"event": "analyzing", **ids, "model": answer.model, "resumed": True})
-    sent = ""
+    sent, followed = "", False
     if answer.status == Status.STREAMING:
         try:
             async for item in follow(answer.pk):
+                followed = True
                 if item["kind"] == "event":
                     yield encoder.event(item["event"])
                 elif item["text"]:
@@ -51,9 +52,16 @@ async def replay(answer: Message, extra: dict[str, Any] | None = None) -> AsyncI
             return
         except TurnGone:
             answer = await _give_up_on(answer)
+    # Q's migration adds these fields; read with a default until it lands.
+    calls: list[dict[str, str]] = getattr(answer, "tool_calls", None) or []
+    if not followed and (reasoning := getattr(answer, "reasoning", "")):
+        yield encoder.reasoning(reasoning)
     if answer.content.startswith(sent) and answer.content[len(sent) :]:
         yield encoder.answering(answer.content[len(sent) :])
-    yield encoder.event(_terminal(answer, ids))
+    if not followed:
+        for call in calls:
+            yield encoder.event({"event": "tool_call", **call})
+    yield encoder.event(_terminal(answer, ids, calls))
 
 
 async def _give_up_on(answer: Message) -> Message:
@@ -71,20 +79,26 @@ async def _give_up_on(answer: Message) -> Message:
     return await Message.objects.aget(pk=answer.pk)
 
 
-def _terminal(answer: Message, ids: dict[str, str]) -> dict[str, Any]:
+def _terminal(answer: Message, ids: dict[str, str], calls: list[dict[str, str]]) -> dict[str, Any]:
     if answer.status == Status.COMPLETED:
-        usage = None
+        usage: dict[str, Any] | None = None
         if answer.total_tokens is not None:
             usage = {
                 "prompt_tokens": answer.prompt_tokens,
                 "completion_tokens": answer.completion_tokens,
                 "total_tokens": answer.total_tokens,
             }
-        return {
+            for name in ("cached_tokens", "reasoning_tokens"):
+                if (count := getattr(answer, name, None)) is not None:
+                    usage[name] = count
+        terminal: dict[str, Any] = {
             "event": "completed",
             **ids,
             "finish_reason": answer.finish_reason or None,
             "usage": usage,
         }
+        if calls:
+            terminal["tool_calls"] = calls
+        return terminal
     message = answer.error_message or "The answer did not finish."
     return dict(error_event(answer.error_code or "internal_error", message, **ids))

@@ -1,9 +1,15 @@
-"""TurnState, the pure accumulator: reasoning and tool calls beside the text, without Django."""
+"""TurnState, the pure accumulator: reasoning and tool calls beside the text; the replay of a
+saved answer's."""
 
 from __future__ import annotations
 
+import uuid
+
+import orjson
+
 from chatproxy.chunks import Chunk, ToolCallDelta
-from chatproxy.models import Status
+from chatproxy.models import Message, Status
+from chatproxy.resume import replay
 from chatproxy.turns import Pieces, TurnState
 
 
@@ -101,3 +107,27 @@ def test_delivered_reasoning_is_what_is_saved_while_interceptors_change_it():
     state.deliver_reasoning("[redacted]")
 
     assert state.reasoning == "[redacted]"
+
+
+async def test_replay_of_a_saved_answer_sends_its_reasoning_and_tool_calls():
+    answer = Message(
+        id=uuid.uuid4(),
+        conversation_id=uuid.uuid4(),
+        model="m",
+        status=Status.COMPLETED,
+        finish_reason="tool_calls",
+        prompt_tokens=1,
+        completion_tokens=2,
+        total_tokens=3,
+    )
+    call = {"id": "call_1", "name": "now", "arguments": "{}"}
+    # Set as attributes: the fields come with the request side's migration.
+    answer.reasoning, answer.tool_calls, answer.reasoning_tokens = "Why?", [call], 2
+
+    events = [orjson.loads(line) async for line in replay(answer)]
+
+    assert [e["event"] for e in events] == ["analyzing", "reasoning", "tool_call", "completed"]
+    assert events[1]["content"] == "Why?"
+    assert events[2] == {"event": "tool_call", **call}
+    assert events[-1]["tool_calls"] == [call]
+    assert events[-1]["usage"]["reasoning_tokens"] == 2
