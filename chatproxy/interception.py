@@ -52,6 +52,11 @@ class Interceptor:
         return what the client gets ('' drops it), or raise ``ContentBlockedError``."""
         return text
 
+    async def flush_reasoning(self, turn: Turn) -> str:
+        """Called once the reasoning ends (the answer or a tool call starts, or the upstream is
+        done): return any reasoning still held back."""
+        return ""
+
     async def on_tool_call(self, turn: Turn, call: ToolCall) -> ToolCall | None:
         """Called with each completed tool call (``{"id", "name", "arguments"}``): return it,
         possibly rewritten, or None to drop it; raise ``TurnRejectedError`` to refuse the turn."""
@@ -103,7 +108,11 @@ class Chain:
         self.deltas = [
             i for i in interceptors if _overrides(i, "on_delta") or _overrides(i, "flush")
         ]
-        self.reasonings = [i for i in interceptors if _overrides(i, "on_reasoning")]
+        self.reasonings = [
+            i
+            for i in interceptors
+            if _overrides(i, "on_reasoning") or _overrides(i, "flush_reasoning")
+        ]
         self.tool_calls = [i for i in interceptors if _overrides(i, "on_tool_call")]
         self.after = [i for i in interceptors if _overrides(i, "after_response")]
         self.transforming = bool(self.deltas)
@@ -124,6 +133,19 @@ class Chain:
             text = await _guarded(interceptor, "on_reasoning", interceptor.on_reasoning(turn, text))
             if not text:
                 return ""
+        return text
+
+    async def flush_reasoning(self, turn: Turn) -> str:
+        """Collect held-back reasoning, as ``flush`` does the answer's."""
+        text = ""
+        for interceptor in self.reasonings:
+            if text:
+                text = await _guarded(
+                    interceptor, "on_reasoning", interceptor.on_reasoning(turn, text)
+                )
+            text += await _guarded(
+                interceptor, "flush_reasoning", interceptor.flush_reasoning(turn)
+            )
         return text
 
     async def on_tool_call(self, turn: Turn, call: ToolCall) -> ToolCall | None:

@@ -168,9 +168,11 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                     await records.checkpoint(turn)
                     checkpoint_at = time.monotonic() + every
             await stream.aclose()
-            if not turn.stopped and (calls := state.close()):
-                lines = []
-                await _relay_pieces(turn, Pieces("", calls, ""), lines, event_line)
+            if not turn.stopped and (state.reasoning_open or state.tool_calls_open):
+                # The body ended with reasoning held back or calls open, and no finish reason.
+                ended = state.reasoning_open
+                last, lines = Pieces("", state.close(), "", ended), []
+                await _relay_pieces(turn, last, lines, event_line)
                 if lines:
                     yield b"".join(lines)
             if transforming and (text := await chain.flush(turn)):
@@ -232,7 +234,10 @@ async def _relay_pieces(
     """Add the lines of a chunk's reasoning and completed tool calls, through their hooks;
     return its answer text, which goes the way of any other."""
     chain, state = turn.chain, turn.state
-    reasoning, calls, text = pieces
+    reasoning, calls, text, reasoning_ended = pieces
+    if reasoning_ended and (held := await chain.flush_reasoning(turn)):
+        state.deliver_reasoning(held)
+        lines.append(event_line({"event": "reasoning", "content": held}))
     if reasoning and chain.reasonings:
         reasoning = await chain.on_reasoning(turn, reasoning)
         if reasoning:

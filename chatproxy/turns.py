@@ -50,6 +50,7 @@ class Pieces(NamedTuple):
     reasoning: str
     calls: list[ToolCall]  # the calls this chunk completed
     text: str
+    reasoning_ended: bool = False  # reasoning held back by interceptors can be let go
 
 
 class TurnState:
@@ -66,7 +67,7 @@ class TurnState:
         "raw", "delivered", "transforming", "status", "error_code", "error_message",
         "finish_reason", "usage", "response_id", "started", "first_token_at",
         "raw_reasoning", "delivered_reasoning", "transforming_reasoning", "tool_calls",
-        "_open_calls", "mixed",
+        "_open_calls", "mixed", "reasoning_open",
     )  # fmt: skip
 
     def __init__(self, transforming: bool = False, transforming_reasoning: bool = False) -> None:
@@ -86,6 +87,8 @@ class TurnState:
         self.tool_calls: list[ToolCall] = []
         self._open_calls: dict[int, ToolCall] = {}  # by index, until complete
         self.mixed = False  # a chunk carried more than text: see feed()
+        # Reasoning came and interceptors may hold some back until it ends.
+        self.reasoning_open = False
 
     def feed(self, chunk: Chunk) -> str | Pieces:
         """Take one upstream chunk; return its text ('' if none), or the :class:`Pieces` of
@@ -93,7 +96,7 @@ class TurnState:
         text, reasoning, calls, finish_reason, usage, self.response_id = chunk
         if usage is not None:
             self.usage = usage
-        if reasoning or calls or (finish_reason and self._open_calls):
+        if reasoning or calls or (finish_reason and self._open_calls) or self.reasoning_open:
             return self._feed_pieces(text, reasoning, calls, finish_reason)
         if finish_reason:
             self.finish_reason = finish_reason
@@ -113,6 +116,8 @@ class TurnState:
         self.mixed = True
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
+        ended = self.reasoning_open and not reasoning
+        self.reasoning_open = bool(reasoning) and self.transforming_reasoning
         if reasoning:
             self.raw_reasoning.append(reasoning)
         if text:
@@ -136,7 +141,7 @@ class TurnState:
         if finish_reason:
             self.finish_reason = finish_reason
             done += self._close_calls()
-        return Pieces(reasoning, done, text)
+        return Pieces(reasoning, done, text, ended)
 
     def _close_calls(self, whole: bool = False, only: int | None = None) -> list[ToolCall]:
         """Complete the open calls (``only`` one; with ``whole``, those whose arguments are
@@ -154,9 +159,14 @@ class TurnState:
         self.tool_calls += done
         return done
 
+    @property
+    def tool_calls_open(self) -> bool:
+        return bool(self._open_calls)
+
     def close(self) -> list[ToolCall]:
         """The upstream is done: complete the calls still open (a body that ended without a
         finish reason)."""
+        self.reasoning_open = False
         return self._close_calls()
 
     def replace_call(self, call: ToolCall, kept: ToolCall | None) -> None:

@@ -54,6 +54,12 @@ class Reply:
     fail: str | None = None
     fail_after: int = 0  # content tokens sent before the failure (clamped to len(tokens))
     error_message: str = "upstream exploded"  # tests assert this never leaks to end users
+    # Sent as delta.reasoning_content before the tokens, one chunk each.
+    reasoning: list[str] = field(default_factory=list)
+    # Sent after the tokens as delta.tool_calls, OpenAI's way: the id and name first, then
+    # the arguments in pieces of ``argument_piece`` characters; finish_reason "tool_calls".
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
+    argument_piece: int = 8
     # A recorded stream (tests/fixtures/*.sse) sent as it is, each piece of it cut at ``cuts``
     # in a chunk of its own (flushed apart, so the client likely reads them apart).
     raw: bytes | None = None
@@ -132,6 +138,25 @@ def _error_body(status: int, message: str) -> dict[str, Any]:
 def _content_delta(token: str) -> bytes:
     # Benchmark streams repeat the same tokens thousands of times: JSON-encode each once.
     return b'{"content":' + _dumps(token) + b"}"
+
+
+@functools.lru_cache(maxsize=8192)
+def _reasoning_delta(piece: str) -> bytes:
+    return b'{"reasoning_content":' + _dumps(piece) + b"}"
+
+
+def _tool_call_deltas(reply: Reply) -> list[bytes]:
+    deltas = []
+    for index, call in enumerate(reply.tool_calls):
+        head = {"index": index, "id": call["id"], "type": "function"}
+        deltas.append(
+            _dumps({"tool_calls": [{**head, "function": {"name": call["name"], "arguments": ""}}]})
+        )
+        arguments, step = call["arguments"], reply.argument_piece
+        for start in range(0, len(arguments), step):
+            piece = {"index": index, "function": {"arguments": arguments[start : start + step]}}
+            deltas.append(_dumps({"tool_calls": [piece]}))
+    return deltas
 
 
 class _Conn:
@@ -293,7 +318,16 @@ class _Exchange:
             return await self._finish(self._head(200, hdrs) + http_chunk(gzip.compress(sse)) + _END)
         self.writer.write(self._head(200, hdrs) + chunk(role))
         await self.writer.drain()
-        end = chunk(b"{}", _dumps(reply.finish_reason))
+        for piece in reply.reasoning:
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+            self.writer.write(chunk(_reasoning_delta(piece)))
+            await self.writer.drain()
+        finish = reply.finish_reason
+        if reply.tool_calls and finish == "stop":
+            finish = "tool_calls"
+        end = b"".join(chunk(delta) for delta in _tool_call_deltas(reply))
+        end += chunk(b"{}", _dumps(finish))
         if include_usage and reply.usage:
             p, c = prompt_tokens(body), len(tokens)
             usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
