@@ -26,7 +26,7 @@ from .transport import RESPONSE, AiohttpTransport
 logger = logging.getLogger("chatproxy.upstream")
 
 DEMO_BASE_URL = "http://chatproxy-demo.invalid/v1"
-RAW_STREAM = {"X-Stainless-Raw-Response": "stream"}
+STREAMED: bool = True  # typed bool: post() may give back the response or a stream of it
 
 
 # One client per event loop: pooled connections belong to the loop that opened them, so a
@@ -176,11 +176,8 @@ class AnswerStream:
         encoded = response.headers.get("content-encoding", "identity") != "identity"
         if raw is not None and not encoded:  # httpx2 decodes an encoded body
             self._reader = raw.content
-            # The silences are timed here from now on (_read_or_wake), with the heartbeat's
-            # timer: aiohttp's own read timeout sets a timer anew for every chunk it reads.
-            if raw.connection is not None and (protocol := raw.connection.protocol) is not None:
-                protocol.read_timeout = None
-                protocol.start_timeout()  # drops the timer set for the bytes already read
+            # The silences are timed here (_read_or_wake), with the heartbeat's timer: the
+            # transport sets no aiohttp read timeout, which would set a timer per chunk read.
             self._silent_after = conf.CHATPROXY_TIMEOUT or math.inf  # 0: no limit, as aiohttp's
             self._heard = asyncio.get_running_loop().time()
         else:
@@ -300,18 +297,26 @@ DROPPED = "The connection to the model's server dropped mid-answer. Try again."
 
 
 async def _read_any(reader: aiohttp.StreamReader) -> tuple[bytes, UpstreamError | None]:
-    """Read what arrived; on a failure, also return the bytes that arrived before it (aiohttp
-    raises a connection's error ahead of the data still in its buffer)."""
+    """Read what arrived; on a failure, also return the bytes that arrived before it."""
     try:
         return await reader.readany(), None
-    except TimeoutError:  # aiohttp's read timeout, if still set (AnswerStream times silences)
-        error = UpstreamError(SILENT, code="upstream_timeout")
     except aiohttp.ClientError:
         error = UpstreamError(DROPPED, code="upstream_disconnected")
-    rest = reader._read_nowait(-1)
+    rest = buffered_after_error(reader)
     if not rest:
         raise error
     return rest, error
+
+
+def buffered_after_error(reader: aiohttp.StreamReader) -> bytes:
+    """The bytes still in ``reader``'s buffer once it has an exception: the last tokens before
+    a dropped connection, when they arrived together with the drop.
+
+    The one private call of the read path, fenced here: aiohttp raises a reader's exception
+    ahead of the data in its buffer from every public read (readany, read_nowait, iter_any),
+    and has no public way to that data. Checked on aiohttp 3.10 to 3.14.5;
+    tests/test_upstream_read.py fails loudly if it changes."""
+    return reader._read_nowait(-1)
 
 
 async def _start(
@@ -331,17 +336,20 @@ async def _start(
     attempt = 0
     while True:
         try:
-            # The SDK's own post(), as chat.completions.create() calls it (auth, base URL,
-            # headers, status errors), minus its walk of the body through the parameters' type
-            # hints: about 1 ms of CPU per turn, and the body is already plain validated
-            # values. The header is the one with_streaming_response sets: leave the body
-            # unread, so it streams.
-            return await client.post(
+            # The SDK's own public post(), as chat.completions.create() calls it (auth, base
+            # URL, headers, status errors), minus its walk of the body through the parameters'
+            # type hints: about 1 ms of CPU per turn, and the body is already plain validated
+            # values. stream=True leaves the body unread, and with cast_to=httpx2.Response
+            # the SDK hands back the response itself (this module parses the bytes).
+            response = await client.post(
                 "/chat/completions",
                 cast_to=httpx2.Response,
                 body=body,
-                options={"headers": RAW_STREAM, "idempotency_key": idempotency_key},
+                options={"idempotency_key": idempotency_key},
+                stream=STREAMED,
+                stream_cls=openai.AsyncStream[Any],
             )
+            return response if isinstance(response, httpx2.Response) else response.response
         except openai.APIError as exc:
             delay = _retry_delay(exc, attempt, cap)
             if attempt == retries or delay is None:

@@ -50,7 +50,7 @@ class Reply:
     gzip: bool = False  # with burst: the SSE body gzip-compressed (Content-Encoding: gzip)
     finish_reason: str = "stop"
     usage: bool = True  # send the usage chunk if the request asked for include_usage
-    # None | "drop" | "stall" | "malformed_json" | "malformed_sse" | "inband_error"
+    # None | "drop" | "stall" | "stall_head" | "malformed_json" | "malformed_sse" | "inband_error"
     fail: str | None = None
     fail_after: int = 0  # content tokens sent before the failure (clamped to len(tokens))
     error_message: str = "upstream exploded"  # tests assert this never leaks to end users
@@ -277,6 +277,8 @@ class _Exchange:
         return await self._finish(_END)
 
     async def chat(self, body: dict[str, Any], reply: Reply) -> bool:
+        if reply.fail == "stall_head":  # never a status line
+            await asyncio.get_running_loop().create_future()
         if reply.status != 200:
             err = _error_body(reply.status, reply.error_message)
             return await self.json(reply.status, err, reply.headers)
