@@ -90,11 +90,20 @@ class SSEDecoder:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *lines, self._buffer = buffer.split(b"\n")
         events: list[bytes | SSEEvent] = []
+        pending = self._data
         for line in lines:
-            if line:
+            if line.startswith(b"data:"):  # the common case, inline
+                value = line[5:]
+                pending.append(value[1:] if value[:1] == b" " else value)
+            elif line:
                 self._field(line)
-            elif self._data:  # a blank line ends the event
-                events.append(self._dispatch())
+            elif pending:  # a blank line ends the event
+                if self._type:
+                    events.append(self._dispatch())
+                    pending = self._data
+                else:
+                    events.append(pending[0] if len(pending) == 1 else b"\n".join(pending))
+                    pending = self._data = []
             else:
                 self._type = b""
         return events
@@ -107,7 +116,7 @@ class SSEDecoder:
         return [self._dispatch()] if self._data else []
 
     def _field(self, line: bytes) -> None:
-        if line.startswith(b"data:"):  # the common case first
+        if line.startswith(b"data:"):
             value = line[5:]
             self._data.append(value[1:] if value[:1] == b" " else value)
             return
@@ -151,29 +160,41 @@ def unreadable() -> UpstreamError:
 
 def parse_chunk(payload: bytes) -> Chunk:
     """Read one ``chat.completion.chunk``; raise ``UpstreamError`` for an error or garbage."""
+    chunk: Any = None
     try:
         chunk = orjson.loads(payload)
-        if not isinstance(chunk, dict):
-            _raise_if_error_list(chunk)
-            raise TypeError
-        if "error" in chunk or chunk.get("object") == "error":
-            raise in_band_error()  # OpenAI, Ollama, vLLM, Groq, OpenRouter; vLLM's older form
+        if "error" in chunk:  # OpenAI, Ollama, vLLM, Groq, OpenRouter
+            raise in_band_error()
         response_id = chunk.get("id") or ""
-        usage = chunk.get("usage") or _groq_usage(chunk)
+        usage = chunk.get("usage")
         choices = chunk.get("choices")
+        if choices:
+            choice = choices[0]
+            delta = choice.get("delta") or {}
+            finish_reason = choice.get("finish_reason")
+            if (
+                finish_reason is None
+                and not usage
+                and len(delta) == 1
+                and "content" in delta
+                and not choice.get("index")
+            ):  # a plain text delta: the hot path, a tuple built in C
+                return _new_chunk(Chunk, (delta["content"] or "", "", (), None, None, response_id))
+            if choice.get("index"):  # not choice 0: look for it
+                choice = next((c for c in choices if c.get("index", 0) == 0), None)
+                if choice is None:  # only other choices in this chunk: none of the answer
+                    choices = None
+                else:
+                    delta = choice.get("delta") or {}
+                    finish_reason = choice.get("finish_reason")
+        if not usage:
+            usage = _groq_usage(chunk)
         if not choices:  # usage alone, or Azure's content-filter results
+            if chunk.get("object") == "error":  # vLLM's older error, Mistral's
+                raise in_band_error()
             return Chunk(usage=_usage(usage) if usage else None, response_id=response_id)
-        choice = choices[0]
-        if choice.get("index", 0) != 0:
-            choice = next((c for c in choices if c.get("index", 0) == 0), None)
-            if choice is None:  # only other choices in this chunk: none of the answer
-                return Chunk(usage=_usage(usage) if usage else None, response_id=response_id)
-        delta = choice.get("delta") or {}
-        finish_reason = choice.get("finish_reason")
         if finish_reason == "error":  # OpenRouter's mid-stream failure
             raise in_band_error()
-        if len(delta) == 1 and "content" in delta and not usage:  # a plain text delta
-            return Chunk(delta["content"] or "", "", (), finish_reason, None, response_id)
         return Chunk(
             delta.get("content") or "",
             _reasoning(delta),
@@ -185,7 +206,11 @@ def parse_chunk(payload: bytes) -> Chunk:
     except UpstreamError:
         raise
     except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+        _raise_if_error_list(chunk)
         raise unreadable() from None
+
+
+_new_chunk = tuple.__new__
 
 
 def parse_completion(body: bytes) -> Chunk:

@@ -5,6 +5,7 @@ stalls, and noticing a client that hangs up mid-stream. Tests run it in a daemon
 (start/stop); the benchmark runs it as a process (Django-free to stay light):
 
     python -m tests.fake_upstream --port 9100 [--tokens 200] [--delay 0.0] [--token-text "tok "]
+                                  [--reasoning 0] [--tool-calls 0]
 """
 
 from __future__ import annotations
@@ -523,15 +524,34 @@ def _bench_tokens(count: int, text: str | None) -> list[str]:
 class _BenchUpstream(FakeUpstream):
     """Serves forever; per-request overrides via `x-fake-tokens` / `x-fake-delay` headers."""
 
-    def __init__(self, host: str, port: int, tokens: int, delay: float, text: str | None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tokens: int,
+        delay: float,
+        text: str | None,
+        reasoning: int = 0,
+        tool_calls: int = 0,
+    ) -> None:
         super().__init__(host, port)
         self.record_requests = False  # would grow without bound
         self.tokens, self.delay, self.text = tokens, delay, text
+        self.reasoning = [f"r{i} " for i in range(reasoning)]
+        self.tool_calls = [
+            {"id": f"call_{i}", "name": "lookup", "arguments": f'{{"query": "item {i}", "n": 3}}'}
+            for i in range(tool_calls)
+        ]
 
     def _pick_reply(self, rec: RecordedRequest) -> Reply:
         count = int(rec.headers.get("x-fake-tokens", self.tokens))
         delay = float(rec.headers.get("x-fake-delay", self.delay))
-        return Reply(tokens=_bench_tokens(count, self.text), delay=delay)
+        return Reply(
+            tokens=_bench_tokens(count, self.text),
+            delay=delay,
+            reasoning=self.reasoning,
+            tool_calls=self.tool_calls,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -541,8 +561,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--token-text", default=None, help='every token is this (default "t<i> ")')
+    parser.add_argument("--reasoning", type=int, default=0, help="reasoning tokens first")
+    parser.add_argument("--tool-calls", type=int, default=0, help="tool calls after the answer")
     args = parser.parse_args(argv)
-    upstream = _BenchUpstream(args.host, args.port, args.tokens, args.delay, args.token_text)
+    upstream = _BenchUpstream(
+        args.host,
+        args.port,
+        args.tokens,
+        args.delay,
+        args.token_text,
+        args.reasoning,
+        args.tool_calls,
+    )
 
     async def serve() -> None:
         await upstream._listen()
