@@ -181,16 +181,20 @@ class Guardrail(Interceptor):
 
 class Cost(Interceptor):
     """Price the answer from its usage: ``prices`` (or CHATPROXY_PRICES) maps a model to
-    ``{"prompt": ..., "completion": ...}`` in currency units per million tokens."""
+    ``{"prompt": ..., "completion": ...}`` in currency units per million tokens, and optionally
+    ``"cached_prompt"``: the price of the prompt tokens the upstream served from its cache
+    (``usage.cached_tokens``; without the key they cost as any prompt token)."""
 
     async def after_response(self, turn: Turn) -> None:
         price = (self.options.get("prices") or conf.CHATPROXY_PRICES).get(turn.model)
         usage = turn.state.usage
         if price and usage:
             million = Decimal(1_000_000)
-            cost = (
-                Decimal(str(price["prompt"])) * usage["prompt_tokens"]
-                + Decimal(str(price["completion"])) * usage["completion_tokens"]
-            ) / million
+            prompt = Decimal(usage["prompt_tokens"])
+            cost = Decimal(str(price["prompt"])) * prompt
+            if (cached_price := price.get("cached_prompt")) is not None:
+                cached = Decimal(min(usage.get("cached_tokens", 0), usage["prompt_tokens"]))
+                cost += (Decimal(str(cached_price)) - Decimal(str(price["prompt"]))) * cached
+            cost = (cost + Decimal(str(price["completion"])) * usage["completion_tokens"]) / million
             # Rounded here, as the column stores it, so every database keeps the same value.
             turn.cost = cost.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)

@@ -230,6 +230,33 @@ async def test_cost_is_computed_from_the_price_table_and_saved(client, settings)
 
 
 @db
+async def test_cost_prices_cached_prompt_tokens_at_their_own_price(client, upstream, settings):
+    settings.CHATPROXY_PRICES = {
+        "gpt-test": {"prompt": 2, "completion": 8, "cached_prompt": 0.5},
+        "other": {"prompt": 2, "completion": 8},
+    }
+    usage = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 100,
+        "total_tokens": 1100,
+        "prompt_tokens_details": {"cached_tokens": 800},
+    }
+    message = {"role": "assistant", "content": "ok"}
+    body = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": usage,
+    }
+    upstream.enqueue(Reply(body=body))
+
+    events = await read_events(await chat(client, HI))
+
+    assert events[-1]["usage"]["cached_tokens"] == 800
+    answer = await Message.objects.aget(role="assistant")
+    assert answer.cost == Decimal("0.001600")  # 200 × 2 + 800 × 0.5 + 100 × 8, per million
+
+
+@db
 async def test_turn_finished_signal_carries_the_saved_message(client):
     seen = []
 
