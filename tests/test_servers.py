@@ -200,3 +200,23 @@ async def test_a_whole_error_body_is_an_error_and_a_failed_row(client, upstream)
     assert events[-1]["error"]["code"] == "upstream_error"
     assert "exploded" not in events[-1]["error"]["message"]
     assert (await Message.objects.aget(role="assistant")).status == Status.FAILED
+
+
+async def test_ollama_parallel_calls_each_whole_in_one_chunk(user, upstream):
+    frames = await socket_turn(user, upstream, Reply(raw=fixture("ollama-parallel-tool-calls.sse")))
+
+    assert [(f["id"], f["arguments"]) for f in frames if f["event"] == "tool_call"] == [
+        ("call_wteop8bt", '{"command":"ls"}'),
+        ("call_rk2xye1l", '{"command":"ls -l"}'),
+    ]
+    assert frames[-1]["finish_reason"] == "tool_calls"
+
+
+async def test_vllm_parallel_calls_under_one_index_are_told_apart_by_their_ids(client, upstream):
+    events = await http_turn(client, upstream, Reply(raw=fixture("vllm-parallel-tool-calls.sse")))
+
+    assert [(c["id"], c["name"], c["arguments"]) for c in events[-1]["tool_calls"]] == [
+        ("chatcmpl-tool-c9ZCzB9b9NikK5kjPBXpFG", "func_name", "xxxxx"),
+        ("chatcmpl-tool-HfzZPEVfQgvgpSJccb8Vr8", "func_name", "xxxxx"),
+    ]
+    assert kinds(events) == ["analyzing", "tool_call", "tool_call", "completed"]
