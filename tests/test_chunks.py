@@ -267,3 +267,21 @@ def test_a_whole_error_body_raises_upstream_error():
         parse_completion(b'{"error":{"message":"boom"}}')
 
     assert raised.value.code == "upstream_error"
+
+
+MIXED = (
+    b"\xef\xbb\xbf: a comment\r"
+    b"data: one\r\ndata:two\n\r\n"
+    b"event: note\rdata: three\r\r"
+    b"id: 9\ndata: four\r\n\r\n"
+    b"data: five"  # the last event, without its blank line
+)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(MIXED)), max_size=30))
+def test_mixed_line_endings_and_a_bom_give_the_same_events_however_split(cuts):
+    bounds = [0, *sorted(cuts), len(MIXED)]
+
+    events = decode_all([MIXED[a:b] for a, b in zip(bounds, bounds[1:], strict=False)])
+
+    assert events == [b"one\ntwo", SSEEvent("note", b"three"), b"four", b"five"]
