@@ -90,7 +90,9 @@ async def part_db(sessionid: str) -> dict[str, float]:
         SessionMiddleware(lambda r: HttpResponse()).process_request(request)
         AuthenticationMiddleware(lambda r: HttpResponse()).process_request(request)
         started = await prepare_turn(functools.partial(auth.identify, request), chat)
-        started.state.feed(Chunk("Something.", "stop", usage, "chatcmpl-1"))
+        # Keywords: the same call on the commit before chunks.py, whose Chunk had 4 fields.
+        chunk = Chunk(content="Something.", finish_reason="stop", usage=usage, response_id="c1")
+        started.state.feed(chunk)
         started.state.end(Status.COMPLETED)
         assert await records.save(started)
 

@@ -26,6 +26,9 @@ Scenarios:
 - ``latency``: 1 connection, 30 turns of 50 tokens 20 ms apart.
 - ``throughput``: 50 connections, 500 turns of 200 tokens, no delay.
 - ``hold``: 1,000 connections, one turn each of 100 tokens 50 ms apart (about 5 s per turn).
+- ``tools``: 50 connections, 500 turns, each 100 reasoning tokens, then 200 answer tokens, then
+  two tool calls (their arguments in pieces of 8 characters), no delay: the throughput load with
+  the rest of the protocol. Its CPU is per 1,000 answer tokens, like the others'.
 
 Figures (times in ms, from writing the request; percentiles over the turns that succeeded):
 
@@ -128,6 +131,8 @@ class Scenario:
     # slice with chatproxy turns, for CPU per request; "after", once each after the measured
     # run, for the time to the first line.
     floor: Literal["", "alternated", "after"] = ""
+    reasoning: int = 0  # reasoning tokens before the answer
+    tool_calls: int = 0  # tool calls after it
 
 
 SCENARIOS = {
@@ -138,6 +143,9 @@ SCENARIOS = {
             "throughput", concurrency=50, turns=500, tokens=200, delay=0.0, floor="alternated"
         ),
         Scenario("hold", concurrency=1000, turns=1000, tokens=100, delay=0.05, floor="after"),
+        Scenario(
+            "tools", concurrency=50, turns=500, tokens=200, delay=0.0, reasoning=100, tool_calls=2
+        ),
     )
 }
 
@@ -517,6 +525,8 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
     py = sys.executable
     upstream_args = [py, "-m", "tests.fake_upstream", "--port", str(up_port)]
     upstream_args += ["--tokens", str(sc.tokens), "--delay", str(sc.delay)]
+    if sc.reasoning or sc.tool_calls:
+        upstream_args += ["--reasoning", str(sc.reasoning), "--tool-calls", str(sc.tool_calls)]
     server_args = [py, "-m", "uvicorn", "project.asgi:application", "--host", "127.0.0.1"]
     server_args += ["--port", str(srv_port), *ctx.uvicorn_args]
     upstream = server = None

@@ -16,6 +16,14 @@ class Usage(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: NotRequired[int]  # only when the upstream sent them
+    reasoning_tokens: NotRequired[int]
+
+
+class ToolCall(TypedDict):
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model sent it
 
 
 class AnalyzingEvent(TypedDict):
@@ -29,6 +37,18 @@ class AnalyzingEvent(TypedDict):
 class AnsweringEvent(TypedDict):
     event: Literal["answering"]
     content: str
+
+
+class ReasoningEvent(TypedDict):
+    event: Literal["reasoning"]
+    content: str
+
+
+class ToolCallEvent(TypedDict):
+    event: Literal["tool_call"]
+    id: str
+    name: str
+    arguments: str
 
 
 class PingEvent(TypedDict):
@@ -46,6 +66,7 @@ class CompletedEvent(TypedDict):
     finish_reason: str | None
     usage: Usage | None
     history: NotRequired[HistoryCut]  # only when CHATPROXY_MAX_HISTORY_CHARS cut the history
+    tool_calls: NotRequired[list[ToolCall]]
 
 
 class ErrorBody(TypedDict):
@@ -60,11 +81,21 @@ class ErrorEvent(TypedDict):
     message_id: NotRequired[str]
 
 
-Event = AnalyzingEvent | AnsweringEvent | PingEvent | CompletedEvent | ErrorEvent | dict[str, Any]
+Event = (
+    AnalyzingEvent
+    | AnsweringEvent
+    | ReasoningEvent
+    | ToolCallEvent
+    | PingEvent
+    | CompletedEvent
+    | ErrorEvent
+    | dict[str, Any]
+)
 
 TERMINAL_EVENTS = frozenset({"completed", "error"})
 
 _ANSWERING_PREFIX = b'{"event":"answering","content":'
+_REASONING_PREFIX = b'{"event":"reasoning","content":'
 
 
 class Encoder:
@@ -89,6 +120,10 @@ class Encoder:
     def answering(self, content: str) -> bytes:
         """Return the ``answering`` line without building a dict: this is the per-delta path."""
         return _ANSWERING_PREFIX + orjson.dumps(content) + self._tail
+
+    def reasoning(self, content: str) -> bytes:
+        """Return the ``reasoning`` line, the same way."""
+        return _REASONING_PREFIX + orjson.dumps(content) + self._tail
 
 
 PING: Event = {"event": "ping"}

@@ -19,6 +19,7 @@ from .conf import conf
 from .exceptions import TurnError
 
 if TYPE_CHECKING:  # importing this module must not need the app registry (checks use it)
+    from .events import ToolCall
     from .turns import Turn
 
 logger = logging.getLogger("chatproxy.interception")
@@ -45,6 +46,21 @@ class Interceptor:
     async def flush(self, turn: Turn) -> str:
         """Called once when the upstream is done: return any text still held back."""
         return ""
+
+    async def on_reasoning(self, turn: Turn, text: str) -> str:
+        """Called with each piece of reasoning text, as ``on_delta`` is with answer text:
+        return what the client gets ('' drops it), or raise ``ContentBlockedError``."""
+        return text
+
+    async def flush_reasoning(self, turn: Turn) -> str:
+        """Called once the reasoning ends (the answer or a tool call starts, or the upstream is
+        done): return any reasoning still held back."""
+        return ""
+
+    async def on_tool_call(self, turn: Turn, call: ToolCall) -> ToolCall | None:
+        """Called with each completed tool call (``{"id", "name", "arguments"}``): return it,
+        possibly rewritten, or None to drop it; raise ``TurnRejectedError`` to refuse the turn."""
+        return call
 
     async def after_response(self, turn: Turn) -> None:
         """Called after the answer is complete and before ``completed``: read ``turn.state``,
@@ -82,7 +98,9 @@ def _overrides(interceptor: Interceptor, name: str) -> bool:
 class Chain:
     """Run each hook of a turn's interceptors in order, turning bugs into ``interceptor_failed``."""
 
-    __slots__ = ("interceptors", "before", "deltas", "after", "transforming")
+    __slots__ = (
+        "interceptors", "before", "deltas", "reasonings", "tool_calls", "after", "transforming",
+    )  # fmt: skip
 
     def __init__(self, interceptors: list[Interceptor]) -> None:
         self.interceptors = interceptors
@@ -90,6 +108,12 @@ class Chain:
         self.deltas = [
             i for i in interceptors if _overrides(i, "on_delta") or _overrides(i, "flush")
         ]
+        self.reasonings = [
+            i
+            for i in interceptors
+            if _overrides(i, "on_reasoning") or _overrides(i, "flush_reasoning")
+        ]
+        self.tool_calls = [i for i in interceptors if _overrides(i, "on_tool_call")]
         self.after = [i for i in interceptors if _overrides(i, "after_response")]
         self.transforming = bool(self.deltas)
 
@@ -103,6 +127,35 @@ class Chain:
             if not text:
                 return ""
         return text
+
+    async def on_reasoning(self, turn: Turn, text: str) -> str:
+        for interceptor in self.reasonings:
+            text = await _guarded(interceptor, "on_reasoning", interceptor.on_reasoning(turn, text))
+            if not text:
+                return ""
+        return text
+
+    async def flush_reasoning(self, turn: Turn) -> str:
+        """Collect held-back reasoning, as ``flush`` does the answer's."""
+        text = ""
+        for interceptor in self.reasonings:
+            if text:
+                text = await _guarded(
+                    interceptor, "on_reasoning", interceptor.on_reasoning(turn, text)
+                )
+            text += await _guarded(
+                interceptor, "flush_reasoning", interceptor.flush_reasoning(turn)
+            )
+        return text
+
+    async def on_tool_call(self, turn: Turn, call: ToolCall) -> ToolCall | None:
+        kept: ToolCall | None = call
+        for interceptor in self.tool_calls:
+            kept = await _guarded(interceptor, "on_tool_call", interceptor.on_tool_call(turn, call))
+            if kept is None:
+                return None
+            call = kept
+        return kept
 
     async def flush(self, turn: Turn) -> str:
         """Collect held-back text, passing each interceptor's remainder through the later ones."""

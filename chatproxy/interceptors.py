@@ -75,19 +75,22 @@ class Redact(Interceptor):
     when a match is split across deltas: the client never receives text that completes one.
 
     Options: ``patterns`` (default: e-mail addresses and API-key shapes), ``literals``,
-    ``replacement`` ("[redacted]"), ``max_match`` (the longest possible match, 80), and
-    ``whitespace_free`` (True: no match contains whitespace).
+    ``replacement`` ("[redacted]"), ``max_match`` (the longest possible match, 80),
+    ``whitespace_free`` (True: no match contains whitespace), and ``reasoning`` (False: True
+    redacts the reasoning text too, in a window of its own).
     """
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         patterns = options.get("patterns", [EMAIL, API_KEY])
         self.replacement = str(options.get("replacement", "[redacted]"))
-        self.window = _Window(
-            _compile(patterns, options.get("literals", [])),
-            int(options.get("max_match", 80)),
-            bool(options.get("whitespace_free", True)),
-        )
+        pattern = _compile(patterns, options.get("literals", []))
+        max_match = int(options.get("max_match", 80))
+        whitespace_free = bool(options.get("whitespace_free", True))
+        self.window = _Window(pattern, max_match, whitespace_free)
+        self.reasoning_window = None
+        if options.get("reasoning", False):
+            self.reasoning_window = _Window(pattern, max_match, whitespace_free)
 
     def _render(self, pieces: list[str | re.Match[str]]) -> str:
         return "".join(p if isinstance(p, str) else self.replacement for p in pieces)
@@ -98,33 +101,33 @@ class Redact(Interceptor):
     async def flush(self, turn: Turn) -> str:
         return self._render(self.window.scan("", final=True))
 
+    async def on_reasoning(self, turn: Turn, text: str) -> str:
+        if self.reasoning_window is None:
+            return text
+        return self._render(self.reasoning_window.scan(text))
 
-class Guardrail(Interceptor):
-    """Stop the answer before a blocked word, or text a ``check`` callable rejects, reaches
-    the client; the answer is saved ``blocked`` and the stream ends with ``content_blocked``.
+    async def flush_reasoning(self, turn: Turn) -> str:
+        if self.reasoning_window is None:
+            return ""
+        return self._render(self.reasoning_window.scan("", final=True))
 
-    Options: ``words`` (matched whole, ignoring case), ``check`` (a callable or dotted path
-    taking the answer so far and returning True to block), and ``hold`` (characters held back
-    for ``check``, 0 by default: it sees each delta before it is sent).
-    """
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        words = [str(w) for w in options.get("words", [])]
+class _Screen:
+    """Guardrail's watch over one stream of text (the answer, or the reasoning)."""
+
+    __slots__ = ("window", "check", "hold", "seen", "pending")
+
+    def __init__(self, words: list[str], check: Callable[[str], bool] | None, hold: int) -> None:
         self.window = None
         if words:
             pattern = _compile([rf"\b{re.escape(w)}\b" for w in words], [], re.IGNORECASE)
             self.window = _Window(
                 pattern, max(map(len, words)) + 1, not any(c.isspace() for c in "".join(words))
             )
-        check = options.get("check")
-        self.check: Callable[[str], bool] | None = (
-            import_string(check) if isinstance(check, str) else check
-        )
-        self.hold = int(options.get("hold", 0))
+        self.check, self.hold = check, hold
         self.seen = self.pending = ""
 
-    def _screen(self, text: str, final: bool) -> str:
+    def screen(self, text: str, final: bool) -> str:
         if self.window is not None:
             pieces = self.window.scan(text, final)
             if any(not isinstance(p, str) for p in pieces):
@@ -139,25 +142,59 @@ class Guardrail(Interceptor):
             self.seen += text
         return text
 
+
+class Guardrail(Interceptor):
+    """Stop the answer before a blocked word, or text a ``check`` callable rejects, reaches
+    the client; the answer is saved ``blocked`` and the stream ends with ``content_blocked``.
+
+    Options: ``words`` (matched whole, ignoring case), ``check`` (a callable or dotted path
+    taking the answer so far and returning True to block), ``hold`` (characters held back
+    for ``check``, 0 by default: it sees each delta before it is sent), and ``reasoning``
+    (False: True screens the reasoning text too, on its own).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        words = [str(w) for w in options.get("words", [])]
+        check = options.get("check")
+        self.check: Callable[[str], bool] | None = (
+            import_string(check) if isinstance(check, str) else check
+        )
+        self.hold = int(options.get("hold", 0))
+        self.answer = _Screen(words, self.check, self.hold)
+        self.reasoning = None
+        if options.get("reasoning", False):
+            self.reasoning = _Screen(words, self.check, self.hold)
+
     async def on_delta(self, turn: Turn, text: str) -> str:
-        return self._screen(text, final=False)
+        return self.answer.screen(text, final=False)
 
     async def flush(self, turn: Turn) -> str:
-        return self._screen("", final=True)
+        return self.answer.screen("", final=True)
+
+    async def on_reasoning(self, turn: Turn, text: str) -> str:
+        return text if self.reasoning is None else self.reasoning.screen(text, final=False)
+
+    async def flush_reasoning(self, turn: Turn) -> str:
+        return "" if self.reasoning is None else self.reasoning.screen("", final=True)
 
 
 class Cost(Interceptor):
     """Price the answer from its usage: ``prices`` (or CHATPROXY_PRICES) maps a model to
-    ``{"prompt": ..., "completion": ...}`` in currency units per million tokens."""
+    ``{"prompt": ..., "completion": ...}`` in currency units per million tokens, and optionally
+    ``"cached_prompt"``: the price of the prompt tokens the upstream served from its cache
+    (``usage.cached_tokens``; without the key they cost as any prompt token)."""
 
     async def after_response(self, turn: Turn) -> None:
         price = (self.options.get("prices") or conf.CHATPROXY_PRICES).get(turn.model)
         usage = turn.state.usage
         if price and usage:
             million = Decimal(1_000_000)
-            cost = (
-                Decimal(str(price["prompt"])) * usage["prompt_tokens"]
-                + Decimal(str(price["completion"])) * usage["completion_tokens"]
-            ) / million
+            prompt = Decimal(usage["prompt_tokens"])
+            cost = Decimal(str(price["prompt"])) * prompt
+            if (cached_price := price.get("cached_prompt")) is not None:
+                cached = Decimal(min(usage.get("cached_tokens", 0), usage["prompt_tokens"]))
+                cost += (Decimal(str(cached_price)) - Decimal(str(price["prompt"]))) * cached
+            cost = (cost + Decimal(str(price["completion"])) * usage["completion_tokens"]) / million
             # Rounded here, as the column stores it, so every database keeps the same value.
             turn.cost = cost.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)

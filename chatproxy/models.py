@@ -8,8 +8,7 @@ import hashlib
 import hmac
 import secrets
 import uuid
-from decimal import Decimal
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from django.conf import settings
 from django.db import IntegrityError, connection, models, transaction
@@ -17,6 +16,9 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from .conf import conf
+
+if TYPE_CHECKING:  # turns imports this module
+    from .turns import TurnOutcome
 
 TITLE_LENGTH = 80
 
@@ -65,27 +67,6 @@ class Role(models.TextChoices):
     SYSTEM = "system", _("system")
     USER = "user", _("user")
     ASSISTANT = "assistant", _("assistant")
-
-
-@dataclasses.dataclass(slots=True)
-class TurnOutcome:
-    """The final state of an assistant answer, written once when the turn ends."""
-
-    content: str
-    status: str
-    raw_content: str = ""
-    finish_reason: str = ""
-    model: str | None = None
-    response_id: str = ""
-    error_code: str = ""
-    error_message: str = ""
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
-    first_token_ms: int | None = None
-    duration_ms: int | None = None
-    cost: Decimal | None = None
-    metadata: dict[str, Any] | None = None
 
 
 def update_row(
@@ -268,9 +249,14 @@ class MessageManager(models.Manager["Message"]):
     def finish_turn(
         self, conversation_id: uuid.UUID, answer_id: uuid.UUID, outcome: TurnOutcome
     ) -> None:
-        """Write the answer's final state and the conversation's last status in one transaction."""
-        fields = {f.name: getattr(outcome, f.name) for f in dataclasses.fields(outcome)}
-        fields = {name: value for name, value in fields.items() if value is not None}
+        """Write the answer's final state and the conversation's last status in one
+        transaction: every field of the outcome whose name is a ``Message`` field."""
+        columns = {f.name for f in Message._meta.concrete_fields}
+        fields = {
+            f.name: value
+            for f in dataclasses.fields(outcome)
+            if f.name in columns and (value := getattr(outcome, f.name)) is not None
+        }
         now = timezone.now()
         with transaction.atomic():
             update_row(Message, answer_id, {**fields, "finished_at": now})

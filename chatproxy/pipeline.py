@@ -18,7 +18,7 @@ from typing import Any
 
 from . import records, shutdown
 from .conf import conf
-from .events import PING, Encoder, Event, error_event
+from .events import PING, Encoder, Event, ToolCall, error_event
 from .exceptions import RequestError, TurnError
 from .followers import TurnChannel
 from .interception import Chain, InterceptorSpec, build_chain
@@ -26,7 +26,7 @@ from .limits import bound_history, check_model, check_rate
 from .models import Conversation, DuplicateTurnError, IdempotencyKey, Message, Owner, Status
 from .payload import ChatRequest
 from .signals import turn_finished
-from .turns import Turn, TurnState
+from .turns import Pieces, Turn, TurnState
 from .upstream import AnswerStream
 
 logger = logging.getLogger("chatproxy.pipeline")
@@ -101,7 +101,7 @@ def _open_turn(
             user=user,
             extra=extra,
             chain=chain,
-            state=TurnState(transforming=chain.transforming),
+            state=TurnState(chain.transforming, bool(chain.reasonings)),
             idempotency_key=key,
             dropped_messages=dropped,
         )
@@ -157,12 +157,18 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                 if not batch:
                     yield event_line(PING)
                     continue
-                texts = [text for chunk in batch if (text := state.feed(chunk))]
-                if coalesce and len(texts) > 1:
-                    texts = ["".join(texts)]
-                lines = []  # one line per delta, written together
-                for text in texts:
-                    if transforming and (text := await chain.on_delta(turn, text)):
+                pieces = [piece for chunk in batch if (piece := state.feed(chunk))]
+                if coalesce and len(pieces) > 1 and not state.mixed:
+                    pieces = ["".join(pieces)]  # type: ignore[arg-type]
+                lines: list[bytes] = []  # one line per delta, written together
+                for piece in pieces:
+                    # Reasoning or tool calls (a Pieces) are off the hot path of plain text.
+                    text = (
+                        piece
+                        if isinstance(piece, str)
+                        else await _relay_pieces(turn, piece, lines, event_line)
+                    )
+                    if transforming and text and (text := await chain.on_delta(turn, text)):
                         state.deliver(text)
                     if text:
                         if channel.followers:
@@ -180,6 +186,13 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
                     await records.checkpoint(turn)
                     checkpoint_at = time.monotonic() + every
             await stream.aclose()
+            if not turn.stopped and (state.reasoning_open or state.tool_calls_open):
+                # The body ended with reasoning held back or calls open, and no finish reason.
+                ended = state.reasoning_open
+                last, lines = Pieces("", state.close(), "", ended), []
+                await _relay_pieces(turn, last, lines, event_line)
+                if lines:
+                    yield b"".join(lines)
             if transforming and (text := await chain.flush(turn)):
                 state.deliver(text)
                 channel.text(text)
@@ -198,6 +211,8 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
             }
             if turn.dropped_messages:
                 terminal["history"] = turn.history_cut()
+            if state.tool_calls:
+                terminal["tool_calls"] = state.tool_calls
         except TurnError as exc:
             if state.status is Status.STREAMING:
                 state.end(Status(exc.status), exc.code, exc.message)
@@ -231,6 +246,32 @@ async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
             if interrupted:
                 await chain.notify("on_interrupt", turn)
             await _announce(turn)
+
+
+async def _relay_pieces(
+    turn: Turn, pieces: Pieces, lines: list[bytes], event_line: Callable[[Event], bytes]
+) -> str:
+    """Add the lines of a chunk's reasoning and completed tool calls, through their hooks;
+    return its answer text, which goes the way of any other."""
+    chain, state = turn.chain, turn.state
+    reasoning, calls, text, reasoning_ended = pieces
+    if reasoning_ended and (held := await chain.flush_reasoning(turn)):
+        state.deliver_reasoning(held)
+        lines.append(event_line({"event": "reasoning", "content": held}))
+    if reasoning and chain.reasonings:
+        reasoning = await chain.on_reasoning(turn, reasoning)
+        if reasoning:
+            state.deliver_reasoning(reasoning)
+    if reasoning:
+        lines.append(event_line({"event": "reasoning", "content": reasoning}))
+    for call in calls:
+        kept: ToolCall | None = call
+        if chain.tool_calls:
+            kept = await chain.on_tool_call(turn, call)
+            state.replace_call(call, kept)
+        if kept is not None:
+            lines.append(event_line({"event": "tool_call", **kept}))
+    return text
 
 
 def _take(turn: Turn) -> list[Any]:

@@ -77,10 +77,11 @@ async def _lines(
 ) -> AsyncGenerator[bytes, None]:
     ids = _ids(answer)
     yield encoder.event({"event": "analyzing", **ids, "model": answer.model, "resumed": True})
-    sent = ""
+    sent, followed = "", False
     if items is not None:
         try:
             async for item in items:
+                followed = True
                 if item["kind"] == "event":
                     yield encoder.event(item["event"])
                 elif item["text"]:
@@ -89,9 +90,16 @@ async def _lines(
             return
         except TurnGone:
             answer = await _give_up_on(answer)
+    # Q's migration adds these fields; read with a default until it lands.
+    calls: list[dict[str, str]] = getattr(answer, "tool_calls", None) or []
+    if not followed and (reasoning := getattr(answer, "reasoning", "")):
+        yield encoder.reasoning(reasoning)
     if answer.content.startswith(sent) and answer.content[len(sent) :]:
         yield encoder.answering(answer.content[len(sent) :])
-    yield encoder.event(_terminal(answer, ids))
+    if not followed:
+        for call in calls:
+            yield encoder.event({"event": "tool_call", **call})
+    yield encoder.event(_terminal(answer, ids, calls))
 
 
 async def _give_up_on(answer: Message) -> Message:
@@ -109,16 +117,19 @@ async def _give_up_on(answer: Message) -> Message:
     return await Message.objects.aget(pk=answer.pk)
 
 
-def _terminal(answer: Message, ids: dict[str, str]) -> dict[str, Any]:
+def _terminal(answer: Message, ids: dict[str, str], calls: list[dict[str, str]]) -> dict[str, Any]:
     if answer.status == Status.COMPLETED:
-        usage = None
+        usage: dict[str, Any] | None = None
         if answer.total_tokens is not None:
             usage = {
                 "prompt_tokens": answer.prompt_tokens,
                 "completion_tokens": answer.completion_tokens,
                 "total_tokens": answer.total_tokens,
             }
-        completed = {
+            for name in ("cached_tokens", "reasoning_tokens"):
+                if (count := getattr(answer, name, None)) is not None:
+                    usage[name] = count
+        completed: dict[str, Any] = {
             "event": "completed",
             **ids,
             "finish_reason": answer.finish_reason or None,
@@ -126,6 +137,8 @@ def _terminal(answer: Message, ids: dict[str, str]) -> dict[str, Any]:
         }
         if isinstance(answer.metadata, dict) and "history" in answer.metadata:
             completed["history"] = answer.metadata["history"]
+        if calls:
+            completed["tool_calls"] = calls
         return completed
     message = answer.error_message or "The answer did not finish."
     return dict(error_event(answer.error_code or "internal_error", message, **ids))

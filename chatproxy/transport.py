@@ -8,11 +8,14 @@ connection is a ``ConnectError`` (the SDK's own aiohttp adapter reports it as a 
 
 Each response also carries aiohttp's own response in ``extensions[RESPONSE]``, so the turn can
 read a streamed answer from its reader itself, without a task in between, and time its silences
-itself (see ``upstream.AnswerStream``).
+itself (see ``upstream.AnswerStream``). So aiohttp gets no read timeout (it would set a timer per
+chunk read): the wait for the response's head, and each read of a body read here, are timed with
+``asyncio.timeout``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -41,22 +44,24 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         timeout = request.extensions.get("timeout", {})
+        read = timeout.get("read") or None  # 0: no limit, as aiohttp's
         try:
-            response = await self._session_for_loop().request(
-                request.method,
-                str(request.url),
-                headers=[
-                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
-                ],
-                data=await request.aread(),
-                allow_redirects=False,
-                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                ),
-            )
+            async with asyncio.timeout(read):
+                response = await self._session_for_loop().request(
+                    request.method,
+                    str(request.url),
+                    headers=[
+                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
+                    ],
+                    data=await request.aread(),
+                    allow_redirects=False,
+                    skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, sock_connect=timeout.get("connect"), sock_read=None
+                    ),
+                )
+        except TimeoutError as exc:  # the head did not come in time
+            raise httpx2.ReadTimeout(str(exc), request=request) from exc
         except aiohttp.ClientConnectorError as exc:
             raise httpx2.ConnectError(str(exc), request=request) from exc
         except (aiohttp.ConnectionTimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -66,7 +71,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         return httpx2.Response(
             response.status,
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers],
-            stream=_Body(response, request),
+            stream=_Body(response, request, read),
             request=request,
             extensions={RESPONSE: response},
         )
@@ -77,12 +82,19 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
 
 
 class _Body(httpx2.AsyncByteStream):
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx2.Request) -> None:
-        self._response, self._request = response, request
+    def __init__(
+        self, response: aiohttp.ClientResponse, request: httpx2.Request, read: float | None
+    ) -> None:
+        self._response, self._request, self._read = response, request, read
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self._response.content
         try:
-            async for data in self._response.content.iter_any():
+            while True:
+                async with asyncio.timeout(self._read):
+                    data = await content.readany()
+                if not data:
+                    return
                 yield data
         except (TimeoutError, aiohttp.SocketTimeoutError) as exc:
             raise httpx2.ReadTimeout(str(exc), request=self._request) from exc

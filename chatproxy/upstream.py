@@ -11,17 +11,16 @@ import logging
 import math
 import re
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, NamedTuple
+from typing import Any
 from weakref import WeakKeyDictionary
 
 import aiohttp
 import httpx2
 import openai
-import orjson
 
+from .chunks import Chunk, SSEDecoder, SSEEvent, in_band_error, parse_chunk, parse_completion
 from .conf import conf
 from .demo import DemoTransport
-from .events import Usage
 from .exceptions import UpstreamError
 from .relay import Relay
 from .transport import RESPONSE, AiohttpTransport
@@ -29,16 +28,7 @@ from .transport import RESPONSE, AiohttpTransport
 logger = logging.getLogger("chatproxy.upstream")
 
 DEMO_BASE_URL = "http://chatproxy-demo.invalid/v1"
-RAW_STREAM = {"X-Stainless-Raw-Response": "stream"}
-
-
-class Chunk(NamedTuple):
-    """What chatproxy needs from one upstream chunk."""
-
-    content: str
-    finish_reason: str | None
-    usage: Usage | None
-    response_id: str
+STREAMED: bool = True  # typed bool: post() may give back the response or a stream of it
 
 
 # One client per event loop: pooled connections belong to the loop that opened them, so a
@@ -104,7 +94,7 @@ class AnswerStream:
     """
 
     __slots__ = (
-        "_opening", "_response", "_reader", "_relay", "_decoder", "_error", "_ended",
+        "_opening", "_response", "_reader", "_relay", "_decoder", "_error", "_ended", "_whole",
         "_heard", "_silent_after", "_deadline", "_silence", "_waking", "_reading", "_woken",
     )  # fmt: skip
 
@@ -126,6 +116,7 @@ class AnswerStream:
         self._decoder = SSEDecoder()
         self._error: Exception | None = None
         self._ended = False
+        self._whole: httpx2.Response | None = None
         # The timing of silences while the body is read (_read_or_wake).
         self._heard = self._silent_after = self._deadline = 0.0
         self._silence: asyncio.TimerHandle | None = None
@@ -141,16 +132,26 @@ class AnswerStream:
                 raise self._error
             if self._ended:
                 return None
-            if self._response is None and not await self._opened(timeout):
-                return []
+            if self._response is None:
+                if not await self._opened(timeout):
+                    return []
+                if self._whole is not None:  # the server answered with one JSON body
+                    return [await self._read_whole(self._whole)]
             data = await self._read(timeout)
             if data is None:
                 return []
-            if not data:  # the body ended without [DONE]: the answer is what arrived
+            if data:
+                events = self._decoder.feed(data)
+            else:  # the body ended without [DONE]: the answer is what arrived
                 self._ended = True
-                return None
+                events = self._decoder.close()
             chunks = []
-            for payload in self._decoder.feed(data):
+            for payload in events:
+                if isinstance(payload, SSEEvent):
+                    if payload.type == "error":
+                        self._error = in_band_error()
+                        break
+                    continue  # another type of event: not for an OpenAI client
                 if payload == b"[DONE]":
                     self._ended = True
                     break
@@ -161,6 +162,8 @@ class AnswerStream:
                     break
             if chunks:
                 return chunks
+            if self._ended and self._error is None:
+                return None
             # Only part of an event arrived, or [DONE], or an error: look again.
 
     async def _opened(self, timeout: float | None) -> bool:
@@ -174,20 +177,32 @@ class AnswerStream:
                 return False
         self._opening = None
         response = self._response = opening.result()
+        if response.headers.get("content-type", "").startswith("application/json"):
+            self._whole = response  # a server that ignores stream: true
+            return True
         raw: aiohttp.ClientResponse | None = response.extensions.get(RESPONSE)
         encoded = response.headers.get("content-encoding", "identity") != "identity"
         if raw is not None and not encoded:  # httpx2 decodes an encoded body
             self._reader = raw.content
-            # The silences are timed here from now on (_read_or_wake), with the heartbeat's
-            # timer: aiohttp's own read timeout sets a timer anew for every chunk it reads.
-            if raw.connection is not None and (protocol := raw.connection.protocol) is not None:
-                protocol.read_timeout = None
-                protocol.start_timeout()  # drops the timer set for the bytes already read
+            # The silences are timed here (_read_or_wake), with the heartbeat's timer: the
+            # transport sets no aiohttp read timeout, which would set a timer per chunk read.
             self._silent_after = conf.CHATPROXY_TIMEOUT or math.inf  # 0: no limit, as aiohttp's
             self._heard = asyncio.get_running_loop().time()
         else:
             self._relay = Relay(response.aiter_bytes())
         return True
+
+    async def _read_whole(self, response: httpx2.Response) -> Chunk:
+        """Read a ``chat.completion`` body whole, as the one chunk of the answer."""
+        self._whole, self._ended = None, True
+        try:
+            async with asyncio.timeout(conf.CHATPROXY_TIMEOUT or None):
+                body = await response.aread()
+        except TimeoutError:
+            raise UpstreamError(SILENT, code="upstream_timeout") from None
+        except httpx2.TransportError:
+            raise UpstreamError(DROPPED, code="upstream_disconnected") from None
+        return parse_completion(body)
 
     async def _read(self, timeout: float | None) -> bytes | None:
         """Return the next bytes of the body, ``b""`` at its end, None after ``timeout``."""
@@ -290,79 +305,26 @@ DROPPED = "The connection to the model's server dropped mid-answer. Try again."
 
 
 async def _read_any(reader: aiohttp.StreamReader) -> tuple[bytes, UpstreamError | None]:
-    """Read what arrived; on a failure, also return the bytes that arrived before it (aiohttp
-    raises a connection's error ahead of the data still in its buffer)."""
+    """Read what arrived; on a failure, also return the bytes that arrived before it."""
     try:
         return await reader.readany(), None
-    except TimeoutError:  # aiohttp's read timeout, if still set (AnswerStream times silences)
-        error = UpstreamError(SILENT, code="upstream_timeout")
     except aiohttp.ClientError:
         error = UpstreamError(DROPPED, code="upstream_disconnected")
-    rest = reader._read_nowait(-1)
+    rest = buffered_after_error(reader)
     if not rest:
         raise error
     return rest, error
 
 
-class SSEDecoder:
-    """Split a server-sent-events byte stream into the payloads of its ``data:`` fields."""
+def buffered_after_error(reader: aiohttp.StreamReader) -> bytes:
+    """The bytes still in ``reader``'s buffer once it has an exception: the last tokens before
+    a dropped connection, when they arrived together with the drop.
 
-    __slots__ = ("_buffer", "_data")
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[bytes] = []
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Take the next bytes; return the payload of every event they complete."""
-        *lines, self._buffer = (self._buffer + data).split(b"\n")
-        payloads = []
-        for line in lines:
-            line = line.removesuffix(b"\r")
-            if not line:  # a blank line ends the event
-                if self._data:
-                    payloads.append(b"\n".join(self._data))
-                    self._data = []
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                self._data.append(value[1:] if value.startswith(b" ") else value)
-            # Comments (":") and the other fields (event, id, retry) carry nothing we use.
-        return payloads
-
-
-def parse_chunk(payload: bytes) -> Chunk:
-    """Read one ``chat.completion.chunk``; raise ``UpstreamError`` for an error or garbage."""
-    try:
-        chunk = orjson.loads(payload)
-        if "error" in chunk:
-            logger.warning("Upstream reported an error inside the stream")
-            raise UpstreamError(
-                "The model's server failed while answering. Try again.", code="upstream_error"
-            )
-        usage = chunk.get("usage")
-        choices = chunk.get("choices")
-        if choices:
-            choice = choices[0]
-            content = (choice.get("delta") or {}).get("content") or ""
-            return Chunk(content, choice.get("finish_reason"), None, chunk.get("id") or "")
-        if usage:
-            return Chunk(
-                "",
-                None,
-                {
-                    "prompt_tokens": int(usage["prompt_tokens"]),
-                    "completion_tokens": int(usage["completion_tokens"]),
-                    "total_tokens": int(usage["total_tokens"]),
-                },
-                chunk.get("id") or "",
-            )
-        return Chunk("", None, None, chunk.get("id") or "")
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError):
-        logger.warning("Upstream sent an unreadable chunk")
-        raise UpstreamError(
-            "The model's server sent a response chatproxy could not read.",
-            code="upstream_bad_response",
-        ) from None
+    The one private call of the read path, fenced here: aiohttp raises a reader's exception
+    ahead of the data in its buffer from every public read (readany, read_nowait, iter_any),
+    and has no public way to that data. Checked on aiohttp 3.10 to 3.14.5;
+    tests/test_upstream_read.py fails loudly if it changes."""
+    return reader._read_nowait(-1)
 
 
 async def _start(
@@ -382,17 +344,20 @@ async def _start(
     attempt = 0
     while True:
         try:
-            # The SDK's own post(), as chat.completions.create() calls it (auth, base URL,
-            # headers, status errors), minus its walk of the body through the parameters' type
-            # hints: about 1 ms of CPU per turn, and the body is already plain validated
-            # values. The header is the one with_streaming_response sets: leave the body
-            # unread, so it streams.
-            return await client.post(
+            # The SDK's own public post(), as chat.completions.create() calls it (auth, base
+            # URL, headers, status errors), minus its walk of the body through the parameters'
+            # type hints: about 1 ms of CPU per turn, and the body is already plain validated
+            # values. stream=True leaves the body unread, and with cast_to=httpx2.Response
+            # the SDK hands back the response itself (this module parses the bytes).
+            response = await client.post(
                 "/chat/completions",
                 cast_to=httpx2.Response,
                 body=body,
-                options={"headers": RAW_STREAM, "idempotency_key": idempotency_key},
+                options={"idempotency_key": idempotency_key},
+                stream=STREAMED,
+                stream_cls=openai.AsyncStream[Any],
             )
+            return response if isinstance(response, httpx2.Response) else response.response
         except openai.APIError as exc:
             delay = _retry_delay(exc, attempt, cap)
             if attempt == retries or delay is None:

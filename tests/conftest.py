@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,6 +16,13 @@ from django.test import AsyncClient
 from chatproxy.upstream import close_clients
 from tests.fake_upstream import FakeUpstream
 from tests.server import ServerProcess
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture(name: str) -> bytes:
+    """A recorded upstream stream from tests/fixtures/, its bytes as they are."""
+    return (FIXTURES / name).read_bytes()
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ stalls, and noticing a client that hangs up mid-stream. Tests run it in a daemon
 (start/stop); the benchmark runs it as a process (Django-free to stay light):
 
     python -m tests.fake_upstream --port 9100 [--tokens 200] [--delay 0.0] [--token-text "tok "]
+                                  [--reasoning 0] [--tool-calls 0]
 """
 
 from __future__ import annotations
@@ -50,10 +51,24 @@ class Reply:
     gzip: bool = False  # with burst: the SSE body gzip-compressed (Content-Encoding: gzip)
     finish_reason: str = "stop"
     usage: bool = True  # send the usage chunk if the request asked for include_usage
-    # None | "drop" | "stall" | "malformed_json" | "malformed_sse" | "inband_error"
+    # None | "drop" | "stall" | "stall_head" | "malformed_json" | "malformed_sse" | "inband_error"
     fail: str | None = None
     fail_after: int = 0  # content tokens sent before the failure (clamped to len(tokens))
     error_message: str = "upstream exploded"  # tests assert this never leaks to end users
+    # Sent as delta.reasoning_content before the tokens, one chunk each.
+    reasoning: list[str] = field(default_factory=list)
+    # Sent after the tokens as delta.tool_calls, OpenAI's way: the id and name first, then
+    # the arguments in pieces of ``argument_piece`` characters; finish_reason "tool_calls".
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
+    argument_piece: int = 8
+    # A recorded stream (tests/fixtures/*.sse) sent as it is, each piece of it cut at ``cuts``
+    # in a chunk of its own (flushed apart, so the client likely reads them apart).
+    raw: bytes | None = None
+    cuts: list[int] = field(default_factory=list)
+    content_type: str = "text/event-stream"
+    # A server that ignores stream: true: this JSON body (or the default chat.completion).
+    body: Any = None
+    ignore_stream: bool = False
 
 
 @dataclass
@@ -124,6 +139,25 @@ def _error_body(status: int, message: str) -> dict[str, Any]:
 def _content_delta(token: str) -> bytes:
     # Benchmark streams repeat the same tokens thousands of times: JSON-encode each once.
     return b'{"content":' + _dumps(token) + b"}"
+
+
+@functools.lru_cache(maxsize=8192)
+def _reasoning_delta(piece: str) -> bytes:
+    return b'{"reasoning_content":' + _dumps(piece) + b"}"
+
+
+def _tool_call_deltas(reply: Reply) -> list[bytes]:
+    deltas = []
+    for index, call in enumerate(reply.tool_calls):
+        head = {"index": index, "id": call["id"], "type": "function"}
+        deltas.append(
+            _dumps({"tool_calls": [{**head, "function": {"name": call["name"], "arguments": ""}}]})
+        )
+        arguments, step = call["arguments"], reply.argument_piece
+        for start in range(0, len(arguments), step):
+            piece = {"index": index, "function": {"arguments": arguments[start : start + step]}}
+            deltas.append(_dumps({"tool_calls": [piece]}))
+    return deltas
 
 
 class _Conn:
@@ -234,12 +268,29 @@ class _Exchange:
         if fail == "stall":
             await asyncio.get_running_loop().create_future()
 
+    async def _raw(self, reply: Reply) -> bool:
+        assert reply.raw is not None
+        hdrs = {"content-type": reply.content_type, "transfer-encoding": "chunked"}
+        self.writer.write(self._head(200, {**hdrs, **reply.headers}))
+        bounds = [0, *sorted(reply.cuts), len(reply.raw)]
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            if end > start:
+                self.writer.write(http_chunk(reply.raw[start:end]))
+                await self.writer.drain()
+        return await self._finish(_END)
+
     async def chat(self, body: dict[str, Any], reply: Reply) -> bool:
+        if reply.fail == "stall_head":  # never a status line
+            await asyncio.get_running_loop().create_future()
         if reply.status != 200:
             err = _error_body(reply.status, reply.error_message)
             return await self.json(reply.status, err, reply.headers)
         tokens, model = reply.tokens, body.get("model")
-        if not body.get("stream"):
+        if reply.raw is not None:
+            return await self._raw(reply)
+        if reply.body is not None:
+            return await self.json(200, reply.body, reply.headers)
+        if not body.get("stream") or reply.ignore_stream:
             await self._fail_stop(reply.fail)
             p, c = prompt_tokens(body), len(tokens)
             message = {"role": "assistant", "content": "".join(tokens), "refusal": None}
@@ -272,7 +323,16 @@ class _Exchange:
             return await self._finish(self._head(200, hdrs) + http_chunk(gzip.compress(sse)) + _END)
         self.writer.write(self._head(200, hdrs) + chunk(role))
         await self.writer.drain()
-        end = chunk(b"{}", _dumps(reply.finish_reason))
+        for piece in reply.reasoning:
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+            self.writer.write(chunk(_reasoning_delta(piece)))
+            await self.writer.drain()
+        finish = reply.finish_reason
+        if reply.tool_calls and finish == "stop":
+            finish = "tool_calls"
+        end = b"".join(chunk(delta) for delta in _tool_call_deltas(reply))
+        end += chunk(b"{}", _dumps(finish))
         if include_usage and reply.usage:
             p, c = prompt_tokens(body), len(tokens)
             usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -466,15 +526,34 @@ def _bench_tokens(count: int, text: str | None) -> list[str]:
 class _BenchUpstream(FakeUpstream):
     """Serves forever; per-request overrides via `x-fake-tokens` / `x-fake-delay` headers."""
 
-    def __init__(self, host: str, port: int, tokens: int, delay: float, text: str | None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tokens: int,
+        delay: float,
+        text: str | None,
+        reasoning: int = 0,
+        tool_calls: int = 0,
+    ) -> None:
         super().__init__(host, port)
         self.record_requests = False  # would grow without bound
         self.tokens, self.delay, self.text = tokens, delay, text
+        self.reasoning = [f"r{i} " for i in range(reasoning)]
+        self.tool_calls = [
+            {"id": f"call_{i}", "name": "lookup", "arguments": f'{{"query": "item {i}", "n": 3}}'}
+            for i in range(tool_calls)
+        ]
 
     def _pick_reply(self, rec: RecordedRequest) -> Reply:
         count = int(rec.headers.get("x-fake-tokens", self.tokens))
         delay = float(rec.headers.get("x-fake-delay", self.delay))
-        return Reply(tokens=_bench_tokens(count, self.text), delay=delay)
+        return Reply(
+            tokens=_bench_tokens(count, self.text),
+            delay=delay,
+            reasoning=self.reasoning,
+            tool_calls=self.tool_calls,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -484,8 +563,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--token-text", default=None, help='every token is this (default "t<i> ")')
+    parser.add_argument("--reasoning", type=int, default=0, help="reasoning tokens first")
+    parser.add_argument("--tool-calls", type=int, default=0, help="tool calls after the answer")
     args = parser.parse_args(argv)
-    upstream = _BenchUpstream(args.host, args.port, args.tokens, args.delay, args.token_text)
+    upstream = _BenchUpstream(
+        args.host,
+        args.port,
+        args.tokens,
+        args.delay,
+        args.token_text,
+        args.reasoning,
+        args.tool_calls,
+    )
 
     async def serve() -> None:
         await upstream._listen()

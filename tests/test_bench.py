@@ -39,7 +39,7 @@ def test_benchmark_relays_every_token_and_measures_the_floors_in_each_scenario(t
     stdout = run_benchmark("bench.run", "--turns", "8", "--json", str(output))
 
     scenarios = {s["scenario"]["name"]: s for s in json.loads(output.read_text())["scenarios"]}
-    assert sorted(scenarios) == ["hold", "latency", "throughput"]
+    assert sorted(scenarios) == ["hold", "latency", "throughput", "tools"]
     for name, result in scenarios.items():
         proxy, saved = result["proxy"], result["database"]
         assert (proxy["ok"], proxy["bad_text"], proxy["errors"]) == (8, 0, {}), name

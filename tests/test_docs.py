@@ -56,6 +56,21 @@ def test_every_event_is_in_the_event_table(event):
     assert f"| `{event}` |" in README  # the front door's summary too
 
 
+@pytest.mark.parametrize("event", ["reasoning", "tool_call"])
+def test_every_additive_event_is_in_the_protocol_event_table(event):
+    assert f"| `{event}` |" in section(page("protocol.md"), "Response")
+
+
+def test_protocol_transcripts_are_valid_ndjson_ending_in_completed():
+    import orjson
+
+    blocks = section(page("protocol.md"), "Response").split("```")[1::2]
+    transcripts = [[orjson.loads(line) for line in block.strip().splitlines()] for block in blocks]
+    kinds = [{event["event"] for event in events} for events in transcripts]
+    assert {"tool_call", "completed"} <= kinds[0] and {"reasoning", "answering"} <= kinds[1]
+    assert all(events[-1]["event"] == "completed" for events in transcripts)
+
+
 def test_every_check_id_is_documented():
     source = (ROOT / "chatproxy" / "checks.py").read_text()
     ids = sorted(set(re.findall(r'id="(chatproxy\.[EW]\d{3})"', source)))

@@ -230,6 +230,33 @@ async def test_cost_is_computed_from_the_price_table_and_saved(client, settings)
 
 
 @db
+async def test_cost_prices_cached_prompt_tokens_at_their_own_price(client, upstream, settings):
+    settings.CHATPROXY_PRICES = {
+        "gpt-test": {"prompt": 2, "completion": 8, "cached_prompt": 0.5},
+        "other": {"prompt": 2, "completion": 8},
+    }
+    usage = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 100,
+        "total_tokens": 1100,
+        "prompt_tokens_details": {"cached_tokens": 800},
+    }
+    message = {"role": "assistant", "content": "ok"}
+    body = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": usage,
+    }
+    upstream.enqueue(Reply(body=body))
+
+    events = await read_events(await chat(client, HI))
+
+    assert events[-1]["usage"]["cached_tokens"] == 800
+    answer = await Message.objects.aget(role="assistant")
+    assert answer.cost == Decimal("0.001600")  # 200 × 2 + 800 × 0.5 + 100 × 8, per million
+
+
+@db
 async def test_turn_finished_signal_carries_the_saved_message(client):
     seen = []
 
@@ -347,3 +374,122 @@ async def test_redaction_end_to_end_with_a_match_split_across_deltas(client, ups
         "Mail [redacted] now",
         "Mail jane.doe@example.com now",
     )
+
+
+# Reasoning and tool calls: their own hooks, and the reasoning option of Redact and Guardrail.
+
+CALLS = [
+    {"id": "call_1", "name": "delete_files", "arguments": '{"path": "/"}'},
+    {"id": "call_2", "name": "now", "arguments": '{"tz": "UTC"}'},
+]
+
+
+class OnlySafeTools(Interceptor):
+    """Drop calls to dangerous tools, pin the time zone of the others."""
+
+    async def on_tool_call(self, turn, call):
+        if call["name"] == "delete_files":
+            return None
+        return {**call, "arguments": '{"tz": "Europe/Paris"}'}
+
+
+class RefuseAllTools(Interceptor):
+    async def on_tool_call(self, turn, call):
+        raise TurnRejectedError("Tools are off on this site.", code="tools_off")
+
+
+class Whisper(Interceptor):
+    async def on_reasoning(self, turn, text):
+        return text.lower()
+
+
+def tool_events(events):
+    return [e for e in events if e["event"] == "tool_call"]
+
+
+@db
+async def test_on_tool_call_rewrites_or_drops_each_completed_call(client, upstream, settings):
+    settings.CHATPROXY_INTERCEPTORS = [OnlySafeTools]
+    upstream.enqueue(Reply(tokens=[], tool_calls=CALLS))
+
+    events = await read_events(await chat(client, HI))
+
+    pinned = {"id": "call_2", "name": "now", "arguments": '{"tz": "Europe/Paris"}'}
+    assert tool_events(events) == [{"event": "tool_call", **pinned}]
+    assert events[-1]["tool_calls"] == [pinned]
+    assert events[-1]["finish_reason"] == "tool_calls"
+
+
+@db
+async def test_on_tool_call_may_refuse_the_turn(client, upstream, settings):
+    settings.CHATPROXY_INTERCEPTORS = [RefuseAllTools]
+    upstream.enqueue(Reply(tokens=["Let me check."], tool_calls=CALLS[1:]))
+
+    events = await read_events(await chat(client, HI))
+
+    assert tool_events(events) == []
+    assert events[-1]["error"] == {"code": "tools_off", "message": "Tools are off on this site."}
+    assert (await Message.objects.aget(role="assistant")).status == "blocked"
+
+
+@db
+async def test_on_reasoning_sees_reasoning_only_and_on_delta_text_only(client, upstream, settings):
+    settings.CHATPROXY_INTERCEPTORS = [Whisper, Shout]
+    upstream.enqueue(Reply(reasoning=["Think ", "HARD"], tokens=["ok"]))
+
+    events = await read_events(await chat(client, HI))
+
+    assert [e["content"] for e in events if e["event"] == "reasoning"] == ["think ", "hard"]
+    assert answer_text(events) == "OK"
+
+
+def reasoning_of(events):
+    return "".join(e["content"] for e in events if e["event"] == "reasoning")
+
+
+@db
+async def test_redact_covers_reasoning_only_when_asked(client, upstream, settings):
+    reply = {"reasoning": ["Mail jane", ".doe@exa", "mple.com first"], "tokens": ["Done."]}
+    settings.CHATPROXY_INTERCEPTORS = ["chatproxy.interceptors.Redact"]
+    upstream.enqueue(Reply(**reply))
+    plain = await read_events(await chat(client, HI))
+    settings.CHATPROXY_INTERCEPTORS = [("chatproxy.interceptors.Redact", {"reasoning": True})]
+    upstream.enqueue(Reply(**reply))
+
+    covered = await read_events(await chat(client, HI))
+
+    assert reasoning_of(plain) == "Mail jane.doe@example.com first"
+    assert reasoning_of(covered) == "Mail [redacted] first"
+    assert all("jane" not in e.get("content", "") for e in covered)
+    assert answer_text(covered) == "Done."
+
+
+@db
+async def test_redact_lets_held_back_reasoning_go_when_the_body_ends_in_it(
+    client, upstream, settings
+):
+    settings.CHATPROXY_INTERCEPTORS = [("chatproxy.interceptors.Redact", {"reasoning": True})]
+    upstream.enqueue(Reply(reasoning=["ask ops@corp.example.org"], tokens=[]))
+
+    events = await read_events(await chat(client, HI))
+
+    assert reasoning_of(events) == "ask [redacted]"
+    assert events[-1]["event"] == "completed"
+
+
+@db
+async def test_guardrail_screens_reasoning_only_when_asked(client, upstream, settings):
+    reply = {"reasoning": ["the pass", "word is hunter2"], "tokens": ["Sure."]}
+    guard = "chatproxy.interceptors.Guardrail"
+    settings.CHATPROXY_INTERCEPTORS = [(guard, {"words": ["hunter2"]})]
+    upstream.enqueue(Reply(**reply))
+    plain = await read_events(await chat(client, HI))
+    settings.CHATPROXY_INTERCEPTORS = [(guard, {"words": ["hunter2"], "reasoning": True})]
+    upstream.enqueue(Reply(**reply))
+
+    covered = await read_events(await chat(client, HI))
+
+    assert plain[-1]["event"] == "completed"
+    assert covered[-1]["error"]["code"] == "content_blocked"
+    assert "hunter2" not in reasoning_of(covered)
+    assert answer_text(covered) == ""

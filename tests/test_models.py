@@ -15,10 +15,10 @@ from chatproxy.models import (
     Conversation,
     Message,
     Owner,
-    TurnOutcome,
     insert_rows,
     update_row,
 )
+from chatproxy.turns import TurnOutcome
 
 pytestmark = pytest.mark.django_db
 

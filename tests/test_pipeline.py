@@ -11,9 +11,9 @@ from asgiref.testing import ApplicationCommunicator
 from django.core.asgi import get_asgi_application
 from django.db import connection
 
+from chatproxy.chunks import Chunk
 from chatproxy.models import Message, Status
 from chatproxy.pipeline import TurnState
-from chatproxy.upstream import Chunk
 from tests.conftest import answer_text, chat, http_scope, read_body, read_events, session_cookie
 from tests.fake_upstream import Reply
 
@@ -30,11 +30,14 @@ STATEMENTS_PER_TURN = {"sqlite": 8, "postgresql": 6}
 def test_turn_state_assembles_text_usage_and_finish_reason():
     state = TurnState()
     fed = [
-        state.feed(Chunk("", None, None, "r1")),
-        state.feed(Chunk("Hel", None, None, "r1")),
-        state.feed(Chunk("lo", "stop", None, "r1")),
+        state.feed(Chunk(response_id="r1")),
+        state.feed(Chunk("Hel", response_id="r1")),
+        state.feed(Chunk("lo", finish_reason="stop", response_id="r1")),
         state.feed(
-            Chunk("", None, {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, "r1")
+            Chunk(
+                usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+                response_id="r1",
+            )
         ),
     ]
     state.end(Status.COMPLETED)

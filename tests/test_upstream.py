@@ -1,5 +1,5 @@
-"""The upstream module: SSE framing and chunk reading without a network, then what the client
-sends to and keeps from the fake upstream, and what it logs."""
+"""What the upstream client sends to and keeps from the fake upstream, and what it logs. (The
+SSE framing and chunk reading are tested without a network in test_chunks.py.)"""
 
 from __future__ import annotations
 
@@ -7,72 +7,11 @@ import logging
 import re
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
+from chatproxy.chunks import Chunk
 from chatproxy.exceptions import UpstreamError
-from chatproxy.upstream import AnswerStream, Chunk, SSEDecoder, parse_chunk
+from chatproxy.upstream import AnswerStream
 from tests.fake_upstream import Reply
-
-STREAM = (
-    b'data: {"id":"c1","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
-    b": keep-alive comment\n\n"
-    b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"Hel"}}]}\r\n\r\n'
-    b'event: message\ndata: {"id":"c1","choices":[{"index":0,"delta":{"content":"lo"},'
-    b'"finish_reason":"stop"}]}\n\n'
-    b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,'
-    b'"total_tokens":3}}\n\n'
-    b"data: [DONE]\n\n"
-)
-
-
-def decode_all(pieces: list[bytes]) -> list[bytes]:
-    decoder = SSEDecoder()
-    return [payload for piece in pieces for payload in decoder.feed(piece)]
-
-
-@given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=30))
-def test_sse_payloads_are_the_same_however_the_bytes_are_split(cuts):
-    bounds = [0, *sorted(cuts), len(STREAM)]
-
-    payloads = decode_all([STREAM[a:b] for a, b in zip(bounds, bounds[1:], strict=False)])
-
-    assert payloads == decode_all([STREAM])
-    assert len(payloads) == 5 and payloads[-1] == b"[DONE]"
-
-
-def test_multi_line_data_is_joined_with_newlines():
-    assert decode_all([b"data: {\n", b"data: }\n\n"]) == [b"{\n}"]
-
-
-def test_chunks_carry_text_finish_reason_and_usage():
-    chunks = [parse_chunk(p) for p in decode_all([STREAM])[:-1]]
-
-    assert chunks == [
-        Chunk("", None, None, "c1"),
-        Chunk("Hel", None, None, "c1"),
-        Chunk("lo", "stop", None, "c1"),
-        Chunk("", None, {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, "c1"),
-    ]
-
-
-@pytest.mark.parametrize(
-    ("payload", "code"),
-    [
-        (b'{"error": {"message": "boom"}}', "upstream_error"),
-        (b"{not json", "upstream_bad_response"),
-        (b"\xff\xfe", "upstream_bad_response"),
-        (b"[1, 2]", "upstream_bad_response"),
-        (b'{"choices": [{"delta": "text"}]}', "upstream_bad_response"),
-        (b'{"choices": [], "usage": {"prompt_tokens": 1}}', "upstream_bad_response"),
-    ],
-)
-def test_errors_and_garbage_raise_upstream_errors(payload, code):
-    with pytest.raises(UpstreamError) as raised:
-        parse_chunk(payload)
-
-    assert raised.value.code == code
-    assert "boom" not in raised.value.message
 
 
 async def read_answer() -> list[Chunk]:
