@@ -35,6 +35,13 @@ class Owner:
             return f"user:{self.user_id}"
         return f"session:{self.session_key}"
 
+    @property
+    def upstream_user(self) -> str:
+        """A stable name for the owner that the upstream gets as ``user`` (for its abuse
+        monitoring): keyed with SECRET_KEY, so it reveals neither the user id nor the session."""
+        key = f"chatproxy.user:{self.key}".encode()
+        return hmac.new(settings.SECRET_KEY.encode(), key, hashlib.sha256).hexdigest()[:32]
+
     def filter(self) -> dict[str, Any]:
         if self.user_id is not None:
             return {"owner_id": self.user_id}
@@ -144,7 +151,7 @@ class ConversationManager(models.Manager["Conversation"]):
     def owned_by(self, owner: Owner) -> models.QuerySet[Conversation]:
         return self.filter(**owner.filter())
 
-    def history(self, owner: Owner, conversation_id: uuid.UUID) -> list[dict[str, str]] | None:
+    def history(self, owner: Owner, conversation_id: uuid.UUID) -> list[dict[str, Any]] | None:
         """Return the stored messages of the owner's conversation, or None if there is none."""
         if not self.owned_by(owner).filter(pk=conversation_id).exists():
             return None
@@ -155,7 +162,7 @@ class ConversationManager(models.Manager["Conversation"]):
         self,
         owner: Owner,
         conversation_id: uuid.UUID | None,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         model: str,
         idempotency_key: str = "",
     ) -> tuple[uuid.UUID, uuid.UUID]:

@@ -16,6 +16,7 @@ from weakref import WeakKeyDictionary
 from django.db import transaction
 
 from .conf import conf
+from .content import text_of
 from .database import run
 from .limits import check_streams
 from .models import Conversation, Message, Status
@@ -36,9 +37,12 @@ _abandoned: set[asyncio.Task[None]] = set()
 def begin(turn: Turn) -> None:
     """Save the new messages and the ``streaming`` answer; fill in the turn's ids.
     Synchronous: the last step of ``open_turn`` in ``start()``."""
-    messages = turn.request.messages
-    if not conf.CHATPROXY_STORE_CONTENT:
-        messages = [{"role": m["role"], "content": ""} for m in messages]
+    store = conf.CHATPROXY_STORE_CONTENT
+    messages = [
+        {"role": m["role"], "content": text_of(m["content"]) if store else ""}
+        for m in turn.request.messages
+        if m["role"] != "tool"  # saved with their ids once Message has the fields
+    ]
     with transaction.atomic():
         check_streams(turn.owner)
         turn.conversation_id, turn.answer_id = Conversation.objects.start_turn(

@@ -39,12 +39,37 @@ def test_test_settings_pass_cleanly():
         ("CHATPROXY_MAX_STREAMS", 0, "chatproxy.E010"),
         ("CHATPROXY_GROUP_MODELS", {"pro": "gpt-pro"}, "chatproxy.E011"),
         ("CHATPROXY_CACHE", "nowhere", "chatproxy.E012"),
+        ("CHATPROXY_PARAMETERS", {"tools": "toolz"}, "chatproxy.E003"),
+        ("CHATPROXY_PARAMETERS", {"reasoning_effort": []}, "chatproxy.E003"),
+        ("CHATPROXY_MAX_TOOLS", 0, "chatproxy.E004"),
+        ("CHATPROXY_MAX_SCHEMA_BYTES", "big", "chatproxy.E004"),
+        ("CHATPROXY_MAX_IMAGES", -1, "chatproxy.E013"),
+        ("CHATPROXY_IMAGE_HOSTS", "images.example.com", "chatproxy.E014"),
+        ("CHATPROXY_EXTRA_PART_TYPES", ["image_url"], "chatproxy.E015"),
+        ("CHATPROXY_REASONING_FIELD", "reasoning content", "chatproxy.E016"),
     ],
 )
 def test_bad_setting_is_an_error(settings, name, value, expected):
     setattr(settings, name, value)
 
     assert ids() == [expected]
+
+
+def test_typed_parameters_in_every_form_pass(settings):
+    settings.CHATPROXY_PARAMETERS = {
+        "temperature": [0, 1],
+        "reasoning_effort": ["low", "high"],
+        "tools": "tools",
+        "parallel_tool_calls": "boolean",
+    }
+
+    assert ids() == []
+
+
+def test_images_that_cannot_fit_in_the_body_warn(settings):
+    settings.CHATPROXY_MAX_IMAGE_BYTES = 1_000_000
+
+    assert ids() == ["chatproxy.W007"]
 
 
 def test_wsgi_setup_warns(settings):
