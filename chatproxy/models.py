@@ -17,6 +17,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from .conf import conf
+from .content import text_of
 
 TITLE_LENGTH = 80
 
@@ -60,6 +61,7 @@ class Role(models.TextChoices):
     SYSTEM = "system", _("system")
     USER = "user", _("user")
     ASSISTANT = "assistant", _("assistant")
+    TOOL = "tool", _("tool")
 
 
 @dataclasses.dataclass(slots=True)
@@ -147,16 +149,75 @@ class DuplicateTurnError(Exception):
         self.answer_id = answer_id
 
 
+# The columns a history is rebuilt from, in upstream_message()'s order.
+HISTORY = ("role", "content", "parts", "tool_calls", "tool_call_id", "reasoning")
+
+
+def upstream_message(
+    role: str,
+    content: str,
+    parts: list[dict[str, Any]],
+    tool_calls: list[dict[str, str]],
+    tool_call_id: str,
+    reasoning: str,
+    *,
+    reasoning_field: str | None = None,
+) -> dict[str, Any]:
+    """Rebuild one saved message in the chat-completions request format."""
+    if role == Role.TOOL:
+        return {"role": role, "tool_call_id": tool_call_id, "content": content}
+    if role != Role.ASSISTANT:
+        return {"role": role, "content": parts or content}
+    message: dict[str, Any] = {"role": role, "content": content or None}
+    if tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]},
+            }
+            for call in tool_calls
+        ]
+    elif message["content"] is None:
+        message["content"] = ""
+    if reasoning_field and reasoning:
+        message[reasoning_field] = reasoning
+    return message
+
+
+def message_fields(message: dict[str, Any]) -> dict[str, Any]:
+    """The ``Message`` fields that save one request message (in the upstream format)."""
+    role, content = message["role"], message.get("content")
+    if isinstance(content, list):
+        return {"role": role, "content": text_of(content), "parts": content}
+    fields: dict[str, Any] = {"role": role, "content": content or ""}
+    if role == Role.TOOL:
+        fields["tool_call_id"] = message["tool_call_id"]
+    elif message.get("tool_calls"):
+        fields["tool_calls"] = [
+            {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+            for c in message["tool_calls"]
+        ]
+    return fields
+
+
 class ConversationManager(models.Manager["Conversation"]):
     def owned_by(self, owner: Owner) -> models.QuerySet[Conversation]:
         return self.filter(**owner.filter())
 
     def history(self, owner: Owner, conversation_id: uuid.UUID) -> list[dict[str, Any]] | None:
-        """Return the stored messages of the owner's conversation, or None if there is none."""
+        """Return the stored messages of the owner's conversation in the upstream's format, in
+        order, or None if there is none. Rows with nothing to send (an answer that failed
+        before its first token) are left out."""
         if not self.owned_by(owner).filter(pk=conversation_id).exists():
             return None
-        rows = Message.objects.filter(conversation_id=conversation_id).exclude(content="")
-        return [{"role": r, "content": c} for r, c in rows.values_list("role", "content")]
+        rows = Message.objects.filter(conversation_id=conversation_id).values_list(*HISTORY)
+        reasoning_field = conf.CHATPROXY_REASONING_FIELD
+        return [
+            upstream_message(*row, reasoning_field=reasoning_field)
+            for row in rows
+            if row[1] or row[2] or row[3] or row[4]
+        ]
 
     def start_turn(
         self,
@@ -166,7 +227,8 @@ class ConversationManager(models.Manager["Conversation"]):
         model: str,
         idempotency_key: str = "",
     ) -> tuple[uuid.UUID, uuid.UUID]:
-        """Save the new messages and a ``streaming`` answer; return (conversation, answer) ids.
+        """Save the new messages (``Message`` fields, as ``message_fields`` gives them) and a
+        ``streaming`` answer; return (conversation, answer) ids.
 
         With an ``idempotency_key`` that another turn of the same owner holds, nothing is
         saved and ``DuplicateTurnError`` names that turn's answer.
@@ -323,6 +385,29 @@ class Message(models.Model):
     duration_ms = models.PositiveIntegerField(_("duration (ms)"), null=True, blank=True)
     cost = models.DecimalField(_("cost"), max_digits=12, decimal_places=6, null=True, blank=True)
     metadata = models.JSONField(_("metadata"), default=dict, blank=True)
+    parts = models.JSONField(
+        _("content parts"),
+        default=list,
+        blank=True,
+        help_text=_("The parts of a message sent as a list (text and images), in order."),
+    )
+    reasoning = models.TextField(
+        _("reasoning"), blank=True, help_text=_("The answer's reasoning, kept apart from its text.")
+    )
+    tool_calls = models.JSONField(
+        _("tool calls"),
+        default=list,
+        blank=True,
+        help_text=_('The answer\'s tool calls: [{"id", "name", "arguments"}].'),
+    )
+    tool_call_id = models.CharField(
+        _("tool call id"),
+        max_length=100,
+        blank=True,
+        help_text=_("On a tool message: the call it answers."),
+    )
+    cached_tokens = models.PositiveIntegerField(_("cached prompt tokens"), null=True, blank=True)
+    reasoning_tokens = models.PositiveIntegerField(_("reasoning tokens"), null=True, blank=True)
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
 

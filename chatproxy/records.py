@@ -16,10 +16,9 @@ from weakref import WeakKeyDictionary
 from django.db import transaction
 
 from .conf import conf
-from .content import text_of
 from .database import run
 from .limits import check_streams
-from .models import Conversation, Message, Status
+from .models import Conversation, Message, Status, message_fields
 from .turns import Turn
 
 logger = logging.getLogger("chatproxy.records")
@@ -37,12 +36,10 @@ _abandoned: set[asyncio.Task[None]] = set()
 def begin(turn: Turn) -> None:
     """Save the new messages and the ``streaming`` answer; fill in the turn's ids.
     Synchronous: the last step of ``open_turn`` in ``start()``."""
-    store = conf.CHATPROXY_STORE_CONTENT
-    messages = [
-        {"role": m["role"], "content": text_of(m["content"]) if store else ""}
-        for m in turn.request.messages
-        if m["role"] != "tool"  # saved with their ids once Message has the fields
-    ]
+    if conf.CHATPROXY_STORE_CONTENT:
+        messages = [message_fields(m) for m in turn.request.messages]
+    else:
+        messages = [{"role": m["role"], "content": ""} for m in turn.request.messages]
     with transaction.atomic():
         check_streams(turn.owner)
         turn.conversation_id, turn.answer_id = Conversation.objects.start_turn(

@@ -259,3 +259,23 @@ async def test_a_bad_tool_in_a_chat_frame_is_an_error_frame_with_its_code(socket
         "code": "invalid_tools",
         "message": "tools[0].function.name must be 1 to 64 letters, digits, '_' or '-'.",
     }
+
+
+async def test_a_chat_frame_of_just_tool_results_continues_the_conversation(socket, upstream):
+    upstream.enqueue(Reply(tokens=["Checking"]), Reply(tokens=["Noon."]))
+    await socket.send_json_to(HI)
+    first = await frames_until_terminal(socket)
+    # The stream side saves a streamed call this way; the fake upstream here streams text.
+    call = {"id": "call_1", "name": "get_time", "arguments": "{}"}
+    await Message.objects.filter(pk=first[0]["message_id"]).aupdate(tool_calls=[call])
+
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}
+    await socket.send_json_to(
+        {"type": "chat", "conversation_id": first[0]["conversation_id"], "messages": [result]}
+    )
+    frames = await frames_until_terminal(socket)
+
+    assert frames[-1]["event"] == "completed"
+    sent = (await upstream.wait_for_request(2)).json
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool"]
+    assert sent["messages"][1]["tool_calls"][0]["id"] == "call_1"

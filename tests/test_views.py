@@ -415,3 +415,97 @@ async def test_a_bad_image_is_a_400_that_says_the_fix_and_calls_no_upstream(clie
         "2048 characters, or a data:image/(png|jpeg|webp|gif);base64,... URL.",
     }
     assert upstream.requests == []
+
+
+async def answered_with_a_tool_call(client, upstream, first_message):
+    """Turn 1: the answer ends calling get_time with no text.
+
+    The upstream here streams text only, so the call is written onto the saved answer as the
+    stream side saves one (the fields ``tool_calls`` and ``content``)."""
+    upstream.enqueue(Reply(tokens=["Checking"]))
+    body = {"messages": [first_message], "tools": [TIME_TOOL]}
+    events = await read_events(await chat(client, body))
+    call = {"id": "call_1", "name": "get_time", "arguments": "{}"}
+    await Message.objects.filter(pk=events[0]["message_id"]).aupdate(
+        content="", tool_calls=[call], finish_reason="tool_calls"
+    )
+    return events[0]["conversation_id"]
+
+
+async def test_tool_results_continue_a_conversation_with_its_whole_history_in_order(
+    client, upstream
+):
+    parts = [
+        {"type": "text", "text": "What time is it?"},
+        {"type": "image_url", "image_url": {"url": "https://img.example.com/clock.png"}},
+    ]
+    conversation_id = await answered_with_a_tool_call(
+        client, upstream, {"role": "user", "content": parts}
+    )
+    upstream.enqueue(Reply(tokens=["It is noon."]))
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}
+    body = {"conversation_id": conversation_id, "messages": [result], "tools": [TIME_TOOL]}
+    events = await read_events(await chat(client, body))
+
+    assert answer_text(events) == "It is noon."
+    sent = (await upstream.wait_for_request(2)).json
+    assert sent["messages"] == [
+        {"role": "user", "content": parts},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": "{}"},
+                }
+            ],
+        },
+        result,
+    ]
+    rows = Message.objects.filter(conversation_id=conversation_id)
+    saved = [(m.role, m.content, m.parts, m.tool_call_id) async for m in rows]
+    assert saved == [
+        ("user", "What time is it?", parts, ""),
+        ("assistant", "", [], ""),
+        ("tool", "12:00", [], "call_1"),
+        ("assistant", "It is noon.", [], ""),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "answers"),
+    [
+        ([{"role": "tool", "tool_call_id": "call_9", "content": "12:00"}], "call_9"),
+        ([{"role": "user", "content": "Never mind"}], "none"),
+    ],
+)
+async def test_a_continuation_must_answer_exactly_the_pending_tool_calls(
+    client, upstream, messages, answers
+):
+    conversation_id = await answered_with_a_tool_call(
+        client, upstream, {"role": "user", "content": "What time is it?"}
+    )
+    before = await Message.objects.acount()
+    response = await chat(client, {"conversation_id": conversation_id, "messages": messages})
+
+    assert response.status_code == 400
+    assert orjson.loads(response.content)["error"] == {
+        "code": "tool_results_mismatch",
+        "message": "The last answer called the tools call_1: start the new messages with "
+        f"exactly one tool message for each (tool_call_id); this request answers {answers}.",
+    }
+    assert await Message.objects.acount() == before
+    assert len(upstream.requests) == 1
+
+
+async def test_tool_results_without_pending_calls_are_refused(client, upstream):
+    first = await read_events(await chat(client, HI))
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}
+    response = await chat(
+        client, {"conversation_id": first[0]["conversation_id"], "messages": [result]}
+    )
+
+    assert response.status_code == 400
+    assert orjson.loads(response.content)["error"]["code"] == "tool_results_mismatch"
