@@ -509,3 +509,21 @@ async def test_tool_results_without_pending_calls_are_refused(client, upstream):
 
     assert response.status_code == 400
     assert orjson.loads(response.content)["error"]["code"] == "tool_results_mismatch"
+
+
+async def test_store_content_off_keeps_no_parts_or_tool_results(client, upstream, settings):
+    settings.CHATPROXY_STORE_CONTENT = False
+    image = {"type": "image_url", "image_url": {"url": "https://img.example.com/clock.png"}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Time?"}, image]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+    ]
+    events = await read_events(await chat(client, {"messages": history}))
+
+    assert events[-1]["event"] == "completed"
+    assert (await upstream.wait_for_request()).json["messages"] == history
+    rows = [m async for m in Message.objects.all()]
+    assert [m.role for m in rows] == ["user", "assistant", "tool", "assistant"]
+    assert all(not (m.content or m.parts or m.tool_calls or m.tool_call_id) for m in rows)
