@@ -147,7 +147,7 @@ def validate_messages(value: Any, *, continuing: bool) -> list[dict[str, Any]]:
     tally, pending = Tally(), list[str]()
     for i, message in enumerate(value):
         role = message.get("role") if isinstance(message, dict) else None
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             if not isinstance(message, dict) or "role" not in message:
                 raise RequestError(
                     "invalid_messages",
@@ -161,6 +161,8 @@ def validate_messages(value: Any, *, continuing: bool) -> list[dict[str, Any]]:
                     f"messages[{i}] is an assistant message, but this conversation's history is "
                     "kept by the server: send only the new messages with conversation_id.",
                 )
+            if pending:
+                raise _unanswered(i, pending)
             checked = _assistant(i, message, tally)
             pending = [call["id"] for call in checked.get("tool_calls", ())]
         elif role == "tool":
@@ -182,11 +184,7 @@ def validate_messages(value: Any, *, continuing: bool) -> list[dict[str, Any]]:
                 )
         else:
             if pending:
-                raise RequestError(
-                    "tool_results_mismatch",
-                    f"messages[{i}] comes before the tool calls {', '.join(pending)} have results: "
-                    "send a tool message for each first.",
-                )
+                raise _unanswered(i, pending)
             checked = _said(i, message, role, tally)
         messages.append(checked)
     if messages[-1]["role"] not in ("user", "tool") or pending:
@@ -197,6 +195,14 @@ def validate_messages(value: Any, *, continuing: bool) -> list[dict[str, Any]]:
         )
     tally.check()
     return messages
+
+
+def _unanswered(i: int, pending: list[str]) -> RequestError:
+    return RequestError(
+        "tool_results_mismatch",
+        f"messages[{i}] comes before the tool calls {', '.join(pending)} have results: "
+        "send a tool message for each first.",
+    )
 
 
 def _said(i: int, message: dict[str, Any], role: str, tally: Tally) -> dict[str, Any]:

@@ -54,7 +54,7 @@ TOOL_CALL = st.fixed_dictionaries(
 MESSAGE = st.one_of(
     st.fixed_dictionaries(
         {
-            "role": st.sampled_from(["user", "assistant", "system", "tool", "", 3]),
+            "role": st.sampled_from(["user", "assistant", "system", "tool", "", 3]) | JSON,
             "content": JSON | st.text() | st.lists(PART, max_size=3),
         },
         optional={"name": st.text(max_size=5), "tool_calls": st.lists(TOOL_CALL, max_size=2)},
