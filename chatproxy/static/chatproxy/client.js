@@ -55,17 +55,19 @@ export const IMAGE_TYPES = Object.freeze(["image/png", "image/jpeg", "image/webp
 
 /**
  * Read an image File (from a file picker or a paste) into an `image_url` content part with a
- * data URL, after checking its type and that it is at most `maxBytes`: the server refuses larger
- * ones, so the check spares sending them. Rejects with an Error whose message says the fix.
+ * data URL, after checking its type and that it is at most `maxBytes` (what is left of the
+ * server's limit for the message's images): the server refuses more, so the check spares
+ * sending them. Rejects with an Error whose message says the fix.
  */
 export function readImagePart(file, { maxBytes }) {
   if (!IMAGE_TYPES.includes(file.type)) {
     return Promise.reject(new Error(`${file.name || "The file"} is not a PNG, JPEG, WebP or GIF image.`));
   }
   if (file.size > maxBytes) {
-    const kb = (n) => Math.ceil(n / 1024);
+    const kb = (n) => (Math.max(n, 0) / 1024).toFixed(1);
     return Promise.reject(new Error(
-      `${file.name || "The image"} is ${kb(file.size)} KB; images may be at most ${kb(maxBytes)} KB together.`,
+      `${file.name || "The image"} is ${kb(file.size)} KB, and only ${kb(maxBytes)} KB more of ` +
+        "images fit in this message: make it smaller, or send it in the next one.",
     ));
   }
   return new Promise((resolve, reject) => {
