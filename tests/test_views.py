@@ -9,6 +9,7 @@ import orjson
 import pytest
 from django.test import AsyncClient
 
+from chatproxy.interception import Interceptor
 from chatproxy.models import Conversation, Message, Owner
 from tests.conftest import answer_text, chat, read_body, read_events
 from tests.fake_upstream import Reply
@@ -527,3 +528,33 @@ async def test_store_content_off_keeps_no_parts_or_tool_results(client, upstream
     rows = [m async for m in Message.objects.all()]
     assert [m.role for m in rows] == ["user", "assistant", "tool", "assistant"]
     assert all(not (m.content or m.parts or m.tool_calls or m.tool_call_id) for m in rows)
+
+
+class KeepTheRequestSide(Interceptor):
+    """Drops image parts and tools before the upstream call, as a site without vision might."""
+
+    async def before_upstream(self, turn):
+        turn.metadata["saw"] = [turn.messages[-1]["content"], turn.params["tools"]]
+        for message in turn.messages:
+            if isinstance(message["content"], list):
+                message["content"] = [p for p in message["content"] if p["type"] == "text"]
+        del turn.params["tools"]
+
+
+async def test_before_upstream_sees_the_parts_and_the_tools_and_may_change_them(
+    client, upstream, settings
+):
+    settings.CHATPROXY_INTERCEPTORS = [KeepTheRequestSide]
+    parts = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "https://img.example.com/cat.png"}},
+    ]
+    body = {"messages": [{"role": "user", "content": parts}], "tools": [TIME_TOOL]}
+    events = await read_events(await chat(client, body))
+
+    assert events[-1]["event"] == "completed"
+    sent = (await upstream.wait_for_request()).json
+    assert sent["messages"] == [{"role": "user", "content": parts[:1]}] and "tools" not in sent
+    answer = await Message.objects.aget(role="assistant")
+    assert answer.metadata == {"saw": [parts, [TIME_TOOL]]}
+    assert (await Message.objects.aget(role="user")).parts == parts  # saved as the client sent
