@@ -47,6 +47,8 @@ class Tally:
                 f"Send at most {conf.CHATPROXY_MAX_CHARS} characters of content; "
                 f"this request has {self.chars}.",
             )
+        if not self.images:
+            return  # a text-only request reads no image setting
         if self.images > conf.CHATPROXY_MAX_IMAGES:
             raise RequestError(
                 "too_many_images",
