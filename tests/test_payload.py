@@ -4,8 +4,11 @@ database work. Each refusal has its own code and a message that says the fix."""
 from __future__ import annotations
 
 import base64
+import re
 import uuid
+from pathlib import Path
 
+import orjson
 import pytest
 
 from chatproxy.exceptions import RequestError
@@ -296,3 +299,14 @@ def test_tool_results_must_answer_exactly_the_pending_calls():
         "The last answer called the tools call_1, call_2: start the new messages with exactly "
         "one tool message for each (tool_call_id); this request answers call_1."
     )
+
+
+def test_the_example_requests_in_the_protocol_page_are_valid():
+    text = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    section = text.split("\n## Request\n", 1)[1].split("\n## ", 1)[0]
+    examples = re.findall(r"```json\n(.*?)```", section, flags=re.DOTALL)
+
+    assert [validate_request(orjson.loads(e)).messages[0]["role"] for e in examples] == [
+        "user",
+        "tool",
+    ]
