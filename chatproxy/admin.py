@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
@@ -9,10 +11,16 @@ from django import forms
 from django.contrib import admin
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
+from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
+from .conf import conf
 from .models import ApiKey, Conversation, Message
+
+# Thumbnails only from URLs that cannot run anything: https:, or a data: URL of a raster type.
+SAFE_IMAGE = re.compile(r"https://\S+|data:image/(png|jpeg|webp|gif);base64,[A-Za-z0-9+/=]+")
 
 
 class ReadOnlyMixin:
@@ -31,10 +39,54 @@ class MessageInline(ReadOnlyMixin, admin.StackedInline):  # type: ignore[type-ar
     fields = [
         ("role", "status", "model", "finish_reason", "error_code"),
         ("content", "raw_content"),
+        "said",
         ("prompt_tokens", "completion_tokens", "total_tokens", "cost"),
+        ("cached_tokens", "reasoning_tokens"),
         ("first_token_ms", "duration_ms", "created_at", "finished_at"),
     ]
     readonly_fields = [f for row in fields for f in ((row,) if isinstance(row, str) else row)]
+
+    @admin.display(description="parts, reasoning and tool calls")
+    def said(self, obj: Message) -> SafeString:
+        return render_said(obj)
+
+
+def render_said(message: Message) -> SafeString:
+    """Render a message's parts in order, its reasoning folded and its tool calls with their
+    arguments pretty-printed; empty for a message that is only text."""
+    if not (message.parts or message.reasoning or message.tool_calls or message.tool_call_id):
+        return SafeString("")
+    context = {
+        "parts": [_part(p) for p in message.parts],
+        "reasoning": message.reasoning,
+        "tool_calls": [
+            {**c, "arguments": _pretty(c.get("arguments", ""))} for c in message.tool_calls
+        ],
+        "tool_call_id": message.tool_call_id,
+    }
+    return SafeString(render_to_string("admin/chatproxy/message/said.html", context))
+
+
+def _part(part: dict[str, Any]) -> dict[str, str]:
+    kind = part.get("type")
+    if kind == "text":
+        return {"kind": "text", "text": str(part.get("text", ""))}
+    url = str((part.get("image_url") or {}).get("url", "")) if kind == "image_url" else ""
+    # A data URL longer than the request limit allows (a row from before it was lowered) is
+    # named, not drawn.
+    cap = len("data:image/jpeg;base64,") + conf.CHATPROXY_MAX_IMAGE_BYTES * 4 // 3 + 4
+    if url and SAFE_IMAGE.fullmatch(url) and (url.startswith("https:") or len(url) <= cap):
+        return {"kind": "image", "url": url}
+    if kind == "image_url":
+        return {"kind": "other", "label": f"[an image not shown: {len(url)} characters]"}
+    return {"kind": "other", "label": f"[a {kind} part]"}
+
+
+def _pretty(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments), indent=2, ensure_ascii=False)
+    except ValueError:
+        return arguments  # not JSON (a model's mistake): shown as sent
 
 
 @admin.register(Conversation)

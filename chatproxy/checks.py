@@ -12,12 +12,17 @@ from django.utils.module_loading import import_string
 
 from .conf import conf
 from .interception import Interceptor
+from .parameters import KINDS
 
 _POSITIVE_INTS = (
     "CHATPROXY_MAX_MESSAGES",
     "CHATPROXY_MAX_CHARS",
     "CHATPROXY_MAX_HISTORY_CHARS",
     "CHATPROXY_MAX_BODY_BYTES",
+    "CHATPROXY_MAX_IMAGE_BYTES",
+    "CHATPROXY_MAX_TOOLS",
+    "CHATPROXY_MAX_TOOLS_BYTES",
+    "CHATPROXY_MAX_SCHEMA_BYTES",
 )
 _SECONDS = (
     "CHATPROXY_TIMEOUT",
@@ -38,6 +43,11 @@ _OPTIONAL_CAPS = (
     "CHATPROXY_MAX_FOLLOWERS",
     "CHATPROXY_MAX_FOLLOWERS_PER_USER",
 )
+
+
+def _is_positive(value: Any) -> bool:
+    """True for a positive integer, and for an unset setting (its default is one)."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
 
 
 def _is_number(value: Any) -> bool:
@@ -71,19 +81,14 @@ def _errors() -> list[CheckMessage]:
         )
     params = conf.raw("CHATPROXY_PARAMETERS")
     if params is not None and not (
-        isinstance(params, dict)
-        and all(
-            isinstance(bounds, list | tuple)
-            and len(bounds) == 2
-            and all(_is_number(b) for b in bounds)
-            and bounds[0] <= bounds[1]
-            for bounds in params.values()
-        )
+        isinstance(params, dict) and all(map(_is_parameter_spec, params.values()))
     ):
         errors.append(
             Error(
-                "CHATPROXY_PARAMETERS must map parameter names to (low, high) bounds.",
-                hint='For example {"temperature": (0.0, 2.0), "max_tokens": (1, 4096)}.',
+                "CHATPROXY_PARAMETERS must map parameter names to (low, high) bounds, a list of "
+                f"allowed strings, or one of the kinds {', '.join(sorted(KINDS))}.",
+                hint='For example {"temperature": (0.0, 2.0), "reasoning_effort": ["low", '
+                '"high"], "tools": "tools"}.',
                 id="chatproxy.E003",
             )
         )
@@ -170,6 +175,7 @@ def _errors() -> list[CheckMessage]:
                 id="chatproxy.E012",
             )
         )
+    errors += _content_errors()
     prices = conf.raw("CHATPROXY_PRICES")
     if prices is not None and not (
         isinstance(prices, dict)
@@ -216,6 +222,65 @@ def _is_network(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return isinstance(value, str)
+
+
+def _is_parameter_spec(spec: Any) -> bool:
+    if isinstance(spec, str):
+        return spec in KINDS
+    if not isinstance(spec, list | tuple) or not spec:
+        return False
+    if all(isinstance(choice, str) for choice in spec):
+        return True
+    return len(spec) == 2 and all(map(_is_number, spec)) and spec[0] <= spec[1]
+
+
+def _content_errors() -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    images = conf.raw("CHATPROXY_MAX_IMAGES")
+    if images is not None and (
+        not isinstance(images, int) or isinstance(images, bool) or images < 0
+    ):
+        errors.append(
+            Error(
+                "CHATPROXY_MAX_IMAGES must be an integer, 0 (no images) or more.",
+                id="chatproxy.E016",
+            )
+        )
+    hosts = conf.raw("CHATPROXY_IMAGE_HOSTS")
+    if hosts is not None and not (
+        isinstance(hosts, list | tuple) and all(isinstance(h, str) and h for h in hosts)
+    ):
+        errors.append(
+            Error(
+                "CHATPROXY_IMAGE_HOSTS must be None (any host) or a list of host names.",
+                hint='For example ["images.example.com"].',
+                id="chatproxy.E017",
+            )
+        )
+    kinds = conf.raw("CHATPROXY_EXTRA_PART_TYPES")
+    if kinds is not None and not (
+        isinstance(kinds, list | tuple)
+        and all(isinstance(k, str) and k and k not in ("text", "image_url") for k in kinds)
+    ):
+        errors.append(
+            Error(
+                "CHATPROXY_EXTRA_PART_TYPES must be a list of content part types other than "
+                "text and image_url, which chatproxy checks itself.",
+                hint='For example ["input_audio", "file"].',
+                id="chatproxy.E018",
+            )
+        )
+    field = conf.raw("CHATPROXY_REASONING_FIELD")
+    if field is not None and not (isinstance(field, str) and field.isidentifier()):
+        errors.append(
+            Error(
+                "CHATPROXY_REASONING_FIELD must be None or the name of the assistant message's "
+                "field that carries reasoning back upstream.",
+                hint='For example "reasoning_content".',
+                id="chatproxy.E019",
+            )
+        )
+    return errors
 
 
 def _interceptor_errors() -> list[CheckMessage]:
@@ -295,6 +360,21 @@ def _warnings() -> list[CheckMessage]:
                     id="chatproxy.W005",
                 )
             )
+    if (
+        _is_positive(conf.raw("CHATPROXY_MAX_IMAGE_BYTES"))
+        and _is_positive(conf.raw("CHATPROXY_MAX_BODY_BYTES"))
+        and conf.CHATPROXY_MAX_IMAGES
+        and (conf.CHATPROXY_MAX_IMAGE_BYTES * 4 / 3 > conf.CHATPROXY_MAX_BODY_BYTES)
+    ):
+        warnings.append(
+            Warning(
+                "CHATPROXY_MAX_IMAGE_BYTES of images, in base64, do not fit in "
+                "CHATPROXY_MAX_BODY_BYTES: such requests get 413 body_too_large.",
+                hint="Raise CHATPROXY_MAX_BODY_BYTES to at least 4/3 of "
+                "CHATPROXY_MAX_IMAGE_BYTES plus room for the text.",
+                id="chatproxy.W007",
+            )
+        )
     if conf.CHATPROXY_ALLOW_ANONYMOUS and not conf.demo:
         warnings.append(
             Warning(

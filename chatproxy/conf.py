@@ -12,13 +12,25 @@ from django.conf import settings
 
 DEMO_MODEL = "chatproxy-demo"
 
-DEFAULT_PARAMETERS: dict[str, tuple[float, float]] = {
+# How a parameter is checked: (low, high) is a number clamped to its bounds (integers when both
+# bounds are); a list of strings is one of those values; a string names one of the validators
+# of chatproxy.parameters (KINDS).
+ParameterSpec = tuple[float, float] | list[str] | str
+
+DEFAULT_PARAMETERS: dict[str, ParameterSpec] = {
     "temperature": (0.0, 2.0),
     "top_p": (0.0, 1.0),
     "max_tokens": (1, 4096),
+    "max_completion_tokens": (1, 16384),
     "presence_penalty": (-2.0, 2.0),
     "frequency_penalty": (-2.0, 2.0),
     "seed": (0, 2**31 - 1),
+    "stop": "stop",
+    "reasoning_effort": ["none", "minimal", "low", "medium", "high"],
+    "response_format": "response_format",
+    "tools": "tools",
+    "tool_choice": "tool_choice",
+    "parallel_tool_calls": "boolean",
 }
 
 
@@ -59,8 +71,46 @@ class Settings:
         return list(models) if models is not None else [self.CHATPROXY_DEFAULT_MODEL]
 
     @property
-    def CHATPROXY_PARAMETERS(self) -> dict[str, tuple[float, float]]:
+    def CHATPROXY_PARAMETERS(self) -> dict[str, ParameterSpec]:
         return dict(getattr(settings, "CHATPROXY_PARAMETERS", DEFAULT_PARAMETERS))
+
+    @property
+    def CHATPROXY_MAX_IMAGES(self) -> int:
+        return int(getattr(settings, "CHATPROXY_MAX_IMAGES", 4))
+
+    @property
+    def CHATPROXY_MAX_IMAGE_BYTES(self) -> int:
+        return int(getattr(settings, "CHATPROXY_MAX_IMAGE_BYTES", 180_000))
+
+    @property
+    def CHATPROXY_IMAGE_HOSTS(self) -> list[str] | None:
+        hosts = getattr(settings, "CHATPROXY_IMAGE_HOSTS", None)
+        return None if hosts is None else [str(h).lower() for h in hosts]
+
+    @property
+    def CHATPROXY_EXTRA_PART_TYPES(self) -> list[str]:
+        return list(getattr(settings, "CHATPROXY_EXTRA_PART_TYPES", []))
+
+    @property
+    def CHATPROXY_MAX_TOOLS(self) -> int:
+        return int(getattr(settings, "CHATPROXY_MAX_TOOLS", 32))
+
+    @property
+    def CHATPROXY_MAX_TOOLS_BYTES(self) -> int:
+        return int(getattr(settings, "CHATPROXY_MAX_TOOLS_BYTES", 32 * 1024))
+
+    @property
+    def CHATPROXY_MAX_SCHEMA_BYTES(self) -> int:
+        return int(getattr(settings, "CHATPROXY_MAX_SCHEMA_BYTES", 16 * 1024))
+
+    @property
+    def CHATPROXY_SEND_USER(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_SEND_USER", True))
+
+    @property
+    def CHATPROXY_REASONING_FIELD(self) -> str | None:
+        field = getattr(settings, "CHATPROXY_REASONING_FIELD", None)
+        return None if not field else str(field)
 
     @property
     def CHATPROXY_MAX_MESSAGES(self) -> int:

@@ -19,6 +19,7 @@ from django.db import connection
 from django.utils import timezone
 
 from .conf import conf
+from .content import text_of
 from .exceptions import RequestError
 from .models import Message, Owner, Status
 
@@ -49,8 +50,8 @@ ANONYMOUS_LOCK = zlib.crc32(b"chatproxy:anonymous")
 
 
 def bound_history(
-    history: list[dict[str, str]], messages: list[dict[str, str]]
-) -> tuple[list[dict[str, str]], int]:
+    history: list[dict[str, Any]], messages: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
     """Return the stored ``history`` cut to fit, with the request's own ``messages``, in
     CHATPROXY_MAX_HISTORY_CHARS characters, and how many of its messages were dropped.
 
@@ -59,7 +60,7 @@ def bound_history(
     them). What interceptors add later (a system prompt, context) comes on top.
     """
     limit = conf.CHATPROXY_MAX_HISTORY_CHARS
-    total = sum(len(m["content"]) for m in [*history, *messages])
+    total = sum(map(_size, [*history, *messages]))
     if total <= limit:
         return history, 0
     exchanges: list[list[int]] = []
@@ -74,8 +75,22 @@ def bound_history(
         if total <= limit:
             break
         dropped.update(exchange)
-        total -= sum(len(history[i]["content"]) for i in exchange)
+        total -= sum(_size(history[i]) for i in exchange)
     return [m for i, m in enumerate(history) if i not in dropped], len(dropped)
+
+
+def _size(message: dict[str, Any]) -> int:
+    """The characters a message takes in the upstream request: its text, its images' URLs (a
+    data URL is its image), its tool calls' names and arguments."""
+    content = message.get("content")
+    if isinstance(content, list):
+        size = len(text_of(content))
+        size += sum(len(p["image_url"]["url"]) for p in content if p.get("type") == "image_url")
+    else:
+        size = len(content or "")
+    for call in message.get("tool_calls") or ():
+        size += len(call["function"]["name"]) + len(call["function"]["arguments"])
+    return size
 
 
 def check_rate(owner: Owner, *, now: float | None = None) -> None:

@@ -16,6 +16,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from .conf import conf
+from .content import text_of
 
 if TYPE_CHECKING:  # turns imports this module
     from .turns import TurnOutcome
@@ -47,6 +48,13 @@ class Owner:
             return f"user:{self.user_id}"
         return f"session:{self.session_key}"
 
+    @property
+    def upstream_user(self) -> str:
+        """A stable name for the owner that the upstream gets as ``user`` (for its abuse
+        monitoring): keyed with SECRET_KEY, so it reveals neither the user id nor the session."""
+        key = f"chatproxy.user:{self.key}".encode()
+        return hmac.new(settings.SECRET_KEY.encode(), key, hashlib.sha256).hexdigest()[:32]
+
     def filter(self) -> dict[str, Any]:
         if self.user_id is not None:
             return {"owner_id": self.user_id}
@@ -67,6 +75,7 @@ class Role(models.TextChoices):
     SYSTEM = "system", _("system")
     USER = "user", _("user")
     ASSISTANT = "assistant", _("assistant")
+    TOOL = "tool", _("tool")
 
 
 def update_row(
@@ -133,26 +142,86 @@ class DuplicateTurnError(Exception):
         self.answer_id = answer_id
 
 
+# The columns a history is rebuilt from, in upstream_message()'s order.
+HISTORY = ("role", "content", "parts", "tool_calls", "tool_call_id", "reasoning")
+
+
+def upstream_message(
+    role: str,
+    content: str,
+    parts: list[dict[str, Any]],
+    tool_calls: list[dict[str, str]],
+    tool_call_id: str,
+    reasoning: str,
+    *,
+    reasoning_field: str | None = None,
+) -> dict[str, Any]:
+    """Rebuild one saved message in the chat-completions request format."""
+    if role == Role.TOOL:
+        return {"role": role, "tool_call_id": tool_call_id, "content": content}
+    if role != Role.ASSISTANT:
+        return {"role": role, "content": parts or content}
+    message: dict[str, Any] = {"role": role, "content": content or None}
+    if tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]},
+            }
+            for call in tool_calls
+        ]
+    elif message["content"] is None:
+        message["content"] = ""
+    if reasoning_field and reasoning:
+        message[reasoning_field] = reasoning
+    return message
+
+
+def message_fields(message: dict[str, Any]) -> dict[str, Any]:
+    """The ``Message`` fields that save one request message (in the upstream format)."""
+    role, content = message["role"], message.get("content")
+    if isinstance(content, list):
+        return {"role": role, "content": text_of(content), "parts": content}
+    fields: dict[str, Any] = {"role": role, "content": content or ""}
+    if role == Role.TOOL:
+        fields["tool_call_id"] = message["tool_call_id"]
+    elif message.get("tool_calls"):
+        fields["tool_calls"] = [
+            {"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+            for c in message["tool_calls"]
+        ]
+    return fields
+
+
 class ConversationManager(models.Manager["Conversation"]):
     def owned_by(self, owner: Owner) -> models.QuerySet[Conversation]:
         return self.filter(**owner.filter())
 
-    def history(self, owner: Owner, conversation_id: uuid.UUID) -> list[dict[str, str]] | None:
-        """Return the stored messages of the owner's conversation, or None if there is none."""
+    def history(self, owner: Owner, conversation_id: uuid.UUID) -> list[dict[str, Any]] | None:
+        """Return the stored messages of the owner's conversation in the upstream's format, in
+        order, or None if there is none. Rows with nothing to send (an answer that failed
+        before its first token) are left out."""
         if not self.owned_by(owner).filter(pk=conversation_id).exists():
             return None
-        rows = Message.objects.filter(conversation_id=conversation_id).exclude(content="")
-        return [{"role": r, "content": c} for r, c in rows.values_list("role", "content")]
+        rows = Message.objects.filter(conversation_id=conversation_id).values_list(*HISTORY)
+        reasoning_field = conf.CHATPROXY_REASONING_FIELD
+        return [
+            upstream_message(*row, reasoning_field=reasoning_field)
+            for row in rows
+            if row[1] or row[2] or row[3] or row[4]
+        ]
 
     def start_turn(
         self,
         owner: Owner,
         conversation_id: uuid.UUID | None,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         model: str,
         idempotency_key: str = "",
     ) -> tuple[uuid.UUID, uuid.UUID]:
-        """Save the new messages and a ``streaming`` answer; return (conversation, answer) ids.
+        """Save the new messages (``Message`` fields, as ``message_fields`` gives them) and a
+        ``streaming`` answer; return (conversation, answer) ids.
 
         With an ``idempotency_key`` that another turn of the same owner holds, nothing is
         saved and ``DuplicateTurnError`` names that turn's answer.
@@ -250,12 +319,11 @@ class MessageManager(models.Manager["Message"]):
         self, conversation_id: uuid.UUID, answer_id: uuid.UUID, outcome: TurnOutcome
     ) -> None:
         """Write the answer's final state and the conversation's last status in one
-        transaction: every field of the outcome whose name is a ``Message`` field."""
-        columns = {f.name for f in Message._meta.concrete_fields}
+        transaction: every field of the outcome (each is a ``Message`` field) that is set."""
         fields = {
             f.name: value
             for f in dataclasses.fields(outcome)
-            if f.name in columns and (value := getattr(outcome, f.name)) is not None
+            if (value := getattr(outcome, f.name)) is not None
         }
         now = timezone.now()
         with transaction.atomic():
@@ -324,6 +392,29 @@ class Message(models.Model):
             "address): the per-address stream cap counts it."
         ),
     )
+    parts = models.JSONField(
+        _("content parts"),
+        default=list,
+        blank=True,
+        help_text=_("The parts of a message sent as a list (text and images), in order."),
+    )
+    reasoning = models.TextField(
+        _("reasoning"), blank=True, help_text=_("The answer's reasoning, kept apart from its text.")
+    )
+    tool_calls = models.JSONField(
+        _("tool calls"),
+        default=list,
+        blank=True,
+        help_text=_('The answer\'s tool calls: [{"id", "name", "arguments"}].'),
+    )
+    tool_call_id = models.CharField(
+        _("tool call id"),
+        max_length=100,
+        blank=True,
+        help_text=_("On a tool message: the call it answers."),
+    )
+    cached_tokens = models.PositiveIntegerField(_("cached prompt tokens"), null=True, blank=True)
+    reasoning_tokens = models.PositiveIntegerField(_("reasoning tokens"), null=True, blank=True)
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
 

@@ -44,6 +44,11 @@ async def chat_page(request: HttpRequest) -> HttpResponse:
         "username": user.get_username() if user.is_authenticated else "",
         # The switch is offered only when the project can route the consumer.
         "websocket_path": WEBSOCKET_PATH if apps.is_installed("channels") else "",
+        # What an attached image may be, checked in the page before it is sent.
+        "max_images": conf.CHATPROXY_MAX_IMAGES,
+        "max_image_bytes": conf.CHATPROXY_MAX_IMAGE_BYTES,
+        # The page offers the tools it runs itself (the browser's clock) where tools are allowed.
+        "offer_tools": "tools" in conf.CHATPROXY_PARAMETERS,
     }
     response = render(request, "chatproxy/chat.html", context)
     for name, value in PRIVATE_HEADERS.items():  # it names the user, and sets their CSRF cookie
@@ -89,12 +94,23 @@ async def conversation(request: HttpRequest, conversation_id: uuid.UUID) -> Http
     except RequestError as exc:
         return _answer_error(exc)
     rows = Message.objects.filter(conversation=found).order_by("position")
-    messages: list[dict[str, Any]] = [
-        {"role": m.role, "content": m.content, "status": m.status} async for m in rows
-    ]
+    messages: list[dict[str, Any]] = [_shown(m) async for m in rows]
     return JsonResponse(
         {"id": str(found.pk), "title": found.title, "messages": messages}, headers=PRIVATE_HEADERS
     )
+
+
+def _shown(message: Message) -> dict[str, Any]:
+    """A saved message as the page draws it; parts, reasoning and tool calls when it has them."""
+    shown: dict[str, Any] = {
+        "role": message.role,
+        "content": message.content,
+        "status": message.status,
+    }
+    for name in ("parts", "reasoning", "tool_calls", "tool_call_id"):
+        if value := getattr(message, name):
+            shown[name] = value
+    return shown
 
 
 async def _read_owner(request: HttpRequest) -> Owner | None:

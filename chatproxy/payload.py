@@ -6,25 +6,32 @@ Pure: no database, no I/O. Each failure is a ``RequestError`` whose message says
 from __future__ import annotations
 
 import dataclasses
-import math
 import uuid
 from typing import Any
 
 import orjson
 
 from .conf import conf
+from .content import PART_EXAMPLE, Tally, validate_parts
 from .exceptions import RequestError
+from .parameters import TOOL_NAME, check_together, validate_parameter
 
 FIELDS = ("messages", "conversation_id", "model")
 EXAMPLE = '{"messages": [{"role": "user", "content": "Hi"}]}'
+MAX_ID = 100  # the length of Message.tool_call_id
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ChatRequest:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # in the upstream's chat-completions format
     model: str
-    params: dict[str, int | float]
+    params: dict[str, Any]
     conversation_id: uuid.UUID | None = None
+
+    @property
+    def tool_results(self) -> list[str]:
+        """The ``tool_call_id`` of each ``tool`` message, in order."""
+        return [m["tool_call_id"] for m in self.messages if m["role"] == "tool"]
 
 
 def decode_json(body: bytes | str) -> Any:
@@ -44,6 +51,11 @@ def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
     allowed = conf.CHATPROXY_PARAMETERS
     for key in data:
         if key not in FIELDS and key not in allowed and key not in ignore:
+            if key == "user":
+                raise RequestError(
+                    "unknown_field",
+                    "Leave out the field 'user': the server sets it from who is asking.",
+                )
             accepted = ", ".join([*FIELDS, *allowed])
             raise RequestError(
                 "unknown_field", f"Unknown field {key!r}. The accepted fields are: {accepted}."
@@ -51,14 +63,49 @@ def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
     conversation_id = _conversation_id(data.get("conversation_id"))
     # With CHATPROXY_STORE_CONTENT off the server keeps no history, so the client sends it.
     continuing = conversation_id is not None and conf.CHATPROXY_STORE_CONTENT
-    messages = _messages(data.get("messages"), continuing=continuing)
+    messages = validate_messages(data.get("messages"), continuing=continuing)
+    params = {
+        name: validate_parameter(name, spec, data[name])
+        for name, spec in allowed.items()
+        if name in data
+    }
+    check_together(params)
     return ChatRequest(
         messages=messages,
         model=_model(data.get("model")),
-        params={
-            name: _parameter(name, data[name], *allowed[name]) for name in allowed if name in data
-        },
+        params=params,
         conversation_id=conversation_id,
+    )
+
+
+def pending_tool_calls(history: list[dict[str, Any]]) -> list[str]:
+    """The ids of the last answer's tool calls that no ``tool`` message has answered yet."""
+    pending: list[str] = []
+    for message in history:
+        if message["role"] == "assistant":
+            pending = [call["id"] for call in message.get("tool_calls") or ()]
+        elif message["role"] == "tool" and message["tool_call_id"] in pending:
+            pending.remove(message["tool_call_id"])
+        else:
+            pending = []
+    return pending
+
+
+def check_tool_results(answered: list[str], pending: list[str]) -> None:
+    """Refuse new messages that do not answer exactly the ``pending`` tool calls, first."""
+    if answered == pending or sorted(answered) == sorted(pending):
+        return
+    if not pending:
+        raise RequestError(
+            "tool_results_mismatch",
+            "This conversation has no tool calls waiting for results: leave out the tool "
+            "messages, or send them with the answer that called the tools.",
+        )
+    raise RequestError(
+        "tool_results_mismatch",
+        f"The last answer called the tools {', '.join(pending)}: start the new messages with "
+        f"exactly one tool message for each (tool_call_id); this request answers "
+        f"{', '.join(answered) or 'none'}.",
     )
 
 
@@ -81,7 +128,8 @@ def _conversation_id(value: Any) -> uuid.UUID | None:
         ) from None
 
 
-def _messages(value: Any, *, continuing: bool) -> list[dict[str, str]]:
+def validate_messages(value: Any, *, continuing: bool) -> list[dict[str, Any]]:
+    """Check the request's messages; ``continuing``: the server holds the history before them."""
     if not isinstance(value, list) or not value:
         raise RequestError(
             "invalid_messages",
@@ -92,41 +140,166 @@ def _messages(value: Any, *, continuing: bool) -> list[dict[str, str]]:
         raise RequestError(
             "too_many_messages", f"Send at most {limit} messages; this request has {len(value)}."
         )
-    roles = {"user", "assistant"} | ({"system"} if conf.CHATPROXY_ALLOW_SYSTEM_MESSAGES else set())
-    messages, total = [], 0
+    roles = {"user", "assistant", "tool"}
+    if conf.CHATPROXY_ALLOW_SYSTEM_MESSAGES:
+        roles.add("system")
+    messages: list[dict[str, Any]] = []
+    tally, pending = Tally(), list[str]()
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise RequestError(
-                "invalid_messages",
-                f"messages[{i}] must be an object with exactly the keys 'role' and 'content'.",
-            )
-        role, content = message["role"], message["content"]
-        if role not in roles:
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str) or role not in roles:
+            if not isinstance(message, dict) or "role" not in message:
+                raise RequestError(
+                    "invalid_messages",
+                    f"messages[{i}] must be an object with the keys 'role' and 'content'.",
+                )
             raise RequestError("role_not_allowed", _role_hint(i, role, roles))
-        if role == "assistant" and continuing:
-            raise RequestError(
-                "role_not_allowed",
-                f"messages[{i}] is an assistant message, but this conversation's history is kept "
-                "by the server: send only the new user message with conversation_id.",
-            )
-        if not isinstance(content, str) or not content.strip():
-            raise RequestError(
-                "invalid_messages", f"messages[{i}].content must be a non-empty string."
-            )
-        total += len(content)
-        messages.append({"role": role, "content": content})
-    if messages[-1]["role"] != "user":
+        if role == "assistant":
+            if continuing:
+                raise RequestError(
+                    "role_not_allowed",
+                    f"messages[{i}] is an assistant message, but this conversation's history is "
+                    "kept by the server: send only the new messages with conversation_id.",
+                )
+            if pending:
+                raise _unanswered(i, pending)
+            checked = _assistant(i, message, tally)
+            pending = [call["id"] for call in checked.get("tool_calls", ())]
+        elif role == "tool":
+            checked = _tool_result(i, message, tally)
+            if continuing:
+                if messages and messages[-1]["role"] != "tool":
+                    raise RequestError(
+                        "invalid_messages",
+                        f"messages[{i}] is a tool message after a {messages[-1]['role']} "
+                        "message: put the tool results first.",
+                    )
+            elif checked["tool_call_id"] in pending:
+                pending.remove(checked["tool_call_id"])
+            else:
+                raise RequestError(
+                    "tool_results_mismatch",
+                    f"messages[{i}].tool_call_id {checked['tool_call_id']!r} answers no tool call "
+                    "of the assistant message before it: use one of its tool_calls' ids.",
+                )
+        else:
+            if pending:
+                raise _unanswered(i, pending)
+            checked = _said(i, message, role, tally)
+        messages.append(checked)
+    if messages[-1]["role"] not in ("user", "tool") or pending:
         raise RequestError(
             "invalid_messages",
-            "The last message must have the role 'user': it is what gets answered.",
+            "The last message must have the role 'user' (or be the tool results the last "
+            "answer asked for): it is what gets answered.",
         )
-    if total > conf.CHATPROXY_MAX_CHARS:
-        raise RequestError(
-            "too_many_characters",
-            f"Send at most {conf.CHATPROXY_MAX_CHARS} characters of content; "
-            f"this request has {total}.",
-        )
+    tally.check()
     return messages
+
+
+def _unanswered(i: int, pending: list[str]) -> RequestError:
+    return RequestError(
+        "tool_results_mismatch",
+        f"messages[{i}] comes before the tool calls {', '.join(pending)} have results: "
+        "send a tool message for each first.",
+    )
+
+
+def _said(i: int, message: dict[str, Any], role: str, tally: Tally) -> dict[str, Any]:
+    """A user or system message: its content is a string or a list of parts."""
+    if set(message) != {"role", "content"}:
+        raise RequestError(
+            "invalid_messages",
+            f"messages[{i}] must be an object with exactly the keys 'role' and 'content'.",
+        )
+    content = message["content"]
+    if isinstance(content, list):
+        validate_parts(f"messages[{i}].content", content, tally, images=role == "user")
+    elif not isinstance(content, str) or not content.strip():
+        raise RequestError(
+            "invalid_messages",
+            f"messages[{i}].content must be a non-empty string or a list of parts, as in "
+            f"{PART_EXAMPLE}.",
+        )
+    else:
+        tally.chars += len(content)
+    return {"role": role, "content": content}
+
+
+def _assistant(i: int, message: dict[str, Any], tally: Tally) -> dict[str, Any]:
+    """An earlier answer, in a history the client holds: text, tool calls, or both."""
+    if not set(message) <= {"role", "content", "tool_calls"}:
+        raise RequestError(
+            "invalid_messages",
+            f"messages[{i}] is an assistant message: it takes 'content' and 'tool_calls' only.",
+        )
+    content, calls = message.get("content"), message.get("tool_calls")
+    checked: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls is not None:
+        checked["tool_calls"] = _tool_calls(i, calls, tally)
+    if content is None and calls is not None:
+        return checked
+    if not isinstance(content, str) or not content.strip():
+        raise RequestError(
+            "invalid_messages",
+            f"messages[{i}].content must be a non-empty string (or null, with tool_calls).",
+        )
+    tally.chars += len(content)
+    return checked
+
+
+def _tool_calls(i: int, calls: Any, tally: Tally) -> list[dict[str, Any]]:
+    example = '[{"id": "call_1", "type": "function", "function": {"name", "arguments"}}]'
+    if not isinstance(calls, list) or not calls:
+        raise RequestError(
+            "invalid_tool_calls", f"messages[{i}].tool_calls must be a list such as {example}."
+        )
+    ids = set()
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (
+            isinstance(call, dict)
+            and set(call) == {"id", "type", "function"}
+            and call["type"] == "function"
+            and _is_id(call["id"])
+            and isinstance(function, dict)
+            and set(function) == {"name", "arguments"}
+            and isinstance(function["name"], str)
+            and TOOL_NAME.fullmatch(function["name"])
+            and isinstance(function["arguments"], str)
+        ):
+            raise RequestError(
+                "invalid_tool_calls",
+                f"messages[{i}].tool_calls[{j}] must be like {example}: an id of 1 to 100 "
+                "characters, a function name, and its arguments as a JSON string.",
+            )
+        if call["id"] in ids:
+            raise RequestError(
+                "invalid_tool_calls",
+                f"messages[{i}].tool_calls[{j}] repeats the id {call['id']!r}.",
+            )
+        ids.add(call["id"])
+        tally.chars += len(function["arguments"])
+    return calls
+
+
+def _tool_result(i: int, message: dict[str, Any], tally: Tally) -> dict[str, Any]:
+    if (
+        set(message) != {"role", "tool_call_id", "content"}
+        or not _is_id(message["tool_call_id"])
+        or not isinstance(message["content"], str)
+    ):
+        raise RequestError(
+            "invalid_messages",
+            f'messages[{i}] is a tool message: send {{"role": "tool", "tool_call_id": "<the '
+            'call\'s id>", "content": "<the result as a string>"}.',
+        )
+    tally.chars += len(message["content"])
+    return {"role": "tool", "tool_call_id": message["tool_call_id"], "content": message["content"]}
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID
 
 
 def _role_hint(i: int, role: Any, roles: set[str]) -> str:
@@ -145,14 +318,3 @@ def _model(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise RequestError("model_not_allowed", "model must be the name of an allowed model.")
     return value
-
-
-def _parameter(name: str, value: Any, low: float, high: float) -> int | float:
-    integral = isinstance(low, int) and isinstance(high, int)
-    ok = isinstance(value, int) if integral else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok or not math.isfinite(value):
-        kind = "an integer" if integral else "a number"
-        raise RequestError("invalid_parameter", f"{name} must be {kind} from {low} to {high}.")
-    # Out-of-range values are clamped rather than refused: the request is still meaningful.
-    clamped = min(max(value, low), high)
-    return int(clamped) if integral else float(clamped)

@@ -24,7 +24,7 @@ from .followers import TurnChannel
 from .interception import Chain, InterceptorSpec, build_chain
 from .limits import bound_history, check_model, check_rate
 from .models import Conversation, DuplicateTurnError, IdempotencyKey, Message, Owner, Status
-from .payload import ChatRequest
+from .payload import ChatRequest, check_tool_results, pending_tool_calls
 from .signals import turn_finished
 from .turns import Pieces, Turn, TurnState
 from .upstream import AnswerStream
@@ -81,7 +81,7 @@ def _open_turn(
             raise DuplicateTurnError(claimed)  # before the limits: a retry is not a new turn
         check_rate(owner)
         check_model(request.model, user)
-        history: list[dict[str, str]] = []
+        history: list[dict[str, Any]] = []
         if request.conversation_id is not None:
             found = Conversation.objects.history(owner, request.conversation_id)
             if found is None:
@@ -92,6 +92,8 @@ def _open_turn(
                     status=404,
                 )
             history = found
+        if request.conversation_id is not None and conf.CHATPROXY_STORE_CONTENT:
+            check_tool_results(request.tool_results, pending_tool_calls(history))
         # Bounded here, before the interceptors, which keep what they add (a system prompt).
         history, dropped = bound_history(history, request.messages)
         turn = Turn(
@@ -105,6 +107,8 @@ def _open_turn(
             idempotency_key=key,
             dropped_messages=dropped,
         )
+        if conf.CHATPROXY_SEND_USER:
+            turn.params["user"] = owner.upstream_user  # never the client's: it names the owner
         # Written before the first byte, so a limit (429) or a duplicate submission can
         # still be answered as such.
         records.begin(turn, open_session)

@@ -18,7 +18,7 @@ from django.db import transaction
 from .conf import conf
 from .database import run
 from .limits import check_streams
-from .models import Conversation, Message, Owner, Status
+from .models import Conversation, Message, Owner, Status, message_fields
 from .turns import Turn
 
 logger = logging.getLogger("chatproxy.records")
@@ -38,9 +38,10 @@ def begin(turn: Turn, open_session: Callable[[Owner], Owner] | None = None) -> N
     Synchronous: the last step of ``open_turn`` in ``start()``. A new anonymous visitor gets
     their session from ``open_session`` here, after the last limit, so a refused turn leaves
     no session behind."""
-    messages = turn.request.messages
-    if not conf.CHATPROXY_STORE_CONTENT:
-        messages = [{"role": m["role"], "content": ""} for m in messages]
+    if conf.CHATPROXY_STORE_CONTENT:
+        messages = [message_fields(m) for m in turn.request.messages]
+    else:
+        messages = [{"role": m["role"], "content": ""} for m in turn.request.messages]
     with transaction.atomic():
         check_streams(turn.owner)
         if turn.owner.is_new:
@@ -134,8 +135,9 @@ def _finish(turn: Turn) -> None:
     outcome.metadata = turn.metadata or None
     if turn.dropped_messages:
         outcome.metadata = {**turn.metadata, "history": turn.history_cut()}
-    if not conf.CHATPROXY_STORE_CONTENT:
-        outcome.content = outcome.raw_content = ""
+    if not conf.CHATPROXY_STORE_CONTENT:  # metadata only: no text, reasoning or call arguments
+        outcome.content = outcome.raw_content = outcome.reasoning = ""
+        outcome.tool_calls = []
     Message.objects.finish_turn(turn.conversation_id, turn.answer_id, outcome)
 
 

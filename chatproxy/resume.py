@@ -90,9 +90,8 @@ async def _lines(
             return
         except TurnGone:
             answer = await _give_up_on(answer)
-    # Q's migration adds these fields; read with a default until it lands.
-    calls: list[dict[str, str]] = getattr(answer, "tool_calls", None) or []
-    if not followed and (reasoning := getattr(answer, "reasoning", "")):
+    calls: list[dict[str, str]] = answer.tool_calls or []
+    if not followed and (reasoning := answer.reasoning):
         yield encoder.reasoning(reasoning)
     if answer.content.startswith(sent) and answer.content[len(sent) :]:
         yield encoder.answering(answer.content[len(sent) :])
@@ -127,7 +126,7 @@ def _terminal(answer: Message, ids: dict[str, str], calls: list[dict[str, str]])
                 "total_tokens": answer.total_tokens,
             }
             for name in ("cached_tokens", "reasoning_tokens"):
-                if (count := getattr(answer, name, None)) is not None:
+                if (count := getattr(answer, name)) is not None:
                     usage[name] = count
         completed: dict[str, Any] = {
             "event": "completed",

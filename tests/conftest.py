@@ -13,6 +13,7 @@ from channels.testing import WebsocketCommunicator
 from django.db import connections
 from django.test import AsyncClient
 
+from chatproxy.interception import Interceptor
 from chatproxy.upstream import close_clients
 from tests.fake_upstream import FakeUpstream
 from tests.server import ServerProcess
@@ -177,3 +178,17 @@ def _asgi_application() -> Any:
     from project.asgi import application
 
     return application
+
+
+class ScriptedEvents(Interceptor):
+    """Emits the ``reasoning`` and ``tool_call`` events of the stream protocol around a text
+    answer, so the chat page's drawing of them can be tested where the upstream's parsing of
+    ``delta.reasoning_content`` and ``delta.tool_calls`` is not in this build."""
+
+    async def before_upstream(self, turn: Any) -> None:
+        for piece in ("Thinking ", "about ", "the clock."):
+            turn.emit({"event": "reasoning", "content": piece})
+
+    async def after_response(self, turn: Any) -> None:
+        call = {"id": "call_1", "name": "get_time", "arguments": '{"zone":"UTC"}'}
+        turn.emit({"event": "tool_call", **call})

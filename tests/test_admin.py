@@ -211,3 +211,73 @@ def test_staff_who_may_change_keys_revoke_anyones_but_never_unrevoke_one(django_
     assert revoked.status_code == unrevoked.status_code == 302
     assert ApiKey.objects.get().revoked
     assert ApiKey.objects.user_for(raw) is None
+
+
+PNG_URL = "data:image/png;base64,iVBORw0KGgoAAAAA"
+
+
+@pytest.fixture
+def tool_conversation(user):
+    conversation = Conversation.objects.create(owner=user, title="Time")
+    rows = [
+        {
+            "role": "user",
+            "content": "What time is it? <script>alert(1)</script>",
+            "parts": [
+                {"type": "text", "text": "What time is it? <script>alert(1)</script>"},
+                {"type": "image_url", "image_url": {"url": PNG_URL}},
+                {"type": "image_url", "image_url": {"url": "javascript:alert(2)"}},
+                {"type": "text", "text": "Second part"},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning": "The user wants <b>the time</b>.",
+            "tool_calls": [{"id": "call_1", "name": "get_time", "arguments": '{"zone":"UTC"}'}],
+            "status": "completed",
+        },
+        {"role": "tool", "content": "12:00", "tool_call_id": "call_1"},
+    ]
+    for position, fields in enumerate(rows):
+        Message.objects.create(conversation=conversation, position=position, **fields)
+    return conversation
+
+
+def test_transcript_shows_parts_in_order_reasoning_folded_and_tool_calls_pretty(
+    staff_client, tool_conversation
+):
+    response = staff_client.get(f"/admin/chatproxy/conversation/{tool_conversation.pk}/change/")
+
+    html = response.content.decode()
+    assert response.status_code == 200
+    first = html.index("What time is it? &lt;script&gt;alert(1)&lt;/script&gt;</p>")
+    thumbnail = html.index(f'<img src="{PNG_URL}"')
+    assert first < thumbnail < html.index("[an image not shown") < html.index("Second part</p>")
+    assert '<details class="chatproxy-reasoning"><summary>' in html  # folded: no open attribute
+    assert "The user wants &lt;b&gt;the time&lt;/b&gt;." in html
+    assert "Tool call <strong>get_time</strong> <code>call_1</code>" in html
+    assert "{\n  &quot;zone&quot;: &quot;UTC&quot;\n}" in html
+    assert "Result of the tool call <code>call_1</code>" in html
+
+
+def test_transcript_draws_no_script_and_only_safe_image_urls(staff_client, tool_conversation):
+    html = staff_client.get(
+        f"/admin/chatproxy/conversation/{tool_conversation.pk}/change/"
+    ).content.decode()
+
+    assert "<script>alert(1)" not in html and "<b>the time</b>" not in html
+    assert "javascript:alert(2)" not in html
+    assert 'referrerpolicy="no-referrer"' in html and "max-width: 240px" in html
+
+
+def test_a_data_url_larger_than_the_image_limit_is_named_not_drawn(
+    staff_client, tool_conversation, settings
+):
+    settings.CHATPROXY_MAX_IMAGE_BYTES = 1
+    html = staff_client.get(
+        f"/admin/chatproxy/conversation/{tool_conversation.pk}/change/"
+    ).content.decode()
+
+    assert f'<img src="{PNG_URL}"' not in html
+    assert html.count("[an image not shown") == 2

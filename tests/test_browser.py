@@ -9,6 +9,8 @@ session-wide event loop, which this suite does not use.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 from chatproxy.models import Conversation, Message
-from tests.conftest import CSRF_TOKEN, session_cookie
+from tests.conftest import CSRF_TOKEN, session_cookie, shared_database_name
 from tests.fake_upstream import Reply
 from tests.server import ServerProcess
 
@@ -62,8 +64,8 @@ async def browser() -> AsyncIterator[Browser]:
         await browser.close()
 
 
-@pytest.fixture
-async def page(browser: Browser, server: Any, user: Any) -> AsyncIterator[Page]:
+@contextlib.asynccontextmanager
+async def open_page(browser: Browser, server: Any, user: Any) -> AsyncIterator[Page]:
     """The chat page, logged in as ``user``; fails the test on a script error, on any request
     that leaves the test server, or on a traceback or warning in the server's log."""
     logged = len(server.output)
@@ -94,6 +96,12 @@ async def page(browser: Browser, server: Any, user: Any) -> AsyncIterator[Page]:
     assert errors == []
     assert foreign == []
     assert not [line for line in server.output[logged:] if re.search("Traceback|Warning", line)]
+
+
+@pytest.fixture
+async def page(browser: Browser, server: Any, user: Any) -> AsyncIterator[Page]:
+    async with open_page(browser, server, user) as page:
+        yield page
 
 
 async def use_transport(page: Page, transport: str) -> None:
@@ -405,3 +413,178 @@ async def test_an_anonymous_visitor_chats_with_a_session_from_their_first_turn(
         m async for m in Message.objects.filter(role="user").values_list("content", flat=True)
     ] == ["Hi", "Again"]
     await expect(page.locator(".chatproxy-conversation")).to_have_count(1)
+@pytest.fixture(scope="module")
+def scripted_server(django_db_setup: Any, django_db_blocker: Any, upstream_server: Any) -> Any:
+    """A server whose turns also emit reasoning and a tool call (tests.conftest.ScriptedEvents)."""
+    interceptors = ["chatproxy.interceptors.SystemPrompt", "tests.conftest.ScriptedEvents"]
+    process = ServerProcess(
+        shared_database_name(django_db_blocker),
+        upstream_server.base_url,
+        {"CHATPROXY_INTERCEPTORS": interceptors},
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+async def scripted_page(browser: Browser, scripted_server: Any, user: Any) -> AsyncIterator[Page]:
+    async with open_page(browser, scripted_server, user) as page:
+        yield page
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_reasoning_streams_folded_and_a_tool_call_shows_as_a_card(
+    scripted_page, upstream, transport
+):
+    page = scripted_page
+    upstream.enqueue(Reply(tokens=["It ", "is ", "noon", "."], delay=0.15))
+    await use_transport(page, transport)
+
+    answer = await send(page, "What time is it?")
+    reasoning = answer.locator("details.chatproxy-reasoning")
+    await expect(reasoning).to_have_js_property("open", False)  # folded while it streams
+    await expect(reasoning.locator("summary")).to_have_text("Reasoning…")
+    await expect(answer).to_have_attribute("data-status", "streaming")
+    await reasoning.locator("summary").click()
+    await expect(reasoning.locator(".chatproxy-reasoning__text")).to_have_text(
+        "Thinking about the clock."
+    )
+    await expect(answer).to_have_attribute("data-status", "completed")
+    await expect(reasoning.locator("summary")).to_have_text("Reasoning")
+    await expect(answer.locator(".chatproxy-message__content")).to_have_text("It is noon.")
+    card = answer.locator(".chatproxy-tool-call")
+    await expect(card).to_have_attribute("data-call-id", "call_1")
+    await expect(card.locator(".chatproxy-tool-call__head")).to_have_text(
+        "Tool call get_time call_1"
+    )
+    assert await card.locator("pre").text_content() == '{\n  "zone": "UTC"\n}'
+    tools = upstream.requests[-1].json["tools"]
+    assert [t["function"]["name"] for t in tools] == ["get_time"]  # the page's own tool
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_attached_image_is_sent_as_parts_and_shown_again_on_reopening(
+    page, upstream, transport
+):
+    upstream.enqueue(Reply(tokens=["A ", "picture."]))
+    await use_transport(page, transport)
+    await page.locator("#chatproxy-image").set_input_files(
+        {"name": "dot.png", "mimeType": "image/png", "buffer": PNG}
+    )
+    await expect(page.get_by_role("button", name="Remove image 1")).to_be_visible()
+
+    answer = await send(page, "What is this?")
+    await expect(answer).to_have_attribute("data-status", "completed")
+
+    data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    content = upstream.requests[-1].json["messages"][-1]["content"]
+    assert content == [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": data_url}},
+    ]
+    await expect(page.locator("#chatproxy-attachments li")).to_have_count(0)
+    image = page.locator(".chatproxy-message--user img")
+    await expect(image).to_have_attribute("src", data_url)
+    await page.reload()
+    await page.get_by_role("button", name=re.compile("^What is this")).click()
+    await expect(page.locator(".chatproxy-message--user img")).to_have_attribute("src", data_url)
+
+
+async def test_a_pasted_image_is_attached(page, upstream):
+    await page.get_by_label("Message", exact=True).focus()
+    await page.evaluate(
+        """(bytes) => {
+            const file = new File([new Uint8Array(bytes)], "pasted.png", {type: "image/png"});
+            const data = new DataTransfer();
+            data.items.add(file);
+            const paste = new ClipboardEvent("paste", {clipboardData: data, bubbles: true});
+            document.getElementById("chatproxy-prompt").dispatchEvent(paste);
+        }""",
+        list(PNG),
+    )
+
+    await expect(page.locator("#chatproxy-attachments img")).to_have_count(1)
+
+
+async def test_an_image_over_the_limit_is_refused_before_sending(page, upstream):
+    big = PNG + b"\0" * 180_000
+    await page.locator("#chatproxy-image").set_input_files(
+        {"name": "big.png", "mimeType": "image/png", "buffer": big}
+    )
+
+    await expect(page.get_by_role("alert")).to_contain_text(
+        "big.png is 175.9 KB, and only 175.8 KB more of images fit in this message: make it "
+        "smaller, or send it in the next one."
+    )
+    await expect(page.locator("#chatproxy-attachments li")).to_have_count(0)
+    assert upstream.requests == []
+
+
+async def test_a_reopened_answer_that_called_a_tool_is_answered_by_the_page_tool(
+    page, upstream, user
+):
+    conversation = await Conversation.objects.acreate(owner=user, title="What time is it?")
+    call = {"id": "call_7", "name": "get_time", "arguments": "{}"}
+    for position, fields in enumerate(
+        [
+            {"role": "user", "content": "What time is it?"},
+            {"role": "assistant", "reasoning": "Ask the clock.", "tool_calls": [call]},
+        ]
+    ):
+        await Message.objects.acreate(
+            conversation=conversation, position=position, status="completed", **fields
+        )
+    upstream.enqueue(Reply(tokens=["Thanks."]))
+    await page.reload()
+    await page.get_by_role("button", name=re.compile("^What time is it")).click()
+    called = page.locator(".chatproxy-message--assistant").first
+    await expect(called.locator(".chatproxy-tool-call")).to_have_attribute("data-call-id", "call_7")
+    await expect(called.locator("details.chatproxy-reasoning")).to_have_js_property("open", False)
+
+    answer = await send(page, "And the date?")
+    await expect(answer).to_have_attribute("data-status", "completed")
+
+    sent = upstream.requests[-1].json["messages"]
+    assert [m["role"] for m in sent if m["role"] != "system"] == [
+        "user",
+        "assistant",
+        "tool",
+        "user",
+    ]
+    result = next(m for m in sent if m["role"] == "tool")
+    assert result["tool_call_id"] == "call_7" and '"time_zone"' in result["content"]
+    await expect(page.locator(".chatproxy-message--tool")).to_have_count(1)
+
+
+@pytest.fixture(scope="module")
+def demo_server(django_db_setup: Any, django_db_blocker: Any, upstream_server: Any) -> Any:
+    """A server with no API key: the offline demo model answers."""
+    demo = {"CHATPROXY_API_KEY": "", "CHATPROXY_MODELS": ["chatproxy-demo"]}
+    process = ServerProcess(
+        shared_database_name(django_db_blocker),
+        upstream_server.base_url,
+        {**demo, "CHATPROXY_DEFAULT_MODEL": "chatproxy-demo"},
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+async def test_the_demo_model_reasons_calls_the_page_tool_and_answers_with_its_result(
+    browser, demo_server, user
+):
+    async with open_page(browser, demo_server, user) as page:
+        called = await send(page, "What time is it?")
+
+        await expect(called.locator("details.chatproxy-reasoning")).to_have_count(1, timeout=10_000)
+        await expect(called.locator(".chatproxy-tool-call strong")).to_have_text("get_time")
+        await expect(page.locator(".chatproxy-message--tool")).to_contain_text("time_zone")
+        answer = page.locator(".chatproxy-message--assistant").nth(1)
+        await expect(answer).to_have_attribute("data-status", "completed")
+        await expect(answer.locator(".chatproxy-message__content")).to_contain_text(
+            "The tool says:"
+        )

@@ -46,12 +46,37 @@ def test_test_settings_pass_cleanly():
         ("CHATPROXY_MAX_FOLLOWERS_PER_USER", 0, "chatproxy.E014"),
         ("CHATPROXY_MAX_HISTORY_CHARS", 0, "chatproxy.E004"),
         ("CHATPROXY_MAX_HISTORY_CHARS", 39_999, "chatproxy.E015"),
+        ("CHATPROXY_PARAMETERS", {"tools": "toolz"}, "chatproxy.E003"),
+        ("CHATPROXY_PARAMETERS", {"reasoning_effort": []}, "chatproxy.E003"),
+        ("CHATPROXY_MAX_TOOLS", 0, "chatproxy.E004"),
+        ("CHATPROXY_MAX_SCHEMA_BYTES", "big", "chatproxy.E004"),
+        ("CHATPROXY_MAX_IMAGES", -1, "chatproxy.E016"),
+        ("CHATPROXY_IMAGE_HOSTS", "images.example.com", "chatproxy.E017"),
+        ("CHATPROXY_EXTRA_PART_TYPES", ["image_url"], "chatproxy.E018"),
+        ("CHATPROXY_REASONING_FIELD", "reasoning content", "chatproxy.E019"),
     ],
 )
 def test_bad_setting_is_an_error(settings, name, value, expected):
     setattr(settings, name, value)
 
     assert ids() == [expected]
+
+
+def test_typed_parameters_in_every_form_pass(settings):
+    settings.CHATPROXY_PARAMETERS = {
+        "temperature": [0, 1],
+        "reasoning_effort": ["low", "high"],
+        "tools": "tools",
+        "parallel_tool_calls": "boolean",
+    }
+
+    assert ids() == []
+
+
+def test_images_that_cannot_fit_in_the_body_warn(settings):
+    settings.CHATPROXY_MAX_IMAGE_BYTES = 1_000_000
+
+    assert ids() == ["chatproxy.W007"]
 
 
 def test_wsgi_setup_warns(settings):

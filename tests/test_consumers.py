@@ -132,7 +132,8 @@ BAD_FRAMES = [
     ('{"type": "dance"}', "invalid_request"),
     ('{"messages": []}', "invalid_request"),
     ('{"type": "chat", "messages": []}', "invalid_messages"),
-    ('{"type": "chat", "messages": [{"role": "tool", "content": "x"}]}', "role_not_allowed"),
+    ('{"type": "chat", "messages": [{"role": "tool", "content": "x"}]}', "invalid_messages"),
+    ('{"type": "chat", "messages": [{"role": "ghost", "content": "x"}]}', "role_not_allowed"),
     (
         '{"type": "chat", "model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}',
         "model_not_allowed",
@@ -234,3 +235,47 @@ async def test_other_users_conversation_is_not_found_over_the_socket(socket, oth
     await theirs.disconnect()
 
     assert error["error"]["code"] == "conversation_not_found"
+
+
+async def test_a_chat_frame_takes_parts_and_tools_like_the_http_body(socket, upstream):
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    tool = {"type": "function", "function": {"name": "get_time"}}
+    await socket.send_json_to(
+        {"type": "chat", "messages": [{"role": "user", "content": parts}], "tools": [tool]}
+    )
+    frames = await frames_until_terminal(socket)
+
+    assert frames[-1]["event"] == "completed"
+    sent = (await upstream.wait_for_request()).json
+    assert (sent["messages"], sent["tools"]) == ([{"role": "user", "content": parts}], [tool])
+
+
+async def test_a_bad_tool_in_a_chat_frame_is_an_error_frame_with_its_code(socket, upstream):
+    tool = {"type": "function", "function": {"name": "what time?"}}
+    await socket.send_json_to({**HI, "tools": [tool]})
+    error = await socket.receive_json_from(timeout=5)
+
+    assert error["error"] == {
+        "code": "invalid_tools",
+        "message": "tools[0].function.name must be 1 to 64 letters, digits, '_' or '-'.",
+    }
+
+
+async def test_a_chat_frame_of_just_tool_results_continues_the_conversation(socket, upstream):
+    upstream.enqueue(Reply(tokens=["Checking"]), Reply(tokens=["Noon."]))
+    await socket.send_json_to(HI)
+    first = await frames_until_terminal(socket)
+    # The stream side saves a streamed call this way; the fake upstream here streams text.
+    call = {"id": "call_1", "name": "get_time", "arguments": "{}"}
+    await Message.objects.filter(pk=first[0]["message_id"]).aupdate(tool_calls=[call])
+
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}
+    await socket.send_json_to(
+        {"type": "chat", "conversation_id": first[0]["conversation_id"], "messages": [result]}
+    )
+    frames = await frames_until_terminal(socket)
+
+    assert frames[-1]["event"] == "completed"
+    sent = (await upstream.wait_for_request(2)).json
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool"]
+    assert sent["messages"][1]["tool_calls"][0]["id"] == "call_1"

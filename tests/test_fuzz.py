@@ -25,12 +25,57 @@ JSON = st.recursive(
     ),
     max_leaves=12,
 )
-MESSAGE = st.fixed_dictionaries(
+PNG = "data:image/png;base64,iVBORw0KGgoAAAAA"
+PART = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("image_url"),
+            "image_url": st.fixed_dictionaries(
+                {"url": st.sampled_from([PNG, "https://img.example/a.png", "data:x", "ftp://a"])},
+                optional={"detail": st.sampled_from(["auto", "low", "huge"])},
+            )
+            | JSON,
+        }
+    ),
+    st.fixed_dictionaries({"type": st.sampled_from(["input_audio", "file", ""])}),
+    JSON,
+)
+TOOL_CALL = st.fixed_dictionaries(
     {
-        "role": st.sampled_from(["user", "assistant", "system", "tool", "", 3]),
-        "content": JSON | st.text(),
-    },
-    optional={"name": st.text(max_size=5)},
+        "id": st.sampled_from(["call_1", "call_2", ""]) | JSON,
+        "type": st.just("function") | JSON,
+        "function": st.fixed_dictionaries(
+            {"name": st.sampled_from(["get_time", "bad name"]), "arguments": st.just("{}") | JSON}
+        )
+        | JSON,
+    }
+)
+MESSAGE = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "assistant", "system", "tool", "", 3]) | JSON,
+            "content": JSON | st.text() | st.lists(PART, max_size=3),
+        },
+        optional={"name": st.text(max_size=5), "tool_calls": st.lists(TOOL_CALL, max_size=2)},
+    ),
+    st.fixed_dictionaries(
+        {
+            "role": st.just("tool"),
+            "tool_call_id": st.sampled_from(["call_1", "call_2"]) | JSON,
+            "content": st.text(max_size=5) | JSON,
+        }
+    ),
+)
+TOOL = st.fixed_dictionaries(
+    {
+        "type": st.just("function") | JSON,
+        "function": st.fixed_dictionaries(
+            {"name": st.sampled_from(["get_time", "x" * 70, ""]) | JSON},
+            optional={"description": JSON, "parameters": JSON, "strict": JSON},
+        )
+        | JSON,
+    }
 )
 BODY = st.one_of(
     st.binary(max_size=200),  # anything, including invalid UTF-8
@@ -44,6 +89,18 @@ BODY = st.one_of(
             "temperature": JSON,
             "max_tokens": JSON,
             "unexpected": JSON,
+            "user": JSON,
+            "tools": st.lists(TOOL, max_size=2) | JSON,
+            "tool_choice": st.sampled_from(["auto", "required", "always"]) | JSON,
+            "parallel_tool_calls": JSON,
+            "response_format": st.fixed_dictionaries(
+                {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])},
+                optional={"json_schema": JSON},
+            )
+            | JSON,
+            "stop": JSON | st.lists(st.text(max_size=3), max_size=5),
+            "max_completion_tokens": JSON,
+            "reasoning_effort": st.sampled_from(["low", "max"]) | JSON,
         },
     ).map(orjson.dumps),
     st.integers(min_value=2000, max_value=5000).map(lambda n: b"[" * n + b"]" * n),  # deep

@@ -113,3 +113,24 @@ def test_a_history_within_the_bound_is_sent_whole(settings):
     history = [said("user", "a" * 100), said("assistant", "b" * 100)]
 
     assert bound_history(history, [said("user", "c" * 100)]) == (history, 0)
+
+
+def test_the_bound_counts_parts_and_tool_calls_and_drops_an_exchange_with_its_results(settings):
+    from chatproxy.limits import bound_history
+
+    settings.CHATPROXY_MAX_CHARS = 100
+    settings.CHATPROXY_MAX_HISTORY_CHARS = 300
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 78}}
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "x" * 94}}
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "r" * 100},
+        said("user", "d" * 50),
+        said("assistant", "e" * 50),
+    ]
+
+    kept, dropped = bound_history(history, [said("user", "f" * 100)])
+
+    # 113 + 100 + 100 in the first exchange, 200 after it: it goes whole, call and result too.
+    assert (kept, dropped) == (history[3:], 3)

@@ -121,3 +121,59 @@ def test_update_row_applies_only_if_its_conditions_hold(user):
     update_row(Conversation, conversation, {"title": "this"}, model="m", status="streaming")
 
     assert Conversation.objects.get(pk=conversation).title == "this"
+
+
+PARTS = [
+    {"type": "text", "text": "What time is it here?"},
+    {"type": "image_url", "image_url": {"url": "https://img.example.com/clock.png"}},
+]
+CALLS = [{"id": "call_1", "name": "get_time", "arguments": '{"zone": "UTC"}'}]
+
+
+def saved_conversation(user):
+    conversation = Conversation.objects.create(owner=user)
+    rows = [
+        {"role": "user", "content": "What time is it here?", "parts": PARTS},
+        {"role": "assistant", "content": "", "tool_calls": CALLS, "reasoning": "Ask the clock."},
+        {"role": "tool", "content": "12:00", "tool_call_id": "call_1"},
+        {"role": "assistant", "content": "It is noon.", "reasoning": "Read it out."},
+        {"role": "assistant", "content": ""},  # failed before its first token: left out
+    ]
+    for position, fields in enumerate(rows):
+        Message.objects.create(conversation=conversation, position=position, **fields)
+    return conversation
+
+
+def test_history_rebuilds_every_role_in_the_upstream_format_in_order(user):
+    conversation = saved_conversation(user)
+
+    assert Conversation.objects.history(Owner(user_id=user.pk), conversation.pk) == [
+        {"role": "user", "content": PARTS},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+        {"role": "assistant", "content": "It is noon."},
+    ]
+
+
+def test_history_sends_reasoning_back_only_under_the_field_the_setting_names(user, settings):
+    settings.CHATPROXY_REASONING_FIELD = "reasoning_content"
+    conversation = saved_conversation(user)
+
+    history = Conversation.objects.history(Owner(user_id=user.pk), conversation.pk)
+
+    assert [m.get("reasoning_content") for m in history] == [
+        None,
+        "Ask the clock.",
+        None,
+        "Read it out.",
+    ]

@@ -188,3 +188,45 @@ async def test_anonymous_chat_reads_only_its_own_sessions_conversations(settings
     assert (await stranger.get("/conversations")).json() == {"conversations": []}
     assert (await stranger.get(f"/conversations/{mine}")).json() == NOT_FOUND
     assert (await visitor.get(f"/conversations/{users_conversation.pk}")).json() == NOT_FOUND
+
+
+async def test_conversation_returns_parts_reasoning_and_tool_calls_where_there_are_some(
+    client, user
+):
+    conversation = await make_conversation(user, "Time")
+    image = {"type": "image_url", "image_url": {"url": "https://a.example/c.png"}}
+    parts = [{"type": "text", "text": "When?"}, image]
+    calls = [{"id": "call_1", "name": "get_time", "arguments": "{}"}]
+    for position, fields in enumerate(
+        [
+            {"role": "user", "content": "When?", "parts": parts},
+            {"role": "assistant", "reasoning": "Ask.", "tool_calls": calls, "status": "completed"},
+            {"role": "tool", "content": "12:00", "tool_call_id": "call_1"},
+        ]
+    ):
+        await Message.objects.acreate(conversation=conversation, position=position, **fields)
+
+    response = await client.get(f"/conversations/{conversation.pk}")
+
+    assert response.json()["messages"] == [
+        {"role": "user", "content": "When?", "status": "", "parts": parts},
+        {
+            "role": "assistant",
+            "content": "",
+            "status": "completed",
+            "reasoning": "Ask.",
+            "tool_calls": calls,
+        },
+        {"role": "tool", "content": "12:00", "status": "", "tool_call_id": "call_1"},
+    ]
+
+
+async def test_page_offers_its_tool_and_images_only_where_the_settings_allow(client, settings):
+    html = (await client.get("/")).content.decode()
+    assert 'data-offer-tools="true"' in html and 'data-max-images="4"' in html
+    assert 'id="chatproxy-image"' in html
+
+    settings.CHATPROXY_PARAMETERS = {"temperature": (0.0, 1.0)}
+    settings.CHATPROXY_MAX_IMAGES = 0
+    html = (await client.get("/")).content.decode()
+    assert "data-offer-tools" not in html and 'id="chatproxy-image"' not in html

@@ -6,7 +6,7 @@
  * sets only text: no string from the model is ever parsed as HTML, so markup it writes shows as
  * text and nothing it writes can run.
  */
-import { ChatSocket, streamChat } from "./client.js";
+import { ChatSocket, readImagePart, streamChat, userContent } from "./client.js";
 
 function el(tag, className = "", text = "") {
   const node = document.createElement(tag);
@@ -137,7 +137,7 @@ function appendLink(parent, label, href, source) {
   parent.append(link);
 }
 
-const ROLE_LABELS = { user: "You", assistant: "Assistant", system: "System" };
+const ROLE_LABELS = { user: "You", assistant: "Assistant", system: "System", tool: "Tool result" };
 const STATUS_NOTES = {
   interrupted: "Stopped.",
   failed: "The answer failed.",
@@ -145,6 +145,43 @@ const STATUS_NOTES = {
   streaming: "This answer did not finish.",
 };
 const TRANSPORT_KEY = "chatproxy.transport";
+const MAX_TOOL_ROUNDS = 4;
+// Images are drawn only from URLs that cannot run anything: https:, or raster data: URLs.
+const SAFE_IMAGE = /^(https:\/\/\S+|data:image\/(png|jpeg|webp|gif);base64,[A-Za-z0-9+/=]+)$/;
+
+/** The tools this page runs itself, in the browser, when a model calls them. */
+const PAGE_TOOLS = {
+  get_time: {
+    definition: {
+      type: "function",
+      function: {
+        name: "get_time",
+        description: "The current date and time where the user is, and their time zone.",
+        parameters: { type: "object", properties: {} },
+      },
+    },
+    run: () => ({
+      time: new Date().toString(),
+      time_zone: Intl.DateTimeFormat().resolvedOptions().timeZone,
+    }),
+  },
+};
+
+/** The string a tool call's result goes back as; a tool this page lacks says so. */
+function runTool(call) {
+  const tool = PAGE_TOOLS[call.name];
+  const result = tool ? tool.run(call.arguments) : { error: `This page has no tool named ${call.name}.` };
+  return JSON.stringify(result);
+}
+
+/** Arguments as the model sent them, indented when they are JSON. */
+function prettyArguments(text) {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch {
+    return text;
+  }
+}
 
 /** One message in the list; an answer re-renders at most once per frame while it streams. */
 class MessageView {
@@ -158,6 +195,8 @@ class MessageView {
     this.item.append(el("div", "chatproxy-message__role", ROLE_LABELS[role] ?? role), this.content);
     if (status === "streaming") this.item.setAttribute("aria-busy", "true");
     this.frame = 0;
+    this.reasoning = null;
+    this.calls = new Map();
     list.append(this.item);
   }
 
@@ -176,6 +215,7 @@ class MessageView {
     if (note) this.item.append(el("p", "chatproxy-message__note", note));
     this.item.dataset.status = status;
     this.item.removeAttribute("aria-busy");
+    if (this.reasoning) this.reasoning.summary.textContent = "Reasoning";
   }
 
   draw(text) {
@@ -183,6 +223,53 @@ class MessageView {
     if (this.role === "assistant") this.content.replaceChildren(renderMarkdown(text));
     else this.content.textContent = text;
     if (pinned) this.list.scrollTop = this.list.scrollHeight;
+  }
+
+  /** Add reasoning text, in a fold that stays closed unless the reader opens it. */
+  addReasoning(text) {
+    if (!this.reasoning) {
+      const details = el("details", "chatproxy-reasoning");
+      const summary = el("summary", "", this.item.dataset.status === "streaming" ? "Reasoning…" : "Reasoning");
+      const body = el("div", "chatproxy-reasoning__text");
+      details.append(summary, body);
+      this.content.before(details);
+      this.reasoning = { summary, body };
+    }
+    this.reasoning.body.textContent += text;
+  }
+
+  /** Show a tool call as a card: its name, id and arguments. */
+  addToolCall(call) {
+    if (this.calls.has(call.id)) return;
+    const card = el("div", "chatproxy-tool-call");
+    card.dataset.callId = call.id;
+    const head = el("div", "chatproxy-tool-call__head");
+    head.append(el("span", "", "Tool call "), el("strong", "", call.name), " ", el("code", "", call.id));
+    const pre = el("pre");
+    pre.append(el("code", "", prettyArguments(call.arguments ?? "")));
+    card.append(head, pre);
+    this.calls.set(call.id, card);
+    this.item.append(card);
+  }
+
+  /** Draw a message's images, in the order they were sent. */
+  addImages(parts) {
+    const images = parts.filter((part) => part.type === "image_url");
+    if (!images.length) return;
+    const strip = el("div", "chatproxy-message__images");
+    images.forEach((part, i) => {
+      const url = part.image_url?.url ?? "";
+      if (!SAFE_IMAGE.test(url)) {
+        strip.append(el("span", "chatproxy-muted", "[image not shown]"));
+        return;
+      }
+      const img = el("img", "chatproxy-thumbnail");
+      img.src = url;
+      img.alt = `Image ${i + 1}`;
+      img.referrerPolicy = "no-referrer";
+      strip.append(img);
+    });
+    this.content.after(strip);
   }
 }
 
@@ -208,6 +295,13 @@ class ChatPage {
     this.controller = null;
     this.socket = null;
     this.transport = "http";
+    this.fileInput = part("image");
+    this.attachmentList = part("attachments");
+    this.attachments = []; // {part, size} of each image waiting to be sent
+    this.maxImages = Number(root.dataset.maxImages || 0);
+    this.maxImageBytes = Number(root.dataset.maxImageBytes || 0);
+    this.tools = root.dataset.offerTools ? Object.values(PAGE_TOOLS).map((t) => t.definition) : [];
+    this.pendingCalls = []; // the last answer's tool calls, answered with the next turn
   }
 
   start() {
@@ -226,6 +320,17 @@ class ChatPage {
       if (event.key === "Escape" && this.controller) this.stop();
     });
     this.stopButton.addEventListener("click", () => this.stop());
+    this.fileInput?.addEventListener("change", () => {
+      this.attach([...this.fileInput.files]);
+      this.fileInput.value = "";
+    });
+    this.prompt.addEventListener("paste", (event) => {
+      const files = [...(event.clipboardData?.files ?? [])].filter((f) => f.type.startsWith("image/"));
+      if (files.length) {
+        event.preventDefault();
+        this.attach(files);
+      }
+    });
     this.newButton.addEventListener("click", () => this.startNew());
     for (const radio of this.radios) {
       radio.addEventListener("change", () => radio.checked && this.useTransport(radio.value));
@@ -239,21 +344,83 @@ class ChatPage {
     this.prompt.focus();
   }
 
-  async send() {
-    const text = this.prompt.value.trim();
-    if (!text || this.controller) return;
+  /** Check and read image files into parts waiting to be sent; refuse what the server would. */
+  async attach(files) {
     this.showError(null);
-    this.prompt.value = "";
+    for (const file of files) {
+      if (this.attachments.length >= this.maxImages) {
+        const many = this.maxImages === 1 ? "one image" : `${this.maxImages} images`;
+        this.showError({ code: "too_many_images", message: `Attach at most ${many} to a message.` });
+        return;
+      }
+      const used = this.attachments.reduce((sum, a) => sum + a.size, 0);
+      try {
+        const part = await readImagePart(file, { maxBytes: this.maxImageBytes - used });
+        this.attachments.push({ part, size: file.size });
+      } catch (error) {
+        this.showError({ code: "image_too_large", message: error.message });
+        return;
+      } finally {
+        this.drawAttachments();
+      }
+    }
+  }
+
+  drawAttachments() {
+    const items = this.attachments.map((attachment, i) => {
+      const item = el("li", "chatproxy-attachment");
+      const img = el("img", "chatproxy-thumbnail");
+      img.src = attachment.part.image_url.url;
+      img.alt = `Attached image ${i + 1}`;
+      const remove = el("button", "chatproxy-button chatproxy-button--quiet", "×");
+      remove.type = "button";
+      remove.setAttribute("aria-label", `Remove image ${i + 1}`);
+      remove.addEventListener("click", () => {
+        this.attachments.splice(i, 1);
+        this.drawAttachments();
+      });
+      item.append(img, remove);
+      return item;
+    });
+    this.attachmentList.replaceChildren(...items);
+  }
+
+  /** Send the prompt (with its images), or with `toolsOnly` just the results of the last
+   * answer's tool calls, which this page runs itself. */
+  async send({ toolsOnly = false, round = 0 } = {}) {
+    const text = toolsOnly ? "" : this.prompt.value.trim();
+    const images = toolsOnly ? [] : this.attachments.map((a) => a.part);
+    if ((!text && !images.length && !toolsOnly) || this.controller) return;
+    this.showError(null);
     this.empty.hidden = true;
-    new MessageView(this.messages, "user", "completed").finish(text, "completed");
+    const results = this.pendingCalls.map((call) => ({
+      role: "tool",
+      tool_call_id: call.id,
+      content: runTool(call),
+    }));
+    this.pendingCalls = [];
+    for (const result of results) {
+      new MessageView(this.messages, "tool", "completed").finish(result.content, "completed");
+    }
+    const messages = [...results];
+    if (!toolsOnly) {
+      this.prompt.value = "";
+      this.attachments = [];
+      this.drawAttachments();
+      const said = new MessageView(this.messages, "user", "completed");
+      said.finish(text, "completed");
+      said.addImages(images);
+      messages.push({ role: "user", content: userContent(text, images) });
+    }
     const answer = new MessageView(this.messages, "assistant", "streaming");
     const controller = (this.controller = new AbortController());
     this.setBusy(true);
     let content = "";
     let saved = false; // the server stored the turn: an error after this keeps the message
     const options = {
-      messages: [{ role: "user", content: text }],
+      messages,
       conversationId: this.conversationId,
+      params: this.tools.length ? { tools: this.tools } : {},
       signal: controller.signal,
       onEvent: (event) => {
         if (event.event === "analyzing") {
@@ -264,6 +431,10 @@ class ChatPage {
         } else if (event.event === "answering") {
           content += event.content ?? "";
           answer.update(content);
+        } else if (event.event === "reasoning") {
+          answer.addReasoning(event.content ?? "");
+        } else if (event.event === "tool_call") {
+          answer.addToolCall(event);
         }
       },
     };
@@ -276,12 +447,19 @@ class ChatPage {
       end = { event: "error", error: { code: "network_error", message: error.message } };
     }
     this.controller = null;
+    for (const call of end.tool_calls ?? []) answer.addToolCall(call);
     this.finishAnswer(answer, content, end);
     const refused = !saved && end.event === "error" && end.error?.code !== "cancelled";
-    if (refused && !this.prompt.value) this.prompt.value = text; // nothing was saved: retry
+    if (refused && !toolsOnly && !this.prompt.value) this.prompt.value = text; // retry
     this.setBusy(false);
     this.prompt.focus();
     await this.refreshConversations();
+    if (end.event === "completed" && end.tool_calls?.length) {
+      this.pendingCalls = end.tool_calls;
+      // The model waits for the results: give them, a few rounds at most (then the next
+      // message the person sends carries them).
+      if (round < MAX_TOOL_ROUNDS) await this.send({ toolsOnly: true, round: round + 1 });
+    }
   }
 
   finishAnswer(answer, content, end) {
@@ -324,6 +502,7 @@ class ChatPage {
   startNew() {
     if (this.controller) return;
     this.conversationId = null;
+    this.pendingCalls = [];
     this.messages.replaceChildren();
     this.empty.hidden = false;
     this.title.textContent = "New chat";
@@ -341,9 +520,18 @@ class ChatPage {
     this.title.textContent = data.title || "Untitled";
     this.messages.replaceChildren();
     this.empty.hidden = data.messages.length > 0;
+    this.pendingCalls = [];
     for (const message of data.messages) {
       const status = message.status || "completed";
-      new MessageView(this.messages, message.role, status).finish(message.content, status);
+      const view = new MessageView(this.messages, message.role, status);
+      for (const text of message.reasoning ? [message.reasoning] : []) view.addReasoning(text);
+      view.finish(message.content, status);
+      view.addImages(message.parts ?? []);
+      for (const call of message.tool_calls ?? []) view.addToolCall(call);
+      if (message.role === "assistant") this.pendingCalls = message.tool_calls ?? [];
+      if (message.role === "tool") {
+        this.pendingCalls = this.pendingCalls.filter((c) => c.id !== message.tool_call_id);
+      }
     }
     this.messages.scrollTop = this.messages.scrollHeight;
     this.markCurrent();

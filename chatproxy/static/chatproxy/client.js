@@ -50,6 +50,40 @@ function parseLines(lines) {
   return lines.filter((line) => line.trim() !== "").map((line) => JSON.parse(line));
 }
 
+/** The image types a request may carry as data URLs (docs/protocol.md). */
+export const IMAGE_TYPES = Object.freeze(["image/png", "image/jpeg", "image/webp", "image/gif"]);
+
+/**
+ * Read an image File (from a file picker or a paste) into an `image_url` content part with a
+ * data URL, after checking its type and that it is at most `maxBytes` (what is left of the
+ * server's limit for the message's images): the server refuses more, so the check spares
+ * sending them. Rejects with an Error whose message says the fix.
+ */
+export function readImagePart(file, { maxBytes }) {
+  if (!IMAGE_TYPES.includes(file.type)) {
+    return Promise.reject(new Error(`${file.name || "The file"} is not a PNG, JPEG, WebP or GIF image.`));
+  }
+  if (file.size > maxBytes) {
+    const kb = (n) => (Math.max(n, 0) / 1024).toFixed(1);
+    return Promise.reject(new Error(
+      `${file.name || "The image"} is ${kb(file.size)} KB, and only ${kb(maxBytes)} KB more of ` +
+        "images fit in this message: make it smaller, or send it in the next one.",
+    ));
+  }
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.addEventListener("load", () => resolve({ type: "image_url", image_url: { url: reader.result } }));
+    reader.addEventListener("error", () => reject(new Error("The image could not be read.")));
+    reader.readAsDataURL(file);
+  });
+}
+
+/** A user message's content: the text alone, or its text and images as parts. */
+export function userContent(text, imageParts = []) {
+  if (!imageParts.length) return text;
+  return [...(text ? [{ type: "text", text }] : []), ...imageParts];
+}
+
 /** The CSRF token Django expects in X-CSRFToken: the page's meta tag, else the cookie. */
 export function readCsrfToken() {
   if (typeof document === "undefined") return "";
