@@ -413,6 +413,8 @@ async def test_an_anonymous_visitor_chats_with_a_session_from_their_first_turn(
         m async for m in Message.objects.filter(role="user").values_list("content", flat=True)
     ] == ["Hi", "Again"]
     await expect(page.locator(".chatproxy-conversation")).to_have_count(1)
+
+
 @pytest.fixture(scope="module")
 def scripted_server(django_db_setup: Any, django_db_blocker: Any, upstream_server: Any) -> Any:
     """A server whose turns also emit reasoning and a tool call (tests.conftest.ScriptedEvents)."""
