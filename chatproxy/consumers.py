@@ -40,6 +40,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     turn: Turn | None = None
     following: uuid.UUID | None = None  # the answer a resumed socket follows
     busy = False  # a turn runs and its terminal event has not been sent yet
+    closed = False  # the server closed the socket: later frames are ignored
 
     async def connect(self) -> None:
         """Called when a client opens the socket: accept it only for someone allowed to chat."""
@@ -50,7 +51,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             bearer = await database.run(user_from_bearer, authorization)
         except RequestError:  # a wrong key is refused, even where anonymous chat is allowed
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.refuse()
             return
         if bearer is not None:
             self.user, self.owner = bearer, Owner(user_id=bearer.pk)
@@ -63,10 +64,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             key = getattr(session, "session_key", None) or f"ws-{uuid.uuid4().hex}"
             self.owner = Owner(session_key=key)
         else:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.refuse()
+
+    async def refuse(self) -> None:
+        self.closed = True
+        await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Called with each frame: answer a malformed one with an ``error`` frame, keep going."""
+        if self.closed:  # e.g. sent before the client saw its 4401: nobody to answer
+            return
         try:
             if text_data is None:
                 raise RequestError("invalid_json", "Send frames as JSON text, not binary.")

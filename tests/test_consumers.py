@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 import pytest
 
@@ -184,6 +186,21 @@ async def test_unauthenticated_socket_is_closed_with_4401(upstream):
 
     assert connected
     assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}
+
+
+async def test_frame_sent_right_after_the_4401_close_is_ignored_without_a_traceback(
+    upstream, caplog
+):
+    socket = await open_socket()
+    await socket.send_input({"type": "websocket.connect"})
+    await socket.send_json_to(HI)  # before the client has seen the close
+
+    assert (await socket.receive_output(timeout=5))["type"] == "websocket.accept"
+    assert await socket.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}
+    await socket.send_input({"type": "websocket.disconnect", "code": 4401})
+    await socket.wait(timeout=5)  # re-raises what the consumer raised
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert upstream.requests == []
 
 
 async def test_foreign_origin_is_refused(user):
