@@ -8,7 +8,7 @@ the answer is marked ``interrupted`` (``worker_lost``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from django.utils import timezone
@@ -33,7 +33,9 @@ async def last_answer(conversation_id: uuid.UUID) -> Message | None:
     return await answers.exclude(status="").order_by("-position").afirst()
 
 
-async def replay(answer: Message, extra: dict[str, Any] | None = None) -> AsyncIterator[bytes]:
+async def replay(
+    answer: Message, extra: dict[str, Any] | None = None
+) -> AsyncGenerator[bytes, None]:
     """Yield the answer as a turn's NDJSON lines: ``analyzing`` (with ``"resumed": true``),
     its text, then the same terminal event the turn itself sends."""
     encoder = Encoder(extra)
