@@ -175,7 +175,7 @@ async def test_socket_closed_abruptly_mid_answer_saves_interrupted_and_closes_up
 
     ws.abort()
 
-    assert await upstream.requests[0].wait_closed_by_client()
+    assert await upstream.requests[0].wait_closed_by_client(timeout=15)
     answer = await settled(frames[0]["message_id"])
     assert (answer.status, answer.error_code) == ("interrupted", "client_disconnected")
     assert answer.content.startswith("".join(f.get("content", "") for f in frames))
@@ -193,7 +193,7 @@ async def test_socket_that_never_reads_then_closes_saves_interrupted_and_closes_
 
     ws.abort()
 
-    assert await upstream.requests[0].wait_closed_by_client()
+    assert await upstream.requests[0].wait_closed_by_client(timeout=15)
     answer = await Message.objects.aget(role="assistant")
     answer = await settled(str(answer.pk))
     assert (answer.status, answer.error_code) == ("interrupted", "client_disconnected")
