@@ -147,7 +147,7 @@ async def open_socket(
     headers = [(b"host", b"testserver"), (b"origin", origin)]
     if cookie:
         headers.append((b"cookie", cookie.encode()))
-    return WebsocketCommunicator(_asgi_application(), "/ws/chat/", headers=headers)
+    return WebsocketCommunicator(asgi_application(), "/ws/chat/", headers=headers)
 
 
 async def frames_until_terminal(comm: WebsocketCommunicator) -> list[dict[str, Any]]:
@@ -174,7 +174,7 @@ class StallingSocket:
         self.reading, self.blocked = asyncio.Event(), asyncio.Event()
         self.reading.set()
         self.gone = False
-        self.app = asyncio.create_task(_asgi_application()(scope, self.inbox.get, self._send))
+        self.app = asyncio.create_task(asgi_application()(scope, self.inbox.get, self._send))
 
     async def _send(self, message: dict[str, Any]) -> None:
         if not self.reading.is_set():
@@ -233,7 +233,7 @@ def saved_answers() -> Iterator[asyncio.Queue[Any]]:
     turn_finished.disconnect(receiver)
 
 
-def _asgi_application() -> Any:
+def asgi_application() -> Any:
     from project.asgi import application
 
     return application

@@ -109,6 +109,19 @@ async def test_websocket_from_a_foreign_origin_is_refused(server, user):
     assert refused.value.response.status_code == 403
 
 
+async def test_websocket_from_another_port_of_the_same_host_is_refused(server, user):
+    url = f"ws://127.0.0.1:{server.port}/ws/chat/"
+
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(
+            url,
+            origin=f"http://127.0.0.1:{server.port + 1}",
+            additional_headers=ws_headers(await session_cookie(user)),
+        )
+
+    assert refused.value.response.status_code == 403
+
+
 # Sockets that die: the server is started with one stream per user, so an answer left
 # `streaming` would refuse that user's next chat with too_many_streams.
 

@@ -113,6 +113,34 @@ async def test_matrix_websocket_continue_alices_conversation(people, who):
     assert (last["event"] if last["event"] == "completed" else last["error"]["code"]) == expected
 
 
+# The WebSocket's origin check, for alice's logged-in browser session: Django's CSRF rule.
+
+ORIGINS = {
+    "same origin": ("http://testserver", "completed"),
+    "another port": ("http://testserver:8001", 403),
+    "another scheme": ("https://testserver", 403),
+    "a trusted origin": ("https://app.example.com", "completed"),
+}
+
+
+@db
+@pytest.mark.parametrize("row", ORIGINS)
+async def test_matrix_websocket_origin(people, settings, row):
+    settings.CSRF_TRUSTED_ORIGINS = ["https://app.example.com"]
+    origin, expected = ORIGINS[row]
+    socket = await open_socket(await session_cookie(people["alice"]), origin=origin.encode())
+
+    connected, _ = await socket.connect()
+    if connected:
+        await socket.send_json_to({"type": "chat", **HI})
+        outcome = (await frames_until_terminal(socket))[-1]["event"]
+    else:
+        outcome = 403
+    await socket.disconnect()
+
+    assert outcome == expected
+
+
 @db
 @pytest.mark.parametrize("who", ADMIN_LIST)
 async def test_matrix_admin_transcripts(people, who):
