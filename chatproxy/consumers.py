@@ -19,6 +19,7 @@ from contextlib import aclosing
 from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.contrib.auth.models import AnonymousUser
 
 from . import database, followers
 from .auth import user_from_bearer
@@ -55,9 +56,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
     async def connect(self) -> None:
         """Called when a client opens the socket: accept it only for someone allowed to chat."""
-        self.user = user = self.scope.get("user")
-        await self.accept()
         headers = dict(self.scope.get("headers", []))
+        # Browsers always send Origin, and chatproxy.origin.OriginValidator checks it: only a
+        # socket whose origin was checked may use the session. One without Origin is not a
+        # browser, and like a cookieless API client only a bearer key authenticates it.
+        browser = b"origin" in headers
+        self.user = user = self.scope.get("user") if browser else AnonymousUser()
+        await self.accept()
         try:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             bearer = await database.run(user_from_bearer, authorization)
@@ -71,7 +76,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         elif conf.CHATPROXY_ALLOW_ANONYMOUS:
             # A socket cannot set a cookie, so an anonymous socket owns its conversations
             # under a key of its own unless the browser already has a session.
-            session = self.scope.get("session")
+            session = self.scope.get("session") if browser else None
             key = getattr(session, "session_key", None) or f"ws-{uuid.uuid4().hex}"
             self.owner = Owner(session_key=key)
         else:

@@ -142,11 +142,16 @@ def shared_database_name(django_db_blocker: Any) -> str:
 
 
 async def open_socket(
-    cookie: str = "", origin: bytes = b"http://testserver"
+    cookie: str = "", origin: bytes | None = b"http://testserver", bearer: str = ""
 ) -> WebsocketCommunicator:
-    headers = [(b"host", b"testserver"), (b"origin", origin)]
+    """A socket to the project's ASGI app; ``origin=None`` sends no Origin (not a browser)."""
+    headers = [(b"host", b"testserver")]
+    if origin is not None:
+        headers.append((b"origin", origin))
     if cookie:
         headers.append((b"cookie", cookie.encode()))
+    if bearer:
+        headers.append((b"authorization", f"Bearer {bearer}".encode()))
     return WebsocketCommunicator(asgi_application(), "/ws/chat/", headers=headers)
 
 

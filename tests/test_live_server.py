@@ -9,8 +9,9 @@ import httpx2
 import orjson
 import pytest
 import websockets
+from asgiref.sync import sync_to_async
 
-from chatproxy.models import Message
+from chatproxy.models import ApiKey, Message
 from tests.conftest import CSRF_TOKEN, RawWebSocket, session_cookie, shared_database_name
 from tests.fake_upstream import Reply
 from tests.server import ServerProcess
@@ -120,6 +121,31 @@ async def test_websocket_from_another_port_of_the_same_host_is_refused(server, u
         )
 
     assert refused.value.response.status_code == 403
+
+
+async def test_websocket_without_origin_chats_with_a_bearer_key(server, user):
+    _, raw = await sync_to_async(ApiKey.objects.issue)(user, "bot")
+    url = f"ws://127.0.0.1:{server.port}/ws/chat/"
+
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {raw}"}) as ws:
+        await ws.send(orjson.dumps({"type": "chat", **HI}).decode())
+        frames = await receive_until_terminal(ws)
+
+    assert frames[-1]["event"] == "completed"
+    answer = await Message.objects.aget(pk=frames[0]["message_id"])
+    assert answer.status == "completed"
+
+
+async def test_websocket_without_origin_is_not_logged_in_by_its_session_cookie(server, user):
+    url = f"ws://127.0.0.1:{server.port}/ws/chat/"
+
+    async with websockets.connect(
+        url, additional_headers=ws_headers(await session_cookie(user))
+    ) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5)
+
+    assert closed.value.rcvd.code == 4401
 
 
 # Sockets that die: the server is started with one stream per user, so an answer left
