@@ -52,6 +52,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     answered = False  # the running turn's terminal event is queued; it only tidies up
     closed = False  # the server closed the socket, or gave up on it: later frames are ignored
     outbox: asyncio.Queue[Frame]
+    flowing: asyncio.Event  # set while no send is stuck on a client that does not read
     sender: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
@@ -82,7 +83,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         else:
             await self.refuse()
             return
-        self.outbox = asyncio.Queue()
+        self.outbox, self.flowing = asyncio.Queue(), asyncio.Event()
+        self.flowing.set()
         self.sender = asyncio.create_task(self.deliver())
 
     async def refuse(self) -> None:
@@ -104,7 +106,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
                 )
             content = decode_json(text_data)
         except RequestError as exc:
-            self.send_error(exc.code, exc.message, None)
+            await self.send_error(exc.code, exc.message, None)
             return
         await self.receive_json(content)
 
@@ -112,7 +114,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         """Called with each decoded frame: start a turn, resume one, or cancel the running one."""
         request_id = content.get("request_id") if isinstance(content, dict) else None
         if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= 100):
-            self.send_error(
+            await self.send_error(
                 "invalid_request", "request_id must be a string of at most 100 characters.", None
             )
             return
@@ -121,18 +123,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             await self.cancel()
         elif kind in ("chat", "resume"):
             if self.busy:
-                self.send_error("busy", BUSY, request_id)
+                await self.send_error("busy", BUSY, request_id)
                 return
             extra = {} if request_id is None else {"request_id": request_id}
             try:
                 lines = await (self.start_turn if kind == "chat" else self.resume)(content, extra)
             except RequestError as exc:
-                self.send_error(exc.code, exc.message, request_id, exc.retry_after)
+                await self.send_error(exc.code, exc.message, request_id, exc.retry_after)
                 return
             self.busy, self.answered = True, False
             self.task = asyncio.create_task(self.run(lines))
         else:
-            self.send_error(
+            await self.send_error(
                 "invalid_request",
                 'Each frame needs "type": "chat" (with messages), "resume" or "cancel".',
                 request_id,
@@ -210,14 +212,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         try:
             while True:
                 text, last = await self.outbox.get()
+                self.flowing.clear()
                 async with asyncio.timeout(conf.CHATPROXY_SEND_TIMEOUT or None):
                     await self.send(text_data=text)
+                self.flowing.set()
                 if last:
                     self.busy = False
         except TimeoutError:  # the client stopped reading
             await self.drop(CLOSE_TOO_SLOW)
         except OSError:  # the server's word (ASGI) for a connection that is gone
             await self.drop(None)
+        finally:
+            self.flowing.set()  # frames still waiting to be answered are now ignored
 
     async def drop(self, code: int | None) -> None:
         """Give up on the client: stop its turn as a disconnect does, then close with ``code``
@@ -257,9 +263,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             event = error_event("cancelled", "The answer was stopped on request.", **turn.ids())
             self.send_event(event, turn.extra, last=True)
 
-    def send_error(
+    async def send_error(
         self, code: str, message: str, request_id: str | None, retry_after: int | None = None
     ) -> None:
+        """Answer a frame with an ``error`` frame, once no send is stuck: a client that does
+        not read gets its frames read no further (TCP pushes back), not replies piling up."""
+        await self.flowing.wait()
         extra: dict[str, Any] = {} if request_id is None else {"request_id": request_id}
         event = error_event(code, message)
         if retry_after is not None:

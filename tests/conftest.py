@@ -179,12 +179,23 @@ class StallingSocket:
         self.reading, self.blocked = asyncio.Event(), asyncio.Event()
         self.reading.set()
         self.gone = False
-        self.app = asyncio.create_task(asgi_application()(scope, self.inbox.get, self._send))
+        self.taken = 0  # messages the app has taken from the client
+        self.taken_when_given_up: int | None = None  # ... when it gave up on a blocked send
+        self.app = asyncio.create_task(asgi_application()(scope, self._receive, self._send))
+
+    async def _receive(self) -> dict[str, Any]:
+        message = await self.inbox.get()
+        self.taken += 1
+        return message
 
     async def _send(self, message: dict[str, Any]) -> None:
         if not self.reading.is_set():
             self.blocked.set()
-            await self.reading.wait()
+            try:
+                await self.reading.wait()
+            except asyncio.CancelledError:
+                self.taken_when_given_up = self.taken
+                raise
         if self.gone:
             raise OSError("the connection is gone")
         self.received.put_nowait(message)

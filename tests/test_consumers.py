@@ -325,6 +325,22 @@ async def test_client_that_stops_reading_then_vanishes_saves_interrupted_and_clo
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+async def test_frames_from_a_client_that_does_not_read_wait_instead_of_their_replies(
+    user, upstream, saved_answers, settings
+):
+    settings.CHATPROXY_SEND_TIMEOUT = 0.3
+    client, analyzing = await stalled_mid_answer(user, upstream)
+    taken = client.taken
+
+    for _ in range(100):  # each would get an error frame the client does not read
+        client.send_json({"type": "dance"})
+    await saved_answers.get()  # dropped after the send timeout
+
+    # One was taken, and its reply waits; the rest were not read (TCP pushes back on them).
+    assert client.taken_when_given_up == taken + 1
+    await client.vanish()
+
+
 async def test_client_that_stops_reading_is_dropped_after_the_send_timeout(
     user, upstream, saved_answers, settings
 ):
