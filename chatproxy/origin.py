@@ -9,9 +9,15 @@ only, so a page on another port or scheme of the same host could chat as a logge
 from __future__ import annotations
 
 import io
-from typing import Any
 from urllib.parse import urlsplit
 
+from asgiref.typing import (
+    ASGI3Application,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    Scope,
+    WebSocketScope,
+)
 from channels.security.websocket import WebsocketDenier
 from django.core.exceptions import DisallowedHost
 from django.core.handlers.asgi import ASGIRequest
@@ -19,7 +25,6 @@ from django.utils.http import is_same_domain
 
 from .conf import conf
 
-Scope = dict[str, Any]
 SCHEMES = {"ws": "http", "wss": "https"}
 
 
@@ -31,22 +36,25 @@ class OriginValidator:
     another kind of client, which ``ChatConsumer`` authenticates by bearer key only.
     """
 
-    def __init__(self, application: Any) -> None:
+    def __init__(self, application: ASGI3Application) -> None:
         self.application = application
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         if scope["type"] == "websocket" and not origin_allowed(scope):
             await WebsocketDenier()(scope, receive, send)
             return
         await self.application(scope, receive, send)
 
 
-def origin_allowed(scope: Scope) -> bool:
+def origin_allowed(scope: WebSocketScope) -> bool:
     """Whether a handshake passes the rule of Django's CSRF origin check (``_origin_verified``
     in ``django/middleware/csrf.py``), with its host checked as every Django request's is."""
     # The handshake as Django sees a request: Host, X-Forwarded-Host and SECURE_PROXY_SSL_HEADER
     # are then read by Django's own code, and the socket's ws/wss scheme counts as http/https.
-    scheme = SCHEMES.get(scope.get("scheme", "ws"), scope.get("scheme", "http"))
+    scheme = scope.get("scheme", "ws")
+    scheme = SCHEMES.get(scheme, scheme)
     request = ASGIRequest({**scope, "method": "GET", "scheme": scheme}, io.BytesIO())
     try:
         host = request.get_host()
