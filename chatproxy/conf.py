@@ -224,6 +224,15 @@ class Settings:
         return float(getattr(settings, "CHATPROXY_SHUTDOWN_GRACE", 20.0))
 
     @property
+    def CHATPROXY_SEND_TIMEOUT(self) -> float:
+        return float(getattr(settings, "CHATPROXY_SEND_TIMEOUT", 30.0))
+
+    @property
+    def trusted_origins(self) -> list[str]:
+        """Django's CSRF_TRUSTED_ORIGINS, which the WebSocket origin check shares."""
+        return list(getattr(settings, "CSRF_TRUSTED_ORIGINS", []))
+
+    @property
     def CHATPROXY_IDEMPOTENCY_WINDOW(self) -> float:
         return float(getattr(settings, "CHATPROXY_IDEMPOTENCY_WINDOW", 600.0))
 

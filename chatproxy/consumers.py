@@ -2,17 +2,24 @@
 
 Each turn runs in a task the consumer owns, so a ``cancel`` frame or a disconnect is handled at
 once: Channels dispatches one message at a time, and a turn run inside ``receive_json`` would
-hold every later frame until its answer ended.
+hold every later frame until its answer ended. Frames go out through a queue and a task of
+their own (``deliver``), so neither a turn nor the dispatch of frames ever waits for the client:
+one that stops reading holds up no cancel, and no follower of its turn. A client whose
+connection dies, or that takes no frame for CHATPROXY_SEND_TIMEOUT seconds, is dropped, and its
+turn stops as over HTTP: upstream closed, answer saved ``interrupted`` (``client_disconnected``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.contrib.auth.models import AnonymousUser
 
 from . import database, followers
 from .auth import scope_address_key, user_from_bearer
@@ -27,8 +34,10 @@ from .resume import latest_answer, replay
 from .turns import Turn
 
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_TOO_SLOW = 4408
 FRAME_FIELDS = ("type", "request_id", "idempotency_key")
-Lines = AsyncIterator[bytes]
+Lines = AsyncGenerator[bytes, None]
+Frame = tuple[str, bool]  # its text, and whether it ends the running turn
 BUSY = "A turn is still running on this socket: wait for its last event, or cancel it."
 
 
@@ -36,21 +45,30 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     owner: Owner
     user: Any = None
     interceptors: Sequence[InterceptorSpec] | None = None  # None: CHATPROXY_INTERCEPTORS
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # runs the turn, queueing its frames
     turn: Turn | None = None
     following: uuid.UUID | None = None  # the answer a resumed socket follows
     busy = False  # a turn runs and its terminal event has not been sent yet
+    answered = False  # the running turn's terminal event is queued; it only tidies up
+    closed = False  # the server closed the socket, or gave up on it: later frames are ignored
+    outbox: asyncio.Queue[Frame]
+    flowing: asyncio.Event  # set while no send is stuck on a client that does not read
+    sender: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         """Called when a client opens the socket: accept it only for someone allowed to chat."""
-        self.user = user = self.scope.get("user")
-        await self.accept()
         headers = dict(self.scope.get("headers", []))
+        # Browsers always send Origin, and chatproxy.origin.OriginValidator checks it: only a
+        # socket whose origin was checked may use the session. One without Origin is not a
+        # browser, and like a cookieless API client only a bearer key authenticates it.
+        browser = b"origin" in headers
+        self.user = user = self.scope.get("user") if browser else AnonymousUser()
+        await self.accept()
         try:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
             bearer = await database.run(user_from_bearer, authorization)
         except RequestError:  # a wrong key is refused, even where anonymous chat is allowed
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.refuse()
             return
         if bearer is not None:
             self.user, self.owner = bearer, Owner(user_id=bearer.pk)
@@ -59,14 +77,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         elif conf.CHATPROXY_ALLOW_ANONYMOUS:
             # A socket cannot set a cookie, so an anonymous socket owns its conversations
             # under a key of its own unless the browser already has a session.
-            session = self.scope.get("session")
+            session = self.scope.get("session") if browser else None
             key = getattr(session, "session_key", None) or f"ws-{uuid.uuid4().hex}"
             self.owner = Owner(session_key=key, address=scope_address_key(self.scope))
         else:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.refuse()
+            return
+        self.outbox, self.flowing = asyncio.Queue(), asyncio.Event()
+        self.flowing.set()
+        self.sender = asyncio.create_task(self.deliver())
+
+    async def refuse(self) -> None:
+        self.closed = True
+        await self.close(code=CLOSE_UNAUTHENTICATED)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Called with each frame: answer a malformed one with an ``error`` frame, keep going."""
+        if self.closed:  # e.g. sent before the client saw its 4401: nobody to answer
+            return
         try:
             if text_data is None:
                 raise RequestError("invalid_json", "Send frames as JSON text, not binary.")
@@ -92,7 +120,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             return
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "cancel":
-            await self.cancel_turn("cancelled")
+            await self.cancel()
         elif kind in ("chat", "resume"):
             if self.busy:
                 await self.send_error("busy", BUSY, request_id)
@@ -103,8 +131,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             except RequestError as exc:
                 await self.send_error(exc.code, exc.message, request_id, exc.retry_after)
                 return
-            self.busy = True
-            self.task = asyncio.create_task(self.relay(lines))
+            self.busy, self.answered = True, False
+            self.task = asyncio.create_task(self.run(lines))
         else:
             await self.send_error(
                 "invalid_request",
@@ -114,7 +142,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: stop the running turn and let it save."""
-        await self.cancel_turn("client_disconnected")
+        self.closed = True
+        await self.stop("client_disconnected")
+        if self.sender is not None:
+            self.sender.cancel()
+            await asyncio.wait({self.sender})
 
     async def start_turn(self, content: dict[str, Any], extra: dict[str, Any]) -> Lines:
         key = content.get("idempotency_key", "")
@@ -155,51 +187,97 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         self.turn, self.following = None, answer.pk
         return replay(answer, extra, self.owner.key)
 
-    async def relay(self, lines: Lines) -> None:
+    async def run(self, lines: Lines) -> None:
+        """Run one turn, queueing its lines as frames: it never waits for the client."""
+        answered = False
+        task = asyncio.current_task()
         try:
-            async for chunk in lines:
-                for line in chunk[:-1].split(b"\n"):  # one or more lines, a frame each
-                    if _is_terminal(line):
-                        # The turn is over for the client once it has the terminal line; the
-                        # next chat frame must not be refused while this task tidies up.
-                        self.busy = False
-                    await self.send(text_data=line.decode())
+            async with aclosing(lines):  # closed however this ends, as its ``finally`` saves
+                async for chunk in lines:
+                    for line in chunk[:-1].split(b"\n"):  # one or more lines, a frame each
+                        if _is_terminal(line):
+                            answered = self.answered = True
+                        self.outbox.put_nowait((line.decode(), answered))
+                    if task is not None and task.cancelling() and not answered:
+                        # Stopped, but the cancellation was swallowed on its way (Python
+                        # 3.11's asyncio.wait_for, in redis-py, loses one that lands as its
+                        # command completes): stop here, at the turn's next line.
+                        raise asyncio.CancelledError
         finally:
-            self.busy = False
+            if not answered:  # stopped, or failed, before its terminal event
+                self.busy = False
 
-    async def cancel_turn(self, reason: str) -> None:
+    async def deliver(self) -> None:
+        """Send the queued frames in order, each within CHATPROXY_SEND_TIMEOUT seconds."""
+        try:
+            while True:
+                text, last = await self.outbox.get()
+                self.flowing.clear()
+                async with asyncio.timeout(conf.CHATPROXY_SEND_TIMEOUT or None):
+                    await self.send(text_data=text)
+                self.flowing.set()
+                if last:
+                    self.busy = False
+        except TimeoutError:  # the client stopped reading
+            await self.drop(CLOSE_TOO_SLOW)
+        except OSError:  # the server's word (ASGI) for a connection that is gone
+            await self.drop(None)
+        finally:
+            self.flowing.set()  # frames still waiting to be answered are now ignored
+
+    async def drop(self, code: int | None) -> None:
+        """Give up on the client: stop its turn as a disconnect does, then close with ``code``
+        (sent if it ever reads again; its disconnect then ends the consumer)."""
+        self.closed = True
+        await self.stop("client_disconnected")
+        if code is not None:
+            with contextlib.suppress(OSError):
+                await self.close(code=code)
+
+    async def stop(self, reason: str) -> None:
+        """Stop the running turn (its upstream closed, its answer saved) and wait for it."""
         task, turn = self.task, self.turn
-        if task is None or task.done() or (reason == "cancelled" and not self.busy):
+        if task is None or task.done():
+            return
+        # Once answered, the turn only tidies up (followers, turn_finished): let it. And only
+        # the first stop cancels: a second cancel would cut short the turn's own cleanup.
+        if not self.answered and not task.cancelling():
+            if turn is not None:
+                turn.interrupt_code = reason
+            task.cancel()
+        await asyncio.wait({task})
+
+    async def cancel(self) -> None:
+        """Stop the running turn on request; its terminal event is ``cancelled``."""
+        task, turn = self.task, self.turn
+        if task is None or task.done() or not self.busy or self.answered:
             return
         if turn is None:
-            # Following a turn that runs elsewhere: a cancel stops that turn; its terminal
-            # event arrives through the channel layer. A disconnect just stops following.
-            if reason == "cancelled" and self.following is not None:
+            # Following a turn that runs elsewhere: stop that turn; its terminal event arrives
+            # through the channel layer.
+            if self.following is not None:
                 await followers.cancel(self.following)
-            else:
-                task.cancel()
-                await asyncio.wait({task})
             return
-        turn.interrupt_code = reason
-        task.cancel()
-        await asyncio.wait({task})
-        if reason == "cancelled":
-            ids = turn.ids()
-            event = error_event("cancelled", "The answer was stopped on request.", **ids)
-            await self.send_event(event, turn.extra)
+        await self.stop("cancelled")
+        if not self.answered:  # else it finished just before the cancel landed
+            event = error_event("cancelled", "The answer was stopped on request.", **turn.ids())
+            self.send_event(event, turn.extra, last=True)
 
     async def send_error(
         self, code: str, message: str, request_id: str | None, retry_after: int | None = None
     ) -> None:
+        """Answer a frame with an ``error`` frame, once no send is stuck: a client that does
+        not read gets its frames read no further (TCP pushes back), not replies piling up."""
+        await self.flowing.wait()
         extra: dict[str, Any] = {} if request_id is None else {"request_id": request_id}
         event = error_event(code, message)
         if retry_after is not None:
             event["retry_after"] = retry_after  # type: ignore[typeddict-unknown-key]
-        await self.send_event(event, extra)
+        self.send_event(event, extra)
 
-    async def send_event(self, event: Any, extra: dict[str, Any]) -> None:
-        """Send one event as a text frame: its NDJSON line without the newline."""
-        await self.send(text_data=Encoder(extra).event(event)[:-1].decode())
+    def send_event(self, event: Any, extra: dict[str, Any], last: bool = False) -> None:
+        """Queue one event as a text frame: its NDJSON line without the newline."""
+        self.outbox.put_nowait((Encoder(extra).event(event)[:-1].decode(), last))
 
 
 def _is_terminal(line: bytes) -> bool:

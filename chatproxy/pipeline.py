@@ -12,7 +12,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -122,7 +122,7 @@ def _internal_error(**ids: str) -> dict[str, Any]:
     return dict(error_event("internal_error", "Something went wrong on the server.", **ids))
 
 
-async def run_turn(turn: Turn) -> AsyncIterator[bytes]:
+async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
     """Run one turn and yield its NDJSON lines: ``analyzing``, ``answering``…, then exactly one
     of ``completed`` or ``error`` (the lines of deltas that arrived together in one item). If
     the consumer stops early (client gone, cancel), the upstream request is closed and the

@@ -53,7 +53,7 @@ async def open_replay(
 
 async def replay(
     answer: Message, extra: dict[str, Any] | None = None, who: str = ""
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """``open_replay()``'s lines, for a transport that reports a refusal in-band (the
     WebSocket): too many followers is then the one ``error`` event."""
     try:

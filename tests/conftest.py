@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import fcntl
+import os
+import socket
+import struct
+import termios
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +21,7 @@ from django.db import connections
 from django.test import AsyncClient
 
 from chatproxy.interception import Interceptor
+from chatproxy.signals import turn_finished
 from chatproxy.upstream import close_clients
 from tests.fake_upstream import FakeUpstream
 from tests.server import ServerProcess
@@ -157,12 +165,17 @@ def shared_database_name(django_db_blocker: Any) -> str:
 
 
 async def open_socket(
-    cookie: str = "", origin: bytes = b"http://testserver"
+    cookie: str = "", origin: bytes | None = b"http://testserver", bearer: str = ""
 ) -> WebsocketCommunicator:
-    headers = [(b"host", b"testserver"), (b"origin", origin)]
+    """A socket to the project's ASGI app; ``origin=None`` sends no Origin (not a browser)."""
+    headers = [(b"host", b"testserver")]
+    if origin is not None:
+        headers.append((b"origin", origin))
     if cookie:
         headers.append((b"cookie", cookie.encode()))
-    return WebsocketCommunicator(_asgi_application(), "/ws/chat/", headers=headers)
+    if bearer:
+        headers.append((b"authorization", f"Bearer {bearer}".encode()))
+    return WebsocketCommunicator(asgi_application(), "/ws/chat/", headers=headers)
 
 
 async def frames_until_terminal(comm: WebsocketCommunicator) -> list[dict[str, Any]]:
@@ -174,7 +187,92 @@ async def frames_until_terminal(comm: WebsocketCommunicator) -> list[dict[str, A
             return frames
 
 
-def _asgi_application() -> Any:
+class StallingSocket:
+    """The project's ASGI app behind a WebSocket whose client can stop reading, driven the way
+    uvicorn drives it: while the client does not read, the app's sends block (its buffers are
+    full); when the client vanishes, a blocked send raises OSError and the app is told
+    ``websocket.disconnect``."""
+
+    def __init__(self, cookie: str) -> None:
+        headers = [(b"host", b"testserver"), (b"origin", b"http://testserver")]
+        headers.append((b"cookie", cookie.encode()))
+        scope = {"type": "websocket", "path": "/ws/chat/", "query_string": b"", "headers": headers}
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.reading, self.blocked = asyncio.Event(), asyncio.Event()
+        self.reading.set()
+        self.gone = False
+        self.taken = 0  # messages the app has taken from the client
+        self.taken_when_given_up: int | None = None  # ... when it gave up on a blocked send
+        self.app = asyncio.create_task(asgi_application()(scope, self._receive, self._send))
+
+    async def _receive(self) -> dict[str, Any]:
+        message = await self.inbox.get()
+        self.taken += 1
+        return message
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if not self.reading.is_set():
+            self.blocked.set()
+            try:
+                await self.reading.wait()
+            except asyncio.CancelledError:
+                self.taken_when_given_up = self.taken
+                raise
+        if self.gone:
+            raise OSError("the connection is gone")
+        self.received.put_nowait(message)
+
+    async def connect(self) -> None:
+        self.inbox.put_nowait({"type": "websocket.connect"})
+        assert (await self.receive())["type"] == "websocket.accept"
+
+    def send_json(self, content: Any) -> None:
+        self.inbox.put_nowait({"type": "websocket.receive", "text": orjson.dumps(content).decode()})
+
+    async def receive(self, timeout: float = 5) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            return await self.received.get()
+
+    async def receive_json(self, timeout: float = 5) -> Any:
+        message = await self.receive(timeout)
+        assert message["type"] == "websocket.send", message
+        return orjson.loads(message["text"])
+
+    async def stop_reading(self) -> None:
+        """Stop reading, and wait until the app has a frame it cannot send."""
+        self.reading.clear()
+        async with asyncio.timeout(5):
+            await self.blocked.wait()
+
+    def read_again(self) -> None:
+        self.blocked.clear()
+        self.reading.set()
+
+    async def vanish(self) -> None:
+        """The connection dies: blocked sends fail, the app is told, and it must end."""
+        self.gone = True
+        self.reading.set()
+        self.inbox.put_nowait({"type": "websocket.disconnect", "code": 1006})
+        async with asyncio.timeout(5):
+            await self.app
+
+
+@pytest.fixture
+def saved_answers() -> Iterator[asyncio.Queue[Any]]:
+    """Each answer as it is saved (the turn_finished signal): a turn ended, whatever the socket
+    is doing."""
+    answers: asyncio.Queue[Any] = asyncio.Queue()
+
+    def receiver(sender: Any, message: Any, **kwargs: Any) -> None:
+        answers.put_nowait(message)
+
+    turn_finished.connect(receiver)
+    yield answers
+    turn_finished.disconnect(receiver)
+
+
+def asgi_application() -> Any:
     from project.asgi import application
 
     return application
@@ -192,3 +290,89 @@ class ScriptedEvents(Interceptor):
     async def after_response(self, turn: Any) -> None:
         call = {"id": "call_1", "name": "get_time", "arguments": '{"zone":"UTC"}'}
         turn.emit({"event": "tool_call", **call})
+
+
+class RawWebSocket:
+    """A WebSocket client on a bare TCP socket, for the ways a real client dies: it reads only
+    when asked, so one that stops reading fills its receive buffer and the server's sends
+    block; and it can vanish without a close frame (``abort``: SO_LINGER 0, a TCP reset)."""
+
+    def __init__(
+        self, port: int, headers: dict[str, str], receive_buffer: int | None = None
+    ) -> None:
+        self.port, self.headers = port, headers
+        self.sock = socket.socket()
+        if receive_buffer is not None:  # before connecting, so the window is offered small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.setblocking(False)
+        self.buffer = b""
+
+    async def connect(self) -> int:
+        """Open the socket and do the handshake; return the HTTP status (101 when accepted)."""
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(self.sock, ("127.0.0.1", self.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            "GET /ws/chat/ HTTP/1.1",
+            f"Host: 127.0.0.1:{self.port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+            *(f"{name}: {value}" for name, value in self.headers.items()),
+        ]
+        await loop.sock_sendall(self.sock, ("\r\n".join(lines) + "\r\n\r\n").encode())
+        while b"\r\n\r\n" not in self.buffer:
+            await self._fill()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        return int(head.split(b" ", 2)[1])
+
+    async def send_json(self, content: Any) -> None:
+        payload = orjson.dumps(content)
+        mask = os.urandom(4)
+        size = len(payload)
+        if size < 126:
+            head = struct.pack("!BB", 0x81, 0x80 | size)
+        else:
+            head = struct.pack("!BBH", 0x81, 0x80 | 126, size)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        await asyncio.get_running_loop().sock_sendall(self.sock, head + mask + masked)
+
+    async def receive(self, timeout: float = 5) -> tuple[int, bytes]:
+        """The next frame from the server, as (opcode, payload): 1 text, 8 close."""
+        async with asyncio.timeout(timeout):
+            await self._need(2)
+            opcode, size = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
+            start = 2
+            if size >= 126:
+                start = 4 if size == 126 else 10
+                await self._need(start)
+                size = int.from_bytes(self.buffer[2:start])
+            await self._need(start + size)
+            payload = self.buffer[start : start + size]
+            self.buffer = self.buffer[start + size :]
+            return opcode, payload
+
+    async def receive_json(self, timeout: float = 5) -> Any:
+        opcode, payload = await self.receive(timeout)
+        assert opcode == 1, (opcode, payload)
+        return orjson.loads(payload)
+
+    def unread(self) -> int:
+        """Bytes the kernel holds for this client, received and not read."""
+        return int(struct.unpack("i", fcntl.ioctl(self.sock, termios.FIONREAD, b"\0" * 4))[0])
+
+    def abort(self) -> None:
+        """Vanish: close with SO_LINGER 0, so the server gets a reset and no close frame."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    async def _need(self, size: int) -> None:
+        while len(self.buffer) < size:
+            await self._fill()
+
+    async def _fill(self) -> None:
+        data = await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self.buffer += data

@@ -107,12 +107,13 @@ if os.environ.get("CHATPROXY_TEST_DATABASE_NAME"):
         DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, "max_size": 20, "timeout": 30}}
 if os.environ.get("CHATPROXY_TEST_UPSTREAM"):
     CHATPROXY_BASE_URL = os.environ["CHATPROXY_TEST_UPSTREAM"]
-# Per-process overrides for a server a test starts, as JSON: {"CHATPROXY_SHUTDOWN_GRACE": 0.5}.
-globals().update(json.loads(os.environ.get("CHATPROXY_TEST_SETTINGS", "{}")))
-
 # Limits are tested on their own; the rest of the suite runs many turns as one user.
 CHATPROXY_RATE_LIMIT = None
 CHATPROXY_MAX_STREAMS = None
+
+# Per-process overrides for a server a test starts, as JSON: {"CHATPROXY_SHUTDOWN_GRACE": 0.5}.
+# Last, so they can turn the limits back on.
+globals().update(json.loads(os.environ.get("CHATPROXY_TEST_SETTINGS", "{}")))
 
 # Server processes print errors, so a failing test can show them.
 LOGGING = {

@@ -29,6 +29,7 @@ def test_test_settings_pass_cleanly():
         ("CHATPROXY_MAX_BODY_BYTES", "big", "chatproxy.E004"),
         ("CHATPROXY_TIMEOUT", -1, "chatproxy.E005"),
         ("CHATPROXY_HEARTBEAT", "often", "chatproxy.E005"),
+        ("CHATPROXY_SEND_TIMEOUT", -1, "chatproxy.E005"),
         ("CHATPROXY_MAX_RETRIES", -1, "chatproxy.E006"),
         ("CHATPROXY_INTERCEPTORS", ["chatproxy.nowhere.Nothing"], "chatproxy.E007"),
         ("CHATPROXY_INTERCEPTORS", ["chatproxy.models.Message"], "chatproxy.E007"),

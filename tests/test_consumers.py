@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 import pytest
 
 from chatproxy import followers
 from chatproxy.models import Message
-from tests.conftest import frames_until_terminal, open_socket, session_cookie
+from tests.conftest import StallingSocket, frames_until_terminal, open_socket, session_cookie
 from tests.fake_upstream import Reply
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -187,6 +189,21 @@ async def test_unauthenticated_socket_is_closed_with_4401(upstream):
     assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}
 
 
+async def test_frame_sent_right_after_the_4401_close_is_ignored_without_a_traceback(
+    upstream, caplog
+):
+    socket = await open_socket()
+    await socket.send_input({"type": "websocket.connect"})
+    await socket.send_json_to(HI)  # before the client has seen the close
+
+    assert (await socket.receive_output(timeout=5))["type"] == "websocket.accept"
+    assert await socket.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}
+    await socket.send_input({"type": "websocket.disconnect", "code": 4401})
+    await socket.wait(timeout=5)  # re-raises what the consumer raised
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert upstream.requests == []
+
+
 async def test_foreign_origin_is_refused(user):
     comm = await open_socket(await session_cookie(user), origin=b"http://evil.example")
 
@@ -279,3 +296,110 @@ async def test_a_chat_frame_of_just_tool_results_continues_the_conversation(sock
     sent = (await upstream.wait_for_request(2)).json
     assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool"]
     assert sent["messages"][1]["tool_calls"][0]["id"] == "call_1"
+
+
+# A client that stops reading: the turn never waits for it, and it is dropped when it dies or
+# stays silent for CHATPROXY_SEND_TIMEOUT.
+
+
+async def stalled_mid_answer(user, upstream, reply=SLOW) -> tuple[StallingSocket, dict]:
+    """A socket whose turn streams while its client has stopped reading."""
+    client = StallingSocket(await session_cookie(user))
+    await client.connect()
+    upstream.enqueue(reply)
+    client.send_json({**HI, "request_id": "r1"})
+    analyzing = await client.receive_json()
+    await client.stop_reading()
+    return client, analyzing
+
+
+async def test_followers_get_the_answer_live_while_its_own_client_does_not_read(
+    user, upstream, saved_answers
+):
+    client, analyzing = await stalled_mid_answer(user, upstream, Reply(tokens=["a "] * 50))
+
+    items = [item async for item in await followers.follow(analyzing["message_id"])]
+
+    assert items[-1]["event"]["event"] == "completed"
+    assert (await saved_answers.get()).status == "completed"
+    client.read_again()
+    frames = [await client.receive_json() for _ in range(51)]
+    assert frames[-1]["event"] == "completed"
+    await client.vanish()
+
+
+async def test_cancel_frame_stops_a_turn_whose_client_does_not_read(user, upstream, saved_answers):
+    client, analyzing = await stalled_mid_answer(user, upstream)
+
+    client.send_json({"type": "cancel"})
+
+    answer = await saved_answers.get()
+    assert (answer.status, answer.error_code) == ("interrupted", "cancelled")
+    assert await upstream.requests[0].wait_closed_by_client()
+    client.read_again()
+    while (frame := await client.receive_json())["event"] == "answering":
+        pass
+    assert frame["error"]["code"] == "cancelled" and frame["request_id"] == "r1"
+    await client.vanish()
+
+
+async def test_cancel_from_another_request_reaches_a_turn_whose_client_does_not_read(
+    user, upstream, saved_answers
+):
+    client, analyzing = await stalled_mid_answer(user, upstream)
+
+    assert await followers.cancel(analyzing["message_id"])
+
+    answer = await saved_answers.get()
+    assert (answer.status, answer.error_code) == ("interrupted", "cancelled")
+    assert await upstream.requests[0].wait_closed_by_client()
+    await client.vanish()
+
+
+async def test_client_that_stops_reading_then_vanishes_saves_interrupted_and_closes_upstream(
+    user, upstream, saved_answers, caplog
+):
+    client, analyzing = await stalled_mid_answer(user, upstream)
+
+    await client.vanish()
+
+    answer = await saved_answers.get()
+    assert (answer.status, answer.error_code) == ("interrupted", "client_disconnected")
+    assert await upstream.requests[0].wait_closed_by_client()
+    assert client.app.exception() is None
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_frames_from_a_client_that_does_not_read_wait_instead_of_their_replies(
+    user, upstream, saved_answers, settings
+):
+    settings.CHATPROXY_SEND_TIMEOUT = 0.3
+    client, analyzing = await stalled_mid_answer(user, upstream)
+    taken = client.taken
+
+    for _ in range(100):  # each would get an error frame the client does not read
+        client.send_json({"type": "dance"})
+    await saved_answers.get()  # dropped after the send timeout
+
+    # One was taken, and its reply waits; the rest were not read (TCP pushes back on them).
+    assert client.taken_when_given_up == taken + 1
+    await client.vanish()
+
+
+async def test_client_that_stops_reading_is_dropped_after_the_send_timeout(
+    user, upstream, saved_answers, settings
+):
+    settings.CHATPROXY_SEND_TIMEOUT = 0.2
+    client, analyzing = await stalled_mid_answer(user, upstream)
+
+    answer = await saved_answers.get()
+
+    assert (answer.status, answer.error_code) == ("interrupted", "client_disconnected")
+    assert await upstream.requests[0].wait_closed_by_client()
+    client.send_json(HI)  # ignored: the server gave up on this socket
+    client.read_again()
+    while (message := await client.receive())["type"] == "websocket.send":
+        pass
+    assert message == {"type": "websocket.close", "code": 4408}
+    await client.vanish()
+    assert len(upstream.requests) == 1

@@ -82,19 +82,22 @@ class Project:
 
     @contextmanager
     def serve(self, command: str, port: int, **extra: str) -> Iterator[None]:
-        process = subprocess.Popen(
-            ["bash", "-c", f"exec {command}"],
-            cwd=self.dir, env={**self.env, **extra}, start_new_session=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        log = self.dir.parent / f"server-{port}.log"
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                ["bash", "-c", f"exec {command}"],
+                cwd=self.dir, env={**self.env, **extra}, start_new_session=True,
+                stdout=output, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         try:
-            _wait_for_port(port, process)
+            _wait_for_port(port, process, log)
             yield
+        except BaseException:
+            print(f"{command}:\n{log.read_text()[-5000:]}")
+            raise
         finally:
             os.killpg(process.pid, 15)
-            output, _ = process.communicate(timeout=30)
-            if sys.exc_info()[0] is not None:
-                print(output.decode()[-5000:])
+            process.wait(timeout=30)
 
 
 def _split(stdout: str) -> tuple[str, str]:
@@ -104,17 +107,17 @@ def _split(stdout: str) -> tuple[str, str]:
     return stdout[:cut], stdout[cut:]
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
     # A bounded poll: a server says it listens in its own words, and each says it differently.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(process.stdout.read().decode() if process.stdout else "exited")
+            raise AssertionError(f"the server exited:\n{log.read_text()[-5000:]}")
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.1)
-    raise AssertionError(f"nothing listened on {port} within 60 s")
+    raise AssertionError(f"nothing listened on {port} within 60 s:\n{log.read_text()[-5000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +142,7 @@ def test_install_guide_streams_over_http_and_websocket_under_both_servers(
     port = free_port()  # the guide's 8000, in every step: both servers take it in turn
     servers, tries = [], []
     for kind, target, written in steps():
-        body = written.replace(":8000", f":{port}")
+        body = re.sub(r"\b8000\b", str(port), written)
         if kind == "shell":
             project.shell(body)
         elif kind == "append":

@@ -289,9 +289,10 @@ async def test_custom_events_and_rejections_reach_the_websocket_too(user, upstre
     app = AuthMiddlewareStack(
         ChatConsumer.as_asgi(interceptors=[AddContext, CiteSources, RefuseWeather])
     )
-    socket = WebsocketCommunicator(
-        app, "/ws/chat/", headers=[(b"cookie", (await session_cookie(user)).encode())]
-    )
+    # A session authenticates only a socket with an Origin (a browser's, checked in asgi.py).
+    cookie = (await session_cookie(user)).encode()
+    headers = [(b"origin", b"http://testserver"), (b"cookie", cookie)]
+    socket = WebsocketCommunicator(app, "/ws/chat/", headers=headers)
     await socket.connect()
     upstream.enqueue(Reply(tokens=["Green."]))
 

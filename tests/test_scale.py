@@ -97,6 +97,7 @@ async def test_cancel_endpoint_stops_a_turn_running_on_a_websocket(user, client,
     await socket.connect()
     await socket.send_json_to({"type": "chat", **HI})
     analyzing = await socket.receive_json_from(timeout=5)
+    await socket.receive_json_from(timeout=5)  # the first answering frame: the upstream answers
 
     response = await client.post(f"/completions/{analyzing['conversation_id']}/cancel")
     frames = await frames_until_terminal(socket)

@@ -116,6 +116,96 @@ async def test_matrix_websocket_continue_alices_conversation(people, who):
     assert (last["event"] if last["event"] == "completed" else last["error"]["code"]) == expected
 
 
+# The WebSocket's origin check, for alice's logged-in browser session: Django's CSRF rule.
+
+ORIGINS = {
+    "same origin": ("http://testserver", "completed"),
+    "another port": ("http://testserver:8001", 403),
+    "another scheme": ("https://testserver", 403),
+    "a trusted origin": ("https://app.example.com", "completed"),
+    # Not a browser: let through, but its session cookie is ignored, so alice is nobody.
+    "no origin": (None, 4401),
+}
+
+
+@db
+@pytest.mark.parametrize("row", ORIGINS)
+async def test_matrix_websocket_origin(people, settings, row):
+    settings.CSRF_TRUSTED_ORIGINS = ["https://app.example.com"]
+    origin, expected = ORIGINS[row]
+    cookie = await session_cookie(people["alice"])
+    socket = await open_socket(cookie, origin=origin.encode() if origin else None)
+
+    outcome = await chat_over(socket)
+
+    assert outcome == expected
+
+
+async def chat_over(socket) -> str | int:
+    """Chat once over a socket: the terminal event, or the handshake's 403, or a close code."""
+    connected, _ = await socket.connect()
+    if not connected:
+        return 403
+    await socket.send_json_to({"type": "chat", **HI})
+    first = await socket.receive_output(timeout=5)
+    if first["type"] == "websocket.close":
+        await socket.disconnect()
+        return first["code"]
+    frames = [orjson.loads(first["text"])]
+    if frames[0]["event"] not in ("completed", "error"):
+        frames += await frames_until_terminal(socket)
+    await socket.disconnect()
+    return frames[-1]["event"]
+
+
+# Who a socket is, by whether it carries an Origin (a browser) and how it authenticates.
+
+SOCKET_DOORS = {
+    "origin and session": ("http://testserver", "session", "completed"),
+    "origin and bearer key": ("http://testserver", "bearer", "completed"),
+    "no origin and bearer key": (None, "bearer", "completed"),
+    "no origin and session": (None, "session", 4401),  # the session is ignored
+}
+
+
+@db
+@pytest.mark.parametrize("door", SOCKET_DOORS)
+async def test_matrix_websocket_origin_and_authentication(people, door):
+    origin, credential, expected = SOCKET_DOORS[door]
+    _, raw = await sync_to_async(ApiKey.objects.issue)(people["alice"], "bot")
+    cookie = await session_cookie(people["alice"]) if credential == "session" else ""
+    socket = await open_socket(
+        cookie,
+        origin=origin.encode() if origin else None,
+        bearer=raw if credential == "bearer" else "",
+    )
+
+    assert await chat_over(socket) == expected
+    if expected == "completed":
+        assert (await Conversation.objects.aget()).owner_id == people["alice"].pk
+
+
+@db
+async def test_socket_without_origin_ignores_the_session_even_when_anonymous_chat_is_on(
+    people, settings
+):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    conversation_id = await alices_conversation(people)
+    socket = await open_socket(await session_cookie(people["alice"]), origin=None)
+    await socket.connect()
+
+    await socket.send_json_to({"type": "chat", "conversation_id": conversation_id, **HI})
+    theirs = await socket.receive_json_from(timeout=5)
+    await socket.send_json_to({"type": "chat", **HI})
+    own = await frames_until_terminal(socket)
+    await socket.disconnect()
+
+    assert theirs["error"]["code"] == "conversation_not_found"
+    assert own[-1]["event"] == "completed"
+    conversation = await Conversation.objects.aget(pk=own[0]["conversation_id"])
+    assert conversation.owner_id is None and conversation.session_key.startswith("ws-")
+
+
 @db
 @pytest.mark.parametrize("who", ADMIN_LIST)
 async def test_matrix_admin_transcripts(people, who):
