@@ -201,6 +201,22 @@ needs_redis = pytest.mark.skipif(
 )
 
 
+@needs_redis
+async def test_the_redis_layer_waits_on_an_idle_channel_past_its_read_timeout():
+    # Followers and the turn's cancel listener wait on the layer for up to a heartbeat or two.
+    # redis-py 8 with channels-redis 4.3 raised redis's TimeoutError after 5 idle seconds;
+    # the layer must stay quiet until a message comes.
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+
+    with pytest.raises(TimeoutError) as waited:
+        await asyncio.wait_for(layer.receive(channel), 6.5)
+
+    assert type(waited.value) is TimeoutError  # asyncio's own, not redis's
+
+
 @pytest.fixture
 def workers(django_db_blocker, upstream_server):
     processes = [
