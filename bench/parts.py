@@ -12,7 +12,7 @@ what commit C changed). Figures are the child's CPU time (``time.process_time()`
 thread of it) over the measured part of the round; the table shows the median and the lowest
 of the rounds.
 
-- ``db``: the database work of a turn, as the HTTP view has it done: ``pipeline.prepare_turn``
+- ``db``: the database work of a turn, as the HTTP view has it done: ``opening.open_turn``
   with ``auth.identify`` on a request that went through Django's session and auth middleware
   (a real session and the CSRF header: the session's and the user's ``SELECT``, the CSRF check,
   the limits, the first rows), then ``records.save`` of a completed answer. ms per turn.
@@ -24,7 +24,7 @@ of the rounds.
   (``POST /bench/floor``, see ``bench/urls.py``): chatproxy's own ms per turn, the floor's too.
 
 ``--against REV`` runs this file's parts on REV's code, so REV needs what they call:
-``pipeline.prepare_turn``, ``records.save``, ``upstream.AnswerStream``, ``bench/urls.py``.
+``opening.open_turn``, ``records.save``, ``upstream.AnswerStream``, ``bench/urls.py``.
 """
 
 from __future__ import annotations
@@ -75,8 +75,12 @@ async def part_db(sessionid: str) -> dict[str, float]:
     from chatproxy import auth, records
     from chatproxy.models import Status
     from chatproxy.payload import validate_request
-    from chatproxy.pipeline import prepare_turn
     from chatproxy.upstream import Chunk
+
+    try:
+        from chatproxy.opening import open_turn
+    except ImportError:  # a commit from before opening.py
+        from chatproxy.pipeline import prepare_turn as open_turn
 
     factory = RequestFactory()
     factory.cookies["sessionid"], factory.cookies["csrftoken"] = sessionid, CSRF
@@ -89,7 +93,7 @@ async def part_db(sessionid: str) -> dict[str, float]:
         )
         SessionMiddleware(lambda r: HttpResponse()).process_request(request)
         AuthenticationMiddleware(lambda r: HttpResponse()).process_request(request)
-        started = await prepare_turn(functools.partial(auth.identify, request), chat)
+        started = await open_turn(functools.partial(auth.identify, request), chat)
         # Keywords: the same call on the commit before chunks.py, whose Chunk had 4 fields.
         chunk = Chunk(content="Something.", finish_reason="stop", usage=usage, response_id="c1")
         started.state.feed(chunk)

@@ -20,7 +20,8 @@ from django.utils.crypto import salted_hmac
 from . import database
 from .conf import conf
 from .exceptions import RequestError
-from .models import ApiKey, Owner
+from .models import ApiKey
+from .owners import Owner
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -25,11 +25,13 @@ from . import database, followers
 from .auth import scope_address_key, user_from_bearer
 from .conf import conf
 from .events import Encoder, error_event
-from .exceptions import RequestError
+from .exceptions import DuplicateTurnError, RequestError
 from .interception import InterceptorSpec
-from .models import DuplicateTurnError, Message, Owner
+from .models import Message
+from .opening import open_turn
+from .owners import Owner
 from .payload import decode_json, validate_request
-from .pipeline import prepare_turn, run_turn
+from .pipeline import run_turn
 from .resume import latest_answer, replay
 from .turns import Turn
 
@@ -158,7 +160,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         request = validate_request(content, ignore=FRAME_FIELDS)
         owner, user = self.owner, self.user
         try:
-            self.turn = await prepare_turn(
+            self.turn = await open_turn(
                 lambda: (owner, user),
                 request,
                 extra=extra,

@@ -16,6 +16,12 @@ and never carry an API key, an upstream body or a traceback.
 
 from __future__ import annotations
 
+import uuid
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # models imports this module
+    from .models import Message
+
 ERROR_CODES: dict[str, str] = {
     # Client errors, answered before streaming (HTTP status in brackets).
     "invalid_json": "The body is not valid UTF-8 JSON (400).",
@@ -151,3 +157,15 @@ class ContentBlockedError(TurnError):
 
     code = "content_blocked"
     status = "blocked"
+
+
+class DuplicateTurnError(Exception):
+    """Raised when an idempotency key already belongs to a turn; ``answer_id`` is its answer.
+    ``opening.open_turn`` loads that row into ``answer`` before the error reaches its caller.
+    Not a ``ChatproxyError``: the transports answer it by replaying that turn."""
+
+    answer: Message
+
+    def __init__(self, answer_id: uuid.UUID) -> None:
+        super().__init__(str(answer_id))
+        self.answer_id = answer_id

@@ -21,7 +21,8 @@ from django.utils import timezone
 from .conf import conf
 from .content import text_of
 from .exceptions import RequestError
-from .models import Message, Owner, Status
+from .models import Message, Status
+from .owners import Owner
 
 
 def check_model(model: str, user: Any) -> None:

@@ -8,59 +8,23 @@ import hashlib
 import hmac
 import secrets
 import uuid
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import IntegrityError, connection, models, transaction
+from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from .conf import conf
 from .content import text_of
+from .exceptions import DuplicateTurnError
+from .owners import Owner
+from .rows import insert_rows, update_row
 
 if TYPE_CHECKING:  # turns imports this module
     from .turns import TurnOutcome
 
 TITLE_LENGTH = 80
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Owner:
-    """Who a conversation belongs to: a user, or for anonymous chat a session.
-
-    An anonymous visitor without a session yet (``is_new``) owns nothing; the turn that is
-    accepted for them creates the session. ``address`` is, for anonymous chat, a digest of the
-    client's network address (``auth.address_key``): the limits count it too.
-    """
-
-    user_id: int | None = None
-    session_key: str | None = None
-    address: str = ""
-
-    @property
-    def is_new(self) -> bool:
-        return self.user_id is None and not self.session_key
-
-    @property
-    def key(self) -> str:
-        """A string naming the owner, for cache keys and idempotency keys."""
-        if self.user_id is not None:
-            return f"user:{self.user_id}"
-        return f"session:{self.session_key}"
-
-    @property
-    def upstream_user(self) -> str:
-        """A stable name for the owner that the upstream gets as ``user`` (for its abuse
-        monitoring): keyed with SECRET_KEY, so it reveals neither the user id nor the session."""
-        key = f"chatproxy.user:{self.key}".encode()
-        return hmac.new(settings.SECRET_KEY.encode(), key, hashlib.sha256).hexdigest()[:32]
-
-    def filter(self) -> dict[str, Any]:
-        if self.user_id is not None:
-            return {"owner_id": self.user_id}
-        if self.is_new:
-            return {"pk__in": []}
-        return {"owner__isnull": True, "session_key": self.session_key}
 
 
 class Status(models.TextChoices):
@@ -76,70 +40,6 @@ class Role(models.TextChoices):
     USER = "user", _("user")
     ASSISTANT = "assistant", _("assistant")
     TOOL = "tool", _("tool")
-
-
-def update_row(
-    model: type[models.Model], pk: Any, values: dict[str, Any], /, **only_if: Any
-) -> None:
-    """Run what ``model.objects.filter(pk=pk, **only_if).update(**values)`` runs, one
-    ``UPDATE``, without the ORM building a query for it: on the path every turn takes, that
-    was most of the write's CPU. Each value goes through its field's ``get_db_prep_save``, as
-    ``update()`` does, so every database backend gets what it expects; like ``update()``, it
-    sends no signals. ``only_if`` takes equality conditions on plain fields.
-    """
-    quote = connection.ops.quote_name
-    fields = [_field(model, name) for name in values]
-    conditions = [model._meta.pk, *(_field(model, name) for name in only_if)]
-    assignments = ", ".join(f"{quote(str(f.column))} = %s" for f in fields)
-    where = " AND ".join(f"{quote(str(f.column))} = %s" for f in conditions)
-    params = [f.get_db_prep_save(values[f.name], connection) for f in fields]
-    params.append(model._meta.pk.get_db_prep_value(pk, connection))
-    params += [f.get_db_prep_value(only_if[f.name], connection) for f in conditions[1:]]
-    sql = f"UPDATE {quote(model._meta.db_table)} SET {assignments} WHERE {where}"
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-
-
-def _field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
-    return cast("models.Field[Any, Any]", model._meta.get_field(name))
-
-
-def insert_rows(model: type[models.Model], rows: list[Any]) -> None:
-    """Run what ``model.objects.bulk_create(rows)`` runs for rows whose primary key is set:
-    multi-row ``INSERT``s, without the ORM's query compiler (see ``update_row``). Each value
-    is the field's ``pre_save`` (``auto_now_add`` included) through ``get_db_prep_save``;
-    like ``bulk_create()``, it sends no signals."""
-    if not rows:
-        return
-    fields = list(model._meta.concrete_fields)
-    quote = connection.ops.quote_name
-    table, columns = quote(model._meta.db_table), ", ".join(quote(str(f.column)) for f in fields)
-    placeholders = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    size = connection.ops.bulk_batch_size(fields, rows) or len(rows)
-    with connection.cursor() as cursor:
-        for start in range(0, len(rows), size):
-            batch = rows[start : start + size]
-            params = [
-                f.get_db_prep_save(f.pre_save(row, True), connection)
-                for row in batch
-                for f in fields
-            ]
-            values = ", ".join([placeholders] * len(batch))
-            cursor.execute(f"INSERT INTO {table} ({columns}) VALUES {values}", params)
-    for row in rows:  # saved now, as bulk_create() marks them
-        row._state.adding, row._state.db = False, connection.alias
-
-
-class DuplicateTurnError(Exception):
-    """Raised when an idempotency key already belongs to a turn; ``answer_id`` is its answer.
-    ``pipeline.prepare_turn`` loads that row into ``answer`` before the error reaches its caller.
-    """
-
-    answer: Message
-
-    def __init__(self, answer_id: uuid.UUID) -> None:
-        super().__init__(str(answer_id))
-        self.answer_id = answer_id
 
 
 # The columns a history is rebuilt from, in upstream_message()'s order.
@@ -223,15 +123,11 @@ class ConversationManager(models.Manager["Conversation"]):
         """Save the new messages (``Message`` fields, as ``message_fields`` gives them) and a
         ``streaming`` answer; return (conversation, answer) ids.
 
-        With an ``idempotency_key`` that another turn of the same owner holds, nothing is
-        saved and ``DuplicateTurnError`` names that turn's answer.
+        An ``idempotency_key`` is claimed for the answer: the caller has checked that it names
+        no live turn (``opening.open_turn`` does, before the limits), and a concurrent claim
+        of the same key loses with ``DuplicateTurnError``, saving nothing.
         """
-        if idempotency_key:
-            # Outside the transaction below, so a losing race leaves nothing half-written.
-            existing = IdempotencyKey.objects.live_answer(owner, idempotency_key)
-            if existing is not None:
-                raise DuplicateTurnError(existing)
-        # No savepoint when called inside a transaction (records.begin): a failure here fails
+        # No savepoint when called inside a transaction (opening's): a failure here fails
         # the whole start anyway, and the savepoint's two statements ran on every turn.
         with transaction.atomic(savepoint=False):
             if conversation_id is None:

@@ -20,7 +20,8 @@ from django.views.decorators.csrf import ensure_csrf_cookie
 from .auth import authenticate
 from .conf import conf
 from .exceptions import RequestError
-from .models import Conversation, Message, Owner
+from .models import Conversation, Message
+from .owners import Owner
 from .views import PRIVATE_HEADERS, error_response
 
 CONVERSATION_LIST_LIMIT = 50

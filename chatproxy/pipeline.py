@@ -9,113 +9,23 @@ of requests or sockets.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import aclosing
 from typing import Any
 
 from . import records, shutdown
 from .conf import conf
 from .events import PING, Encoder, Event, ToolCall, error_event
-from .exceptions import RequestError, TurnError
+from .exceptions import TurnError
 from .followers import TurnChannel
-from .interception import Chain, InterceptorSpec, build_chain
-from .limits import bound_history, check_model, check_rate
-from .models import Conversation, DuplicateTurnError, IdempotencyKey, Message, Owner, Status
-from .payload import ChatRequest, check_tool_results, pending_tool_calls
+from .models import Message, Status
 from .signals import turn_finished
-from .turns import Pieces, Turn, TurnState
+from .turns import Pieces, Turn
 from .upstream import AnswerStream
 
 logger = logging.getLogger("chatproxy.pipeline")
-
-
-Identify = Callable[[], tuple[Owner, Any]]
-OpenSession = Callable[[Owner], Owner]
-
-
-async def prepare_turn(
-    identify: Identify,
-    request: ChatRequest,
-    *,
-    extra: dict[str, Any] | None = None,
-    interceptors: Sequence[InterceptorSpec] | None = None,
-    idempotency_key: str = "",
-    open_session: OpenSession | None = None,
-) -> Turn:
-    """Do everything that can still fail with a 4xx, before the first byte, in one trip to the
-    database thread: who is asking (``identify()``, synchronous: e.g. ``auth.identify`` for a
-    request, or the socket's known owner and user), the limits, the history of a continued
-    conversation (404 if the owner has no such one), and the turn's first rows.
-
-    Raises ``DuplicateTurnError`` (with its ``answer`` loaded) when ``idempotency_key`` already
-    started a turn. ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn.
-    ``open_session`` gives an owner that ``is_new`` (an anonymous visitor without a session)
-    one, once the turn has passed every limit (e.g. ``auth.open_session`` for a request).
-    """
-    chain = build_chain(interceptors)
-    return await records.start(
-        functools.partial(
-            _open_turn, identify, request, chain, extra or {}, idempotency_key, open_session
-        )
-    )
-
-
-def _open_turn(
-    identify: Identify,
-    request: ChatRequest,
-    chain: Chain,
-    extra: dict[str, Any],
-    key: str,
-    open_session: OpenSession | None,
-) -> Turn:
-    try:
-        owner, user = identify()
-        if (
-            key
-            and not owner.is_new  # who has no session has started no turn
-            and (claimed := IdempotencyKey.objects.live_answer(owner, key)) is not None
-        ):
-            raise DuplicateTurnError(claimed)  # before the limits: a retry is not a new turn
-        check_rate(owner)
-        check_model(request.model, user)
-        history: list[dict[str, Any]] = []
-        if request.conversation_id is not None:
-            found = Conversation.objects.history(owner, request.conversation_id)
-            if found is None:
-                raise RequestError(
-                    "conversation_not_found",
-                    "No conversation with that id belongs to you. "
-                    "Leave conversation_id out to start one.",
-                    status=404,
-                )
-            history = found
-        if request.conversation_id is not None and conf.CHATPROXY_STORE_CONTENT:
-            check_tool_results(request.tool_results, pending_tool_calls(history))
-        # Bounded here, before the interceptors, which keep what they add (a system prompt).
-        history, dropped = bound_history(history, request.messages)
-        turn = Turn(
-            owner=owner,
-            request=request,
-            history=history,
-            user=user,
-            extra=extra,
-            chain=chain,
-            state=TurnState(chain.transforming, bool(chain.reasonings)),
-            idempotency_key=key,
-            dropped_messages=dropped,
-        )
-        if conf.CHATPROXY_SEND_USER:
-            turn.params["user"] = owner.upstream_user  # never the client's: it names the owner
-        # Written before the first byte, so a limit (429) or a duplicate submission can
-        # still be answered as such.
-        records.begin(turn, open_session)
-    except DuplicateTurnError as duplicate:  # the key's turn, or a race for it lost
-        duplicate.answer = Message.objects.get(pk=duplicate.answer_id)
-        raise
-    return turn
 
 
 def _internal_error(**ids: str) -> dict[str, Any]:

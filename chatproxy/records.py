@@ -1,4 +1,5 @@
-"""A turn's rows: started before the first byte, checkpointed while streaming, finalized once.
+"""A turn's rows once it streams: checkpointed while it does, finalized once. (``opening``
+writes its first rows, before the first byte.)
 
 Every write runs on chatproxy's database thread (``database``) and is awaited through
 ``asyncio.shield``: a cancellation (the client leaving) that lands while a write runs must not
@@ -10,15 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
 from weakref import WeakKeyDictionary
-
-from django.db import transaction
 
 from .conf import conf
 from .database import run
-from .limits import check_streams
-from .models import Conversation, Message, Owner, Status, message_fields
+from .models import Message, Status
 from .turns import Turn
 
 logger = logging.getLogger("chatproxy.records")
@@ -31,52 +28,6 @@ INTERRUPTED = {
 # Tasks finishing the rows of turns whose client left while they started; kept so they are
 # not garbage-collected before they end.
 _abandoned: set[asyncio.Task[None]] = set()
-
-
-def begin(turn: Turn, open_session: Callable[[Owner], Owner] | None = None) -> None:
-    """Save the new messages and the ``streaming`` answer; fill in the turn's ids.
-    Synchronous: the last step of ``open_turn`` in ``start()``. A new anonymous visitor gets
-    their session from ``open_session`` here, after the last limit, so a refused turn leaves
-    no session behind."""
-    if conf.CHATPROXY_STORE_CONTENT:
-        messages = [message_fields(m) for m in turn.request.messages]
-    else:
-        messages = [{"role": m["role"], "content": ""} for m in turn.request.messages]
-    with transaction.atomic():
-        check_streams(turn.owner)
-        if turn.owner.is_new:
-            if open_session is None:
-                raise TypeError("An owner without a session needs open_session to start a turn.")
-            turn.owner = open_session(turn.owner)
-        turn.conversation_id, turn.answer_id = Conversation.objects.start_turn(
-            turn.owner,
-            turn.request.conversation_id,
-            messages,
-            turn.model,
-            turn.idempotency_key,
-        )
-
-
-async def start(open_turn: Callable[[], Turn]) -> Turn:
-    """Run ``open_turn`` (checks that may refuse the turn, then ``begin``) on the database
-    thread and return its turn. If the caller is cancelled meanwhile (the client left), the
-    turn's rows, once written, are finalized as ``interrupted``."""
-    task = asyncio.ensure_future(run(open_turn))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        finisher = asyncio.ensure_future(_abandon(task))
-        _abandoned.add(finisher)
-        finisher.add_done_callback(_abandoned.discard)
-        raise
-
-
-async def _abandon(started: asyncio.Future[Turn]) -> None:
-    try:
-        turn = await started
-    except Exception:
-        return  # refused: nothing was written
-    await save(turn)
 
 
 class Checkpoints:

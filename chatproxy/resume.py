@@ -17,7 +17,8 @@ from django.utils import timezone
 from .events import Encoder, error_event
 from .exceptions import RequestError
 from .followers import TurnGone, follow
-from .models import Conversation, Message, Owner, Role, Status
+from .models import Conversation, Message, Role, Status
+from .owners import Owner
 
 WORKER_LOST = "The server that was writing this answer stopped. Send your message again."
 

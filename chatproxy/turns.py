@@ -14,7 +14,8 @@ import orjson
 from .chunks import Chunk, ToolCallDelta
 from .conf import DEMO_MODEL, conf
 from .events import Event, HistoryCut, ToolCall, Usage
-from .models import Owner, Status
+from .models import Status
+from .owners import Owner
 from .payload import ChatRequest
 
 

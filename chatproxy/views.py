@@ -18,11 +18,13 @@ from django.views.decorators.csrf import csrf_exempt
 from . import followers
 from .auth import authenticate, identify, open_session
 from .conf import conf
-from .exceptions import RequestError
+from .exceptions import DuplicateTurnError, RequestError
 from .interception import InterceptorSpec
-from .models import DuplicateTurnError, Message, Owner, Status
+from .models import Message, Status
+from .opening import open_turn
+from .owners import Owner
 from .payload import ChatRequest, decode_json, validate_request
-from .pipeline import prepare_turn, run_turn
+from .pipeline import run_turn
 from .resume import last_answer, latest_answer, open_replay
 
 # Every answer here depends on who asks (the session cookie or the bearer key) and may carry a
@@ -75,7 +77,7 @@ class CompletionsView(View):
                 await authenticate(request)  # who asks is answered first: 401/403 before 400
                 raise
             try:
-                turn = await prepare_turn(
+                turn = await open_turn(
                     functools.partial(identify, request),
                     chat,
                     interceptors=self.interceptors,

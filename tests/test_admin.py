@@ -9,7 +9,8 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.test import Client
 
-from chatproxy.models import ApiKey, Conversation, Message, Owner
+from chatproxy.models import ApiKey, Conversation, Message
+from chatproxy.owners import Owner
 
 pytestmark = pytest.mark.django_db
 

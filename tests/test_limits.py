@@ -8,7 +8,7 @@ import pytest
 
 from chatproxy.exceptions import RequestError
 from chatproxy.limits import check_rate
-from chatproxy.models import Owner
+from chatproxy.owners import Owner
 
 PERIOD = 60
 

@@ -11,13 +11,9 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from chatproxy.models import (
-    Conversation,
-    Message,
-    Owner,
-    insert_rows,
-    update_row,
-)
+from chatproxy.models import Conversation, Message
+from chatproxy.owners import Owner
+from chatproxy.rows import insert_rows, update_row
 from chatproxy.turns import TurnOutcome
 
 pytestmark = pytest.mark.django_db

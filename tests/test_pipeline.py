@@ -13,7 +13,7 @@ from django.db import connection
 
 from chatproxy.chunks import Chunk
 from chatproxy.models import Message, Status
-from chatproxy.pipeline import TurnState
+from chatproxy.turns import TurnState
 from tests.conftest import answer_text, chat, http_scope, read_body, read_events, session_cookie
 from tests.fake_upstream import Reply
 
@@ -272,3 +272,14 @@ async def test_database_work_per_turn_does_not_grow_with_the_answer(client, upst
 
     assert counts[0] == counts[1]
     assert counts[0] == STATEMENTS_PER_TURN[connection.vendor]
+
+
+@db
+async def test_a_keyed_turn_looks_its_idempotency_key_up_once(client, upstream):
+    await read_body(await chat(client, HI))  # warm up: sessions, connections
+    with counted_queries() as statements:
+        events = await read_events(await chat(client, HI, headers={"Idempotency-Key": "k-1"}))
+
+    assert events[-1]["event"] == "completed"
+    lookups = [s for s in statements if s.lstrip().startswith("SELECT") and "idempotency" in s]
+    assert len(lookups) == 1, lookups

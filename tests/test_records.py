@@ -8,7 +8,8 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chatproxy import records
-from chatproxy.models import Conversation, Message, Owner
+from chatproxy.models import Conversation, Message
+from chatproxy.owners import Owner
 
 db = pytest.mark.django_db(transaction=True)
 

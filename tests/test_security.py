@@ -550,7 +550,7 @@ async def test_store_content_off_keeps_metadata_only(people, settings, upstream)
 
 @db
 def test_clearconversations_deletes_only_old_ones(people, capsys):
-    from chatproxy.models import Owner
+    from chatproxy.owners import Owner
 
     old_id, _ = Conversation.objects.start_turn(
         Owner(user_id=people["alice"].pk), None, HI["messages"], "gpt-test"
@@ -573,7 +573,7 @@ def test_clearconversations_deletes_only_old_ones(people, capsys):
 
 @db
 def test_model_text_is_escaped_in_admin(people):
-    from chatproxy.models import Owner
+    from chatproxy.owners import Owner
 
     _, answer_id = Conversation.objects.start_turn(
         Owner(user_id=people["alice"].pk),

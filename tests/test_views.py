@@ -10,7 +10,8 @@ import pytest
 from django.test import AsyncClient
 
 from chatproxy.interception import Interceptor
-from chatproxy.models import Conversation, Message, Owner
+from chatproxy.models import Conversation, Message
+from chatproxy.owners import Owner
 from tests.conftest import answer_text, chat, read_body, read_events
 from tests.fake_upstream import Reply
 

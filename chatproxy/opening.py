@@ -1,0 +1,154 @@
+"""Opening a turn: everything that can still refuse it with a 4xx, and its first rows, in one
+trip to chatproxy's database thread, before the first byte.
+
+Who asks, a retried submission (its idempotency key, looked up once), the limits, the history
+of a continued conversation, then the user messages and the ``streaming`` answer in one
+transaction (``ConversationManager.start_turn``). ``records`` writes the turn's rows after
+that: its checkpoints and its final state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from django.db import transaction
+
+from .conf import conf
+from .database import run
+from .exceptions import DuplicateTurnError, RequestError
+from .interception import Chain, InterceptorSpec, build_chain
+from .limits import bound_history, check_model, check_rate, check_streams
+from .models import Conversation, IdempotencyKey, Message, message_fields
+from .owners import Owner
+from .payload import ChatRequest, check_tool_results, pending_tool_calls
+from .records import save
+from .turns import Turn, TurnState
+
+Identify = Callable[[], tuple[Owner, Any]]
+OpenSession = Callable[[Owner], Owner]
+
+# Tasks finishing the rows of turns whose client left while they opened; kept so they are not
+# garbage-collected before they end.
+_abandoned: set[asyncio.Task[None]] = set()
+
+
+async def open_turn(
+    identify: Identify,
+    request: ChatRequest,
+    *,
+    extra: dict[str, Any] | None = None,
+    interceptors: Sequence[InterceptorSpec] | None = None,
+    idempotency_key: str = "",
+    open_session: OpenSession | None = None,
+) -> Turn:
+    """Open a turn in one trip to the database thread: who is asking (``identify()``,
+    synchronous: e.g. ``auth.identify`` for a request, or the socket's known owner and user),
+    the limits, the history of a continued conversation (404 if the owner has no such one),
+    and the turn's first rows.
+
+    Raises ``DuplicateTurnError`` (with its ``answer`` loaded) when ``idempotency_key`` already
+    started a turn. ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn.
+    ``open_session`` gives an owner that ``is_new`` (an anonymous visitor without a session)
+    one, once the turn has passed every limit (e.g. ``auth.open_session`` for a request). If
+    the caller is cancelled meanwhile (the client left), the turn's rows, once written, are
+    finalized as ``interrupted``.
+    """
+    chain = build_chain(interceptors)
+    task = asyncio.ensure_future(
+        run(_open, identify, request, chain, extra or {}, idempotency_key, open_session)
+    )
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        finisher = asyncio.ensure_future(_abandon(task))
+        _abandoned.add(finisher)
+        finisher.add_done_callback(_abandoned.discard)
+        raise
+
+
+async def _abandon(opened: asyncio.Future[Turn]) -> None:
+    try:
+        turn = await opened
+    except Exception:
+        return  # refused: nothing was written
+    await save(turn)
+
+
+def _open(
+    identify: Identify,
+    request: ChatRequest,
+    chain: Chain,
+    extra: dict[str, Any],
+    key: str,
+    open_session: OpenSession | None,
+) -> Turn:
+    try:
+        owner, user = identify()
+        if (
+            key
+            and not owner.is_new  # who has no session has started no turn
+            and (claimed := IdempotencyKey.objects.live_answer(owner, key)) is not None
+        ):
+            raise DuplicateTurnError(claimed)  # before the limits: a retry is not a new turn
+        check_rate(owner)
+        check_model(request.model, user)
+        history: list[dict[str, Any]] = []
+        if request.conversation_id is not None:
+            found = Conversation.objects.history(owner, request.conversation_id)
+            if found is None:
+                raise RequestError(
+                    "conversation_not_found",
+                    "No conversation with that id belongs to you. "
+                    "Leave conversation_id out to start one.",
+                    status=404,
+                )
+            history = found
+        if request.conversation_id is not None and conf.CHATPROXY_STORE_CONTENT:
+            check_tool_results(request.tool_results, pending_tool_calls(history))
+        # Bounded here, before the interceptors, which keep what they add (a system prompt).
+        history, dropped = bound_history(history, request.messages)
+        turn = Turn(
+            owner=owner,
+            request=request,
+            history=history,
+            user=user,
+            extra=extra,
+            chain=chain,
+            state=TurnState(chain.transforming, bool(chain.reasonings)),
+            idempotency_key=key,
+            dropped_messages=dropped,
+        )
+        if conf.CHATPROXY_SEND_USER:
+            turn.params["user"] = owner.upstream_user  # never the client's: it names the owner
+        # Written before the first byte, so a limit (429) or a duplicate submission can
+        # still be answered as such.
+        _begin(turn, open_session)
+    except DuplicateTurnError as duplicate:  # the key's turn, or a race for it lost
+        duplicate.answer = Message.objects.get(pk=duplicate.answer_id)
+        raise
+    return turn
+
+
+def _begin(turn: Turn, open_session: OpenSession | None) -> None:
+    """Save the new messages and the ``streaming`` answer; fill in the turn's ids. A new
+    anonymous visitor gets their session from ``open_session`` here, after the last limit, so
+    a refused turn leaves no session behind."""
+    if conf.CHATPROXY_STORE_CONTENT:
+        messages = [message_fields(m) for m in turn.request.messages]
+    else:
+        messages = [{"role": m["role"], "content": ""} for m in turn.request.messages]
+    with transaction.atomic():
+        check_streams(turn.owner)
+        if turn.owner.is_new:
+            if open_session is None:
+                raise TypeError("An owner without a session needs open_session to start a turn.")
+            turn.owner = open_session(turn.owner)
+        turn.conversation_id, turn.answer_id = Conversation.objects.start_turn(
+            turn.owner,
+            turn.request.conversation_id,
+            messages,
+            turn.model,
+            turn.idempotency_key,
+        )
