@@ -77,14 +77,32 @@ def test_every_check_id_is_documented():
     assert ids and ids == sorted(table_rows(r"chatproxy\.[EW]\d{3}", page("settings.md")))
 
 
-def test_readme_transcript_is_valid_ndjson_in_protocol_order():
+@pytest.mark.django_db(transaction=True)
+async def test_readme_transcript_is_what_the_demo_model_streams(client, settings):
     import orjson
 
+    from tests.conftest import chat, read_events
+
+    settings.CHATPROXY_API_KEY = ""  # the demo project without OPENAI_API_KEY
+    del settings.CHATPROXY_MODELS
+    del settings.CHATPROXY_DEFAULT_MODEL
     block = README.split("```", 2)[1]
-    lines = [line for line in block.splitlines() if line.startswith("{")]
-    events = [orjson.loads(line)["event"] for line in lines]
-    assert events[0] == "analyzing" and events[-1] == "completed"
-    assert set(events[1:-1]) == {"answering"}
+    shown = [orjson.loads(line) for line in block.splitlines() if line.startswith("{")]
+    cut = re.search(r"middle (\d+) `reasoning` and (\d+) `answering` lines are cut", README)
+    assert cut is not None
+
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    events = await read_events(await chat(client, body))
+
+    def without_ids(event: dict) -> dict:
+        return {k: v for k, v in event.items() if k not in ("conversation_id", "message_id")}
+
+    real = [without_ids(e) for e in events]
+    assert [without_ids(e) for e in shown] == [
+        *real[:3],
+        *real[3 + int(cut[1]) : -3 - int(cut[2])],
+        *real[-3:],
+    ]
 
 
 def test_demo_server_tunes_the_garbage_collector_as_the_deployment_section_says():
