@@ -31,6 +31,7 @@ from .models import DuplicateTurnError, Message, Owner
 from .payload import decode_json, validate_request
 from .pipeline import prepare_turn, run_turn
 from .resume import latest_answer, replay
+from .tools import ToolSpec
 from .turns import Turn
 
 CLOSE_UNAUTHENTICATED = 4401
@@ -45,6 +46,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     owner: Owner
     user: Any = None
     interceptors: Sequence[InterceptorSpec] | None = None  # None: CHATPROXY_INTERCEPTORS
+    tools: Sequence[ToolSpec] | None = None  # None: CHATPROXY_TOOLS
     task: asyncio.Task[None] | None = None  # runs the turn, queueing its frames
     turn: Turn | None = None
     following: uuid.UUID | None = None  # the answer a resumed socket follows
@@ -163,6 +165,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
                 request,
                 extra=extra,
                 interceptors=self.interceptors,
+                tools=self.tools,
                 idempotency_key=key,
             )
         except DuplicateTurnError as duplicate:  # the key's turn ran or runs: follow it

@@ -330,6 +330,32 @@ class MessageManager(models.Manager["Message"]):
             update_row(Message, answer_id, {**fields, "finished_at": now})
             update_row(Conversation, conversation_id, {"status": outcome.status, "updated_at": now})
 
+    def save_step(
+        self,
+        conversation_id: uuid.UUID,
+        answer_id: uuid.UUID,
+        step: dict[str, Any] | None,
+        results: list[dict[str, Any]],
+    ) -> None:
+        """Save a finished step of a turn that ran server tools: with ``step`` (the fields of
+        its assistant message), that message takes the answer's place and the answer moves
+        after the ``results`` (the fields of the ``tool`` messages); without, the results
+        follow the answer, which is the turn's last step. Positions stay dense and ordered."""
+        with transaction.atomic():
+            conversation = Conversation.objects.select_for_update().get(pk=conversation_id)
+            answer = self.get(pk=answer_id)
+            last = conversation.messages.aggregate(last=models.Max("position"))["last"]
+            rows = [Message(role=Role.TOOL, status=Status.COMPLETED, **r) for r in results]
+            if step is None:
+                first = last + 1
+            else:
+                first = answer.position
+                rows.insert(0, Message(role=Role.ASSISTANT, **step))
+                update_row(Message, answer_id, {"position": last + len(rows)})
+            for i, row in enumerate(rows):
+                row.conversation, row.position = conversation, first + i
+            insert_rows(Message, rows)
+
     def checkpoint(self, texts: dict[uuid.UUID, str]) -> None:
         """Save the text so far of answers still streaming, in one transaction, so a crash
         leaves it behind. An answer that has ended meanwhile keeps its final text."""

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from contextlib import aclosing
 from typing import Any
 
-from . import records, shutdown
+from . import records, shutdown, steps
 from .conf import conf
 from .events import PING, Encoder, Event, ToolCall, error_event
 from .exceptions import RequestError, TurnError
@@ -26,6 +26,8 @@ from .limits import bound_history, check_model, check_rate
 from .models import Conversation, DuplicateTurnError, IdempotencyKey, Message, Owner, Status
 from .payload import ChatRequest, check_tool_results, pending_tool_calls
 from .signals import turn_finished
+from .tools import Tool, ToolSpec, offer_tools
+from .tools import load as load_tools
 from .turns import Pieces, Turn, TurnState
 from .upstream import AnswerStream
 
@@ -42,6 +44,7 @@ async def prepare_turn(
     *,
     extra: dict[str, Any] | None = None,
     interceptors: Sequence[InterceptorSpec] | None = None,
+    tools: Sequence[ToolSpec] | None = None,
     idempotency_key: str = "",
     open_session: OpenSession | None = None,
 ) -> Turn:
@@ -51,14 +54,22 @@ async def prepare_turn(
     conversation (404 if the owner has no such one), and the turn's first rows.
 
     Raises ``DuplicateTurnError`` (with its ``answer`` loaded) when ``idempotency_key`` already
-    started a turn. ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn.
+    started a turn. ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn, ``tools``
+    CHATPROXY_TOOLS.
     ``open_session`` gives an owner that ``is_new`` (an anonymous visitor without a session)
     one, once the turn has passed every limit (e.g. ``auth.open_session`` for a request).
     """
-    chain = build_chain(interceptors)
+    chain, offered = build_chain(interceptors), load_tools(tools)
     return await records.start(
         functools.partial(
-            _open_turn, identify, request, chain, extra or {}, idempotency_key, open_session
+            _open_turn,
+            identify,
+            request,
+            chain,
+            offered,
+            extra or {},
+            idempotency_key,
+            open_session,
         )
     )
 
@@ -67,6 +78,7 @@ def _open_turn(
     identify: Identify,
     request: ChatRequest,
     chain: Chain,
+    offered: dict[str, Tool],
     extra: dict[str, Any],
     key: str,
     open_session: OpenSession | None,
@@ -106,7 +118,9 @@ def _open_turn(
             state=TurnState(chain.transforming, bool(chain.reasonings)),
             idempotency_key=key,
             dropped_messages=dropped,
+            tools=offered,
         )
+        offer_tools(turn.params, offered)
         if conf.CHATPROXY_SEND_USER:
             turn.params["user"] = owner.upstream_user  # never the client's: it names the owner
         # Written before the first byte, so a limit (429) or a duplicate submission can
@@ -129,7 +143,6 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
     partial answer is saved as ``interrupted``."""
     encoder, state, chain = Encoder(turn.extra), turn.state, turn.chain
     save: asyncio.Future[bool] | None = None
-    stream: AnswerStream | None = None
     channel: TurnChannel | None = None
     try:
         ids = turn.ids()
@@ -148,56 +161,30 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
                 async with aclosing(stage):
                     async for event in stage:
                         yield event_line(event)
-            if turn.aborted is not None:
-                raise turn.aborted
-            turn.stream = stream = AnswerStream(
-                turn.model, turn.messages, turn.params, f"chatproxy-{turn.answer_id}"
-            )
-            shutdown.track(stream)
-            coalesce, transforming = conf.CHATPROXY_COALESCE_DELTAS, chain.transforming
-            every = conf.CHATPROXY_CHECKPOINT_INTERVAL if conf.CHATPROXY_STORE_CONTENT else 0
-            checkpoint_at = time.monotonic() + every
-            while (batch := await stream.next_batch(heartbeat)) is not None:
-                if not batch:
-                    yield event_line(PING)
-                    continue
-                pieces = [piece for chunk in batch if (piece := state.feed(chunk))]
-                if coalesce and len(pieces) > 1 and not state.mixed:
-                    pieces = ["".join(pieces)]  # type: ignore[arg-type]
-                lines: list[bytes] = []  # one line per delta, written together
-                for piece in pieces:
-                    # Reasoning or tool calls (a Pieces) are off the hot path of plain text.
-                    text = (
-                        piece
-                        if isinstance(piece, str)
-                        else await _relay_pieces(turn, piece, lines, event_line)
-                    )
-                    if transforming and text and (text := await chain.on_delta(turn, text)):
-                        state.deliver(text)
-                    if text:
-                        if channel.followers:
-                            channel.text(text)
-                        lines.append(encoder.answering(text))
-                    if turn.pending:
-                        lines.extend(event_line(event) for event in _take(turn))
-                if lines:
-                    yield lines[0] if len(lines) == 1 else b"".join(lines)
-                if turn.stopped:
-                    state.finish_reason = turn.stopped
+            step = 1
+            while True:
+                state = turn.state
+                async with aclosing(
+                    _stream_step(turn, encoder, channel, event_line, heartbeat)
+                ) as lines:
+                    async for line in lines:
+                        yield line
+                server, client = steps.split_calls(turn)
+                if turn.stopped or not server:
                     break
-                if every and time.monotonic() >= checkpoint_at:
-                    # Awaited inline: at most one write per interval, never one per token.
-                    await records.checkpoint(turn)
-                    checkpoint_at = time.monotonic() + every
-            await stream.aclose()
-            if not turn.stopped and (state.reasoning_open or state.tool_calls_open):
-                # The body ended with reasoning held back or calls open, and no finish reason.
-                ended = state.reasoning_open
-                last, lines = Pieces("", state.close(), "", ended), []
-                await _relay_pieces(turn, last, lines, event_line)
-                if lines:
-                    yield b"".join(lines)
-            if transforming and (text := await chain.flush(turn)):
+                tool_lines = steps.run_tools(turn, server, not client, event_line, heartbeat)
+                async with aclosing(tool_lines):
+                    async for line in tool_lines:
+                        yield line
+                if client:  # the client answers its own calls: the turn ends here
+                    break
+                if step == conf.CHATPROXY_MAX_TOOL_STEPS:
+                    raise TurnError(
+                        f"The model called tools {step} times in a row without answering.",
+                        code="too_many_tool_steps",
+                    )
+                step += 1
+            if chain.transforming and (text := await chain.flush(turn)):
                 state.deliver(text)
                 channel.text(text)
                 yield encoder.answering(text)
@@ -211,24 +198,24 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
                 "event": "completed",
                 **ids,
                 "finish_reason": state.finish_reason,
-                "usage": state.usage,
+                "usage": turn.usage(),
             }
             if turn.dropped_messages:
                 terminal["history"] = turn.history_cut()
-            if state.tool_calls:
-                terminal["tool_calls"] = state.tool_calls
+            if calls := steps.client_calls(turn) if turn.tools else state.tool_calls:
+                terminal["tool_calls"] = calls
         except TurnError as exc:
+            state = turn.state
             if state.status is Status.STREAMING:
                 state.end(Status(exc.status), exc.code, exc.message)
             await chain.notify("on_error", turn, exc)
             terminal = dict(error_event(exc.code, exc.message, **ids))
         except Exception:  # the one top-level guard: the stream must end with an error event
             logger.exception("Chat turn %s failed", turn.answer_id)
+            state = turn.state
             if state.status is Status.STREAMING:
                 state.end(Status.FAILED, "internal_error", "Something went wrong on the server.")
             terminal = _internal_error(**ids)
-        if stream is not None:
-            await stream.aclose()
         save = asyncio.ensure_future(records.save(turn))
         # Saved before the terminal line goes out, so a client that continues the
         # conversation right after `completed` finds this answer in its history.
@@ -237,9 +224,6 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
         yield event_line(terminal)
     finally:
         # No `yield` in here: the generator may be closing (GeneratorExit).
-        if stream is not None:
-            shutdown.forget(stream)
-            await stream.aclose()
         interrupted = save is None
         if save is None:
             save = asyncio.ensure_future(records.save(turn))
@@ -250,6 +234,72 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
             if interrupted:
                 await chain.notify("on_interrupt", turn)
             await _announce(turn)
+
+
+async def _stream_step(
+    turn: Turn,
+    encoder: Encoder,
+    channel: TurnChannel,
+    event_line: Callable[[Event], bytes],
+    heartbeat: float | None,
+) -> AsyncGenerator[bytes, None]:
+    """Stream one upstream call of the turn into ``turn.state``, yielding its lines."""
+    state, chain = turn.state, turn.chain
+    stream: AnswerStream | None = None
+    try:
+        if turn.aborted is not None:
+            raise turn.aborted
+        turn.stream = stream = AnswerStream(
+            turn.model, turn.messages, turn.params, f"chatproxy-{turn.answer_id}"
+        )
+        shutdown.track(stream)
+        coalesce, transforming = conf.CHATPROXY_COALESCE_DELTAS, chain.transforming
+        every = conf.CHATPROXY_CHECKPOINT_INTERVAL if conf.CHATPROXY_STORE_CONTENT else 0
+        checkpoint_at = time.monotonic() + every
+        while (batch := await stream.next_batch(heartbeat)) is not None:
+            if not batch:
+                yield event_line(PING)
+                continue
+            pieces = [piece for chunk in batch if (piece := state.feed(chunk))]
+            if coalesce and len(pieces) > 1 and not state.mixed:
+                pieces = ["".join(pieces)]  # type: ignore[arg-type]
+            lines: list[bytes] = []  # one line per delta, written together
+            for piece in pieces:
+                # Reasoning or tool calls (a Pieces) are off the hot path of plain text.
+                text = (
+                    piece
+                    if isinstance(piece, str)
+                    else await _relay_pieces(turn, piece, lines, event_line)
+                )
+                if transforming and text and (text := await chain.on_delta(turn, text)):
+                    state.deliver(text)
+                if text:
+                    if channel.followers:
+                        channel.text(text)
+                    lines.append(encoder.answering(text))
+                if turn.pending:
+                    lines.extend(event_line(event) for event in _take(turn))
+            if lines:
+                yield lines[0] if len(lines) == 1 else b"".join(lines)
+            if turn.stopped:
+                state.finish_reason = turn.stopped
+                break
+            if every and time.monotonic() >= checkpoint_at:
+                # Awaited inline: at most one write per interval, never one per token.
+                await records.checkpoint(turn)
+                checkpoint_at = time.monotonic() + every
+        await stream.aclose()
+        if not turn.stopped and (state.reasoning_open or state.tool_calls_open):
+            # The body ended with reasoning held back or calls open, and no finish reason.
+            ended = state.reasoning_open
+            last, lines = Pieces("", state.close(), "", ended), []
+            await _relay_pieces(turn, last, lines, event_line)
+            if lines:
+                yield b"".join(lines)
+    finally:
+        if stream is not None:
+            shutdown.forget(stream)
+            await stream.aclose()
 
 
 async def _relay_pieces(

@@ -27,6 +27,7 @@ from django.db import close_old_connections, connection
 from django.utils.module_loading import import_string
 
 from .conf import conf
+from .exceptions import RequestError
 
 if TYPE_CHECKING:
     from .events import ToolCall
@@ -227,6 +228,23 @@ def load(specs: Sequence[ToolSpec] | None = None) -> dict[str, Tool]:
             raise TypeError(f"{spec!r} is not a chatproxy tool: declare it with @tool.")
         found[item.name] = item
     return found
+
+
+def offer_tools(params: JSON, tools: dict[str, Tool]) -> None:
+    """Add the server's tools to a request's ``params``, after the client's; refuse a client
+    tool that takes a server tool's name."""
+    if not tools:
+        return
+    client = params.get("tools") or []
+    for offered in client:
+        name = offered["function"]["name"]
+        if name in tools:
+            raise RequestError(
+                "tool_name_taken",
+                f"The tool name {name!r} belongs to a tool that runs on the server: rename "
+                "your tool.",
+            )
+    params["tools"] = [*client, *(found.schema() for found in tools.values())]
 
 
 @dataclasses.dataclass(slots=True)

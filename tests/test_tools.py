@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 import pytest
 
 from chatproxy.checks import check_settings
+from chatproxy.models import Conversation, Message
 from tests import sample_tools
+from tests.conftest import answer_text, chat, read_body, read_events
+from tests.fake_upstream import Reply
 
 
 def test_a_tools_schema_comes_from_its_hints_and_docstring():
@@ -88,3 +94,240 @@ def test_an_unsupported_hint_says_which_types_work(settings):
         "unsupported(when) has the type set[str], which chatproxy cannot describe to the "
         "model: use str, int, float, bool, X | None, list[X], Literal[...] or a str Enum."
     )
+
+
+# The loop, over HTTP, against the fake upstream.
+
+pytestmark_db = pytest.mark.django_db(transaction=True)
+ASK = {"messages": [{"role": "user", "content": "Weather in Oslo?"}]}
+TOOLS = [
+    "tests.sample_tools.weather",
+    "tests.sample_tools.add",
+    "tests.sample_tools.broken",
+    "tests.sample_tools.hang",
+    "tests.sample_tools.staff_only",
+    "tests.sample_tools.conversations",
+    "tests.sample_tools.slow",
+]
+
+
+def call(id_: str, name: str, arguments: str = "{}") -> dict[str, str]:
+    return {"id": id_, "name": name, "arguments": arguments}
+
+
+async def rows(conversation_id: str) -> list[tuple[Any, ...]]:
+    found = Message.objects.filter(conversation_id=conversation_id).order_by("position")
+    return [
+        (m.position, m.role, m.status, m.content, m.tool_call_id, m.finish_reason)
+        async for m in found
+    ]
+
+
+@pytest.fixture
+def server_tools(settings):
+    settings.CHATPROXY_TOOLS = TOOLS
+
+
+@pytestmark_db
+async def test_a_server_tool_is_run_its_result_sent_back_and_every_step_saved(
+    client, upstream, server_tools
+):
+    oslo = call("call_1", "weather", '{"city": "Oslo"}')
+    upstream.enqueue(Reply(tokens=["Let me look."], tool_calls=[oslo]), Reply(tokens=["Sunny."]))
+    events = await read_events(await chat(client, ASK))
+
+    kinds = [e["event"] for e in events]
+    assert kinds == [
+        "analyzing", "answering", "tool_call", "tool_result", "answering", "completed"
+    ]  # fmt: skip
+    result = {"city": "Oslo", "degrees": 21, "unit": "celsius"}
+    assert events[3] == {
+        "event": "tool_result",
+        "id": "call_1",
+        "name": "weather",
+        "result": result,
+    }
+    completed = events[-1]
+    assert completed["finish_reason"] == "stop"
+    assert "tool_calls" not in completed
+    # Each fake step reports prompt 1 (the first) and as many completion tokens as it sent.
+    first, second = upstream.requests[0].json, upstream.requests[1].json
+    assert [t["function"]["name"] for t in first["tools"]] == [n.rsplit(".", 1)[1] for n in TOOLS]
+    assert second["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": "Let me look.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": orjson.dumps(result).decode()},
+    ]
+    conversation_id = completed["conversation_id"]
+    assert await rows(conversation_id) == [
+        (0, "user", "", "Weather in Oslo?", "", ""),
+        (1, "assistant", "completed", "Let me look.", "", "tool_calls"),
+        (2, "tool", "completed", orjson.dumps(result).decode(), "call_1", ""),
+        (3, "assistant", "completed", "Sunny.", "", "stop"),
+    ]
+    answer = await Message.objects.aget(pk=completed["message_id"])
+    assert answer.position == 3  # the turn's answer row is its last step
+    tool_row = await Message.objects.aget(role="tool")
+    assert set(tool_row.metadata) == {"name", "duration_ms"}
+    step = await Message.objects.aget(position=1)
+    assert step.tool_calls == [oslo]
+    total = step.total_tokens + answer.total_tokens
+    assert completed["usage"]["total_tokens"] == total
+
+
+@pytestmark_db
+async def test_the_next_turn_sends_the_whole_loop_back_upstream(client, upstream, server_tools):
+    oslo = call("call_1", "weather", '{"city": "Oslo"}')
+    upstream.enqueue(Reply(tokens=[], tool_calls=[oslo]), Reply(tokens=["Sunny."]))
+    completed = (await read_events(await chat(client, ASK)))[-1]
+    upstream.enqueue(Reply(tokens=["Bye."]))
+    body = {
+        "conversation_id": completed["conversation_id"],
+        "messages": [{"role": "user", "content": "Thanks"}],
+    }
+    await read_events(await chat(client, body))
+
+    sent = upstream.requests[2].json["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "assistant", "user"]
+
+
+@pytestmark_db
+async def test_parallel_calls_run_concurrently_and_each_result_goes_back(
+    client, upstream, server_tools, settings
+):
+    settings.CHATPROXY_MAX_PARALLEL_TOOLS = 2
+    calls = [call("a", "add", '{"a": 1, "b": 2}'), call("b", "weather", '{"city": "Rome"}')]
+    upstream.enqueue(Reply(tokens=[], tool_calls=calls), Reply(tokens=["3, and sunny."]))
+    events = await read_events(await chat(client, ASK))
+
+    results = {e["id"]: e for e in events if e["event"] == "tool_result"}
+    assert results["a"]["result"] == 3
+    assert results["b"]["result"]["city"] == "Rome"
+    tool_messages = [m for m in upstream.requests[1].json["messages"] if m["role"] == "tool"]
+    assert [m["tool_call_id"] for m in tool_messages] == ["a", "b"]
+
+
+@pytestmark_db
+async def test_a_failing_tool_gives_the_model_an_error_and_the_client_no_traceback(
+    client, upstream, server_tools, caplog
+):
+    upstream.enqueue(Reply(tokens=[], tool_calls=[call("x", "broken")]), Reply(tokens=["Sorry."]))
+    response = await chat(client, ASK)
+    body = await read_body(response)
+
+    assert b"secret database password" not in body
+    events = [orjson.loads(line) for line in body.splitlines()]
+    assert events[2] == {
+        "event": "tool_result", "id": "x", "name": "broken", "error": "The tool broken failed."
+    }  # fmt: skip
+    assert "secret database password" in caplog.text  # logged, with its traceback
+    sent = upstream.requests[1].json["messages"][-1]
+    assert sent == {
+        "role": "tool", "tool_call_id": "x", "content": '{"error":"The tool broken failed."}'
+    }  # fmt: skip
+    tool_row = await Message.objects.aget(role="tool")
+    assert tool_row.metadata["error"] is True
+
+
+@pytestmark_db
+@pytest.mark.parametrize(
+    ("name", "arguments", "error"),
+    [
+        ("hang", "{}", "The tool hang did not finish in time."),
+        ("staff_only", "{}", "You may not use the tool staff_only in this conversation."),
+        ("weather", '{"town": "Oslo"}', "Invalid arguments: arguments lack the required city."),
+        ("add", '{"a": "1", "b": 2}', "Invalid arguments: a must be of type integer."),
+    ],
+)
+async def test_a_call_that_cannot_run_goes_back_to_the_model_as_its_error(
+    client, upstream, server_tools, name, arguments, error
+):
+    upstream.enqueue(Reply(tokens=[], tool_calls=[call("x", name, arguments)]), Reply())
+    events = await read_events(await chat(client, ASK))
+
+    assert events[2] == {"event": "tool_result", "id": "x", "name": name, "error": error}
+    assert events[-1]["event"] == "completed"
+
+
+@pytestmark_db
+async def test_a_tool_acts_as_the_asking_user_only(client, upstream, server_tools, other_user):
+    await Conversation.objects.acreate(owner=other_user, title="Not yours")
+    upstream.enqueue(Reply(tokens=[], tool_calls=[call("x", "conversations")]), Reply())
+    events = await read_events(await chat(client, ASK))
+
+    assert events[2]["result"] == 1  # the conversation of this very turn, not the other's
+
+
+@pytestmark_db
+async def test_the_step_limit_ends_the_turn_with_its_own_error(
+    client, upstream, server_tools, settings
+):
+    settings.CHATPROXY_MAX_TOOL_STEPS = 2
+    upstream.enqueue(
+        Reply(tokens=[], tool_calls=[call("a", "add", '{"a": 1, "b": 1}')]),
+        Reply(tokens=[], tool_calls=[call("b", "add", '{"a": 2, "b": 2}')]),
+    )
+    events = await read_events(await chat(client, ASK))
+
+    assert events[-1]["error"] == {
+        "code": "too_many_tool_steps",
+        "message": "The model called tools 2 times in a row without answering.",
+    }
+    assert [r[1:3] for r in await rows(events[0]["conversation_id"])] == [
+        ("user", ""),
+        ("assistant", "completed"),
+        ("tool", "completed"),
+        ("assistant", "completed"),
+        ("tool", "completed"),
+        ("assistant", "failed"),
+    ]
+
+
+@pytestmark_db
+async def test_client_calls_beside_server_calls_end_the_turn_for_the_client_to_answer(
+    client, upstream, server_tools
+):
+    mine = {"type": "function", "function": {"name": "locate", "parameters": {"type": "object"}}}
+    calls = [call("s", "add", '{"a": 1, "b": 1}'), call("c", "locate")]
+    upstream.enqueue(Reply(tokens=[], tool_calls=calls))
+    events = await read_events(await chat(client, {**ASK, "tools": [mine]}))
+
+    assert [e["event"] for e in events][-2:] == ["tool_result", "completed"]
+    completed = events[-1]
+    assert completed["finish_reason"] == "tool_calls"
+    assert completed["tool_calls"] == [calls[1]]
+    conversation_id = completed["conversation_id"]
+    assert [r[1:5] for r in await rows(conversation_id)] == [
+        ("user", "", "Weather in Oslo?", ""),
+        ("assistant", "completed", "", ""),
+        ("tool", "completed", "2", "s"),
+    ]
+    # The client answers exactly its own call, and the loop goes on.
+    upstream.enqueue(Reply(tokens=["Found you."]))
+    answer = {"role": "tool", "tool_call_id": "c", "content": "Oslo"}
+    body = {"conversation_id": conversation_id, "messages": [answer], "tools": [mine]}
+    events = await read_events(await chat(client, body))
+    assert answer_text(events) == "Found you."
+
+
+@pytestmark_db
+async def test_a_client_tool_may_not_take_a_server_tools_name(client, upstream, server_tools):
+    mine = {"type": "function", "function": {"name": "weather"}}
+    response = await chat(client, {**ASK, "tools": [mine]})
+
+    assert response.status_code == 400
+    assert orjson.loads(response.content)["error"] == {
+        "code": "tool_name_taken",
+        "message": "The tool name 'weather' belongs to a tool that runs on the server: "
+        "rename your tool.",
+    }
+    assert not upstream.requests
