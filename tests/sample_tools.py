@@ -10,9 +10,9 @@ from typing import Annotated, Literal
 from chatproxy.models import Conversation
 from chatproxy.tools import tool
 
-# Set by slow_tool once it runs; a test that cancels mid-run waits on it.
+# Set by slow() once it runs, and once it is cancelled: a test that cancels mid-run waits on them.
 slow_started = threading.Event()
-slow_cancelled = asyncio.Event()
+slow_cancelled = threading.Event()
 
 
 class Unit(enum.Enum):

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 import pytest
 
+from chatproxy import followers
 from chatproxy.checks import check_settings
 from chatproxy.models import Conversation, Message
 from tests import sample_tools
-from tests.conftest import answer_text, chat, read_body, read_events
+from tests.conftest import (
+    answer_text,
+    chat,
+    frames_until_terminal,
+    open_socket,
+    read_body,
+    read_events,
+    session_cookie,
+)
 from tests.fake_upstream import Reply
 
 
@@ -331,3 +341,97 @@ async def test_a_client_tool_may_not_take_a_server_tools_name(client, upstream, 
         "rename your tool.",
     }
     assert not upstream.requests
+
+
+# Over the WebSocket, and cancelled mid-run.
+
+
+@pytest.fixture
+async def socket(user, server_tools):
+    comm = await open_socket(await session_cookie(user))
+    connected, _ = await comm.connect()
+    assert connected
+    yield comm
+    await comm.disconnect()
+
+
+@pytest.fixture
+def slow_tool():
+    sample_tools.slow_started.clear()
+    sample_tools.slow_cancelled.clear()
+    return sample_tools
+
+
+@pytestmark_db
+async def test_the_loop_runs_over_the_websocket_with_the_same_events(socket, upstream):
+    upstream.enqueue(
+        Reply(tokens=[], tool_calls=[call("x", "add", '{"a": 2, "b": 3}')]), Reply(tokens=["5"])
+    )
+    await socket.send_json_to({"type": "chat", **ASK, "request_id": "r1"})
+    frames = await frames_until_terminal(socket)
+
+    assert [f["event"] for f in frames] == [
+        "analyzing", "tool_call", "tool_result", "answering", "completed"
+    ]  # fmt: skip
+    assert frames[2] == {
+        "event": "tool_result", "id": "x", "name": "add", "result": 5, "request_id": "r1"
+    }  # fmt: skip
+
+
+async def _running_slow_tool(socket: Any, upstream: Any, slow_tool: Any) -> dict[str, Any]:
+    upstream.enqueue(Reply(tokens=["Wait."], tool_calls=[call("s", "slow")]))
+    await socket.send_json_to({"type": "chat", **ASK})
+    analyzing = await socket.receive_json_from(timeout=5)
+    assert await asyncio.to_thread(slow_tool.slow_started.wait, 5)
+    return analyzing
+
+
+async def _assert_saved_interrupted(conversation_id: str, code: str) -> None:
+    assert await rows(conversation_id) == [
+        (0, "user", "", "Weather in Oslo?", "", ""),
+        (1, "assistant", "interrupted", "Wait.", "", "tool_calls"),
+        (2, "tool", "completed", '{"error":"The tool run was interrupted."}', "s", ""),
+    ]
+    answer = await Message.objects.aget(position=1)
+    assert answer.error_code == code
+
+
+@pytestmark_db
+async def test_a_cancel_frame_during_a_tool_run_cancels_the_tool_and_saves_interrupted(
+    socket, upstream, slow_tool
+):
+    analyzing = await _running_slow_tool(socket, upstream, slow_tool)
+    await socket.send_json_to({"type": "cancel"})
+    rest = await frames_until_terminal(socket)
+
+    assert rest[-1]["error"]["code"] == "cancelled"
+    assert await asyncio.to_thread(slow_tool.slow_cancelled.wait, 5)
+    await _assert_saved_interrupted(analyzing["conversation_id"], "cancelled")
+    assert len(upstream.requests) == 1
+
+
+@pytestmark_db
+async def test_a_cancel_from_another_request_during_a_tool_run_stops_it(
+    socket, upstream, slow_tool
+):
+    analyzing = await _running_slow_tool(socket, upstream, slow_tool)
+    assert await followers.cancel(analyzing["message_id"])
+    rest = await frames_until_terminal(socket)
+
+    assert rest[-1]["error"]["code"] == "cancelled"
+    assert await asyncio.to_thread(slow_tool.slow_cancelled.wait, 5)
+    await _assert_saved_interrupted(analyzing["conversation_id"], "cancelled")
+
+
+@pytestmark_db
+async def test_a_socket_closed_during_a_tool_run_cancels_the_tool_and_saves_interrupted(
+    user, upstream, server_tools, slow_tool, saved_answers
+):
+    comm = await open_socket(await session_cookie(user))
+    await comm.connect()
+    analyzing = await _running_slow_tool(comm, upstream, slow_tool)
+    await comm.disconnect()
+
+    await asyncio.wait_for(saved_answers.get(), 5)
+    assert slow_tool.slow_cancelled.is_set()
+    await _assert_saved_interrupted(analyzing["conversation_id"], "client_disconnected")
