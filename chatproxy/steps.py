@@ -75,6 +75,7 @@ async def run_tools(
                 if task in done and not task.cancelled():
                     result = task.result()
                     results[result.call["id"]] = result
+                    turn.results.append(result.event())
                     lines.append(event_line(result.event()))
             if lines:
                 yield b"".join(lines)
@@ -108,5 +109,12 @@ def _next_step(turn: Turn, results: list[ToolResult]) -> None:
         turn.messages.append(
             {"role": "tool", "tool_call_id": result.call["id"], "content": result.content()}
         )
+    if state.reasoning:
+        turn.earlier.append({"event": "reasoning", "content": state.reasoning})
+    if state.text:
+        turn.earlier.append({"event": "answering", "content": state.text})
+    turn.earlier += [{"event": "tool_call", **call} for call in state.tool_calls]
+    turn.earlier += turn.results
+    turn.results = []
     turn.spent = turn.usage()
     turn.state = TurnState(state.transforming, state.transforming_reasoning)

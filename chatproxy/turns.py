@@ -273,6 +273,10 @@ class Turn:
     # the turn's earlier steps, which ``completed`` sums with the last one's.
     tools: dict[str, Any] = dataclasses.field(default_factory=dict)
     spent: Usage | None = None
+    # What a follower attaching mid-loop missed: the events of the steps before this one, and
+    # the tool results of the step whose tools run.
+    earlier: list[Event] = dataclasses.field(default_factory=list)
+    results: list[Event] = dataclasses.field(default_factory=list)
     stopped: str | None = None
     # Set by abort() from outside the turn (a cancel from another request, a shutdown).
     aborted: Exception | None = None

@@ -435,3 +435,51 @@ async def test_a_socket_closed_during_a_tool_run_cancels_the_tool_and_saves_inte
     await asyncio.wait_for(saved_answers.get(), 5)
     assert slow_tool.slow_cancelled.is_set()
     await _assert_saved_interrupted(analyzing["conversation_id"], "client_disconnected")
+
+
+# Resume and follow replay the loop.
+
+
+@pytestmark_db
+async def test_a_resume_of_a_finished_loop_replays_every_step_from_the_rows(
+    client, upstream, server_tools
+):
+    oslo = call("call_1", "weather", '{"city": "Oslo"}')
+    upstream.enqueue(
+        Reply(tokens=["Looking."], tool_calls=[oslo]),
+        Reply(tokens=[], tool_calls=[call("call_2", "broken")]),
+        Reply(tokens=["Sunny."]),
+    )
+    events = await read_events(await chat(client, ASK))
+    resumed = await read_events(
+        await client.get(f"/completions/{events[0]['conversation_id']}/stream")
+    )
+
+    live = [e for e in events if e["event"] != "analyzing"]
+    assert [e for e in resumed if e["event"] != "analyzing"] == [
+        *live[:-1],
+        {**live[-1], "usage": resumed[-1]["usage"]},  # the saved answer's own step's usage
+    ]
+
+
+@pytestmark_db
+async def test_a_follower_attaching_during_a_tool_run_gets_the_steps_so_far(
+    socket, client, upstream, slow_tool
+):
+    analyzing = await _running_slow_tool(socket, upstream, slow_tool)
+    response = await client.get(f"/completions/{analyzing['conversation_id']}/stream")
+    assert await followers.cancel(analyzing["message_id"])
+    followed = await read_events(response)
+
+    assert followed == [
+        {**analyzing, "resumed": True},
+        {"event": "answering", "content": "Wait."},
+        {"event": "tool_call", **call("s", "slow")},
+        {"event": "error", "error": followed[-1]["error"], **ids(analyzing)},
+    ]
+    assert followed[-1]["error"]["code"] == "cancelled"
+    await frames_until_terminal(socket)
+
+
+def ids(event: dict[str, Any]) -> dict[str, str]:
+    return {k: event[k] for k in ("conversation_id", "message_id")}
