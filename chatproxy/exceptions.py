@@ -43,6 +43,10 @@ ERROR_CODES: dict[str, str] = {
     "invalid_stop": "`stop` is not a string or a list of 1 to 4 strings (400).",
     "invalid_tool_calls": "An assistant message's `tool_calls` is malformed (400).",
     "tool_results_mismatch": "The tool messages do not answer exactly the pending calls (400).",
+    "invalid_approvals": '`approvals` is not a list of {"id", "approved"}, or comes '
+    "without a conversation_id (400).",
+    "approvals_mismatch": "The approvals do not answer exactly the calls waiting for approval "
+    "(400).",
     "tool_name_taken": "A tool in `tools` has the name of a tool that runs on the server (400).",
     "authentication_required": "The request carries no logged-in user (401).",
     "invalid_api_key": "The Authorization: Bearer key is unknown or revoked (401).",

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from contextlib import aclosing
-from typing import Any
+from typing import Any, cast
 
 from . import records, shutdown, steps
 from .conf import conf
@@ -23,8 +23,16 @@ from .exceptions import RequestError, TurnError
 from .followers import TurnChannel
 from .interception import Chain, InterceptorSpec, build_chain
 from .limits import bound_history, check_model, check_rate
-from .models import Conversation, DuplicateTurnError, IdempotencyKey, Message, Owner, Status
-from .payload import ChatRequest, check_tool_results, pending_tool_calls
+from .models import (
+    APPROVAL_REQUIRED,
+    Conversation,
+    DuplicateTurnError,
+    IdempotencyKey,
+    Message,
+    Owner,
+    Status,
+)
+from .payload import ChatRequest, check_approvals, check_tool_results, pending_tool_calls
 from .signals import turn_finished
 from .tools import Tool, ToolSpec, offer_tools
 from .tools import load as load_tools
@@ -104,8 +112,17 @@ def _open_turn(
                     status=404,
                 )
             history = found
+        approvals: list[tuple[ToolCall, bool]] = []
         if request.conversation_id is not None and conf.CHATPROXY_STORE_CONTENT:
-            check_tool_results(request.tool_results, pending_tool_calls(history))
+            pending = pending_tool_calls(history)
+            # Calls waiting for approval have no result yet: only when some call has none.
+            waiting = Message.objects.awaiting_approval(request.conversation_id) if pending else []
+            check_approvals(request.approvals, [call["id"] for call in waiting])
+            approvals = [(cast(ToolCall, c), request.approvals[c["id"]]) for c in waiting]
+            asked = {call["id"] for call in waiting}
+            check_tool_results(request.tool_results, [i for i in pending if i not in asked])
+        elif request.approvals:
+            check_approvals(request.approvals, [])
         # Bounded here, before the interceptors, which keep what they add (a system prompt).
         history, dropped = bound_history(history, request.messages)
         turn = Turn(
@@ -119,6 +136,7 @@ def _open_turn(
             idempotency_key=key,
             dropped_messages=dropped,
             tools=offered,
+            approvals=approvals,
         )
         offer_tools(turn.params, offered)
         if conf.CHATPROXY_SEND_USER:
@@ -161,6 +179,13 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
                 async with aclosing(stage):
                     async for event in stage:
                         yield event_line(event)
+            if turn.approvals:
+                calls = [call for call, _ in turn.approvals]
+                denied = frozenset(call["id"] for call, approved in turn.approvals if not approved)
+                tool_lines = steps.run_tools(turn, calls, "before", event_line, heartbeat, denied)
+                async with aclosing(tool_lines):
+                    async for line in tool_lines:
+                        yield line
             step = 1
             while True:
                 state = turn.state
@@ -172,11 +197,19 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
                 server, client = steps.split_calls(turn)
                 if turn.stopped or not server:
                     break
-                tool_lines = steps.run_tools(turn, server, not client, event_line, heartbeat)
-                async with aclosing(tool_lines):
-                    async for line in tool_lines:
-                        yield line
-                if client:  # the client answers its own calls: the turn ends here
+                asked = steps.needs_approval(turn, server)
+                run = [call for call in server if call not in asked]
+                placement: steps.Placement = "after" if client or asked else "step"
+                if run:
+                    tool_lines = steps.run_tools(turn, run, placement, event_line, heartbeat)
+                    async with aclosing(tool_lines):
+                        async for line in tool_lines:
+                            yield line
+                if asked:  # the user answers them, in a turn of its own: see ``approvals``
+                    yield b"".join(map(event_line, steps.approval_events(asked)))
+                    turn.metadata[APPROVAL_REQUIRED] = [call["id"] for call in asked]
+                    state.finish_reason = APPROVAL_REQUIRED
+                if placement == "after":  # the client answers its own calls: the turn ends
                     break
                 if step == conf.CHATPROXY_MAX_TOOL_STEPS:
                     raise TurnError(

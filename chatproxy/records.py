@@ -150,10 +150,10 @@ def _finish(turn: Turn) -> None:
     Message.objects.finish_turn(turn.conversation_id, turn.answer_id, outcome)
 
 
-def _save_step(turn: Turn, results: list[ToolResult], own_row: bool) -> None:
+def _save_step(turn: Turn, results: list[ToolResult], placement: str) -> None:
     assert turn.conversation_id is not None and turn.answer_id is not None
     step = None
-    if own_row:
+    if placement == "step":
         turn.state.end(Status.COMPLETED)
         outcome = _outcome(turn)
         step = {k: v for k, v in dataclasses.asdict(outcome).items() if v is not None}
@@ -168,13 +168,14 @@ def _save_step(turn: Turn, results: list[ToolResult], own_row: bool) -> None:
         }
         for result in results
     ]
-    Message.objects.save_step(turn.conversation_id, turn.answer_id, step, rows)
+    before = placement == "before"
+    Message.objects.save_step(turn.conversation_id, turn.answer_id, step, rows, before)
 
 
-async def save_step(turn: Turn, results: list[ToolResult], own_row: bool) -> None:
-    """Save a step's tool results (and, with ``own_row``, the step as a message of its own
-    before the answer); shielded, like every write of a turn."""
-    await asyncio.shield(asyncio.ensure_future(run(_save_step, turn, results, own_row)))
+async def save_step(turn: Turn, results: list[ToolResult], placement: str) -> None:
+    """Save tool results where ``placement`` says (``steps.Placement``: with the step as a
+    message of its own, after the answer, or before it); shielded, like every write."""
+    await asyncio.shield(asyncio.ensure_future(run(_save_step, turn, results, placement)))
 
 
 async def save(turn: Turn) -> bool:

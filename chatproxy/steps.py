@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from . import records
 from .conf import conf
@@ -20,6 +20,7 @@ from .tools import ToolResult, run_call
 from .turns import Turn, TurnState
 
 INTERRUPTED = "The tool run was interrupted."
+DENIED = "The user denied this call."
 
 
 def split_calls(turn: Turn) -> tuple[list[ToolCall], list[ToolCall]]:
@@ -33,27 +34,45 @@ def client_calls(turn: Turn) -> list[ToolCall]:
     return split_calls(turn)[1]
 
 
+def needs_approval(turn: Turn, calls: list[ToolCall]) -> list[ToolCall]:
+    return [call for call in calls if turn.tools[call["name"]].requires_approval]
+
+
+# Where a run's results are saved: "step", the step as a message of its own and the turn goes
+# on; "after" the answer, which stays this step (the client or the user answers next);
+# "before" the answer (approved calls, run as a turn starts).
+Placement = Literal["step", "after", "before"]
+
+
 async def run_tools(
     turn: Turn,
     calls: list[ToolCall],
-    go_on: bool,
+    placement: Placement,
     event_line: Callable[[Event], bytes],
     heartbeat: float | None,
+    denied: frozenset[str] = frozenset(),
 ) -> AsyncGenerator[bytes, None]:
-    """Run ``calls`` and yield their ``tool_result`` lines (a ``ping`` per silent interval).
-    With ``go_on`` (no client calls), the step is saved as a message of its own and the turn
-    moves to the next step; otherwise, or if the run is cut short (a cancel, the client
-    gone: unfinished calls are cancelled and get an error result), the results are saved
-    after the answer, which stays this step."""
+    """Run ``calls`` and yield their ``tool_result`` lines (a ``ping`` per silent interval);
+    the ``denied`` ones (by id) are not run, their result is the user's denial. If the run is
+    cut short (a cancel, the client gone), unfinished calls are cancelled and get an error
+    result, and a step's results are saved after its answer."""
     limit = asyncio.Semaphore(conf.CHATPROXY_MAX_PARALLEL_TOOLS)
 
     async def bounded(call: ToolCall) -> ToolResult:
+        found = turn.tools.get(call["name"])
+        if found is None:
+            return ToolResult(call, error=f"The tool {call['name']} is not available here.")
         async with limit:
-            return await run_call(turn, turn.tools[call["name"]], call)
+            return await run_call(turn, found, call)
 
-    tasks = [asyncio.ensure_future(bounded(call)) for call in calls]
+    results: dict[str, ToolResult] = {
+        call["id"]: ToolResult(call, error=DENIED) for call in calls if call["id"] in denied
+    }
+    if results:
+        turn.results += [result.event() for result in results.values()]
+        yield b"".join(event_line(result.event()) for result in results.values())
+    tasks = [asyncio.ensure_future(bounded(call)) for call in calls if call["id"] not in denied]
     pending: set[asyncio.Future[Any]] = set(tasks)
-    results: dict[str, ToolResult] = {}
     try:
         while pending:
             if turn.aborted is not None:
@@ -84,11 +103,22 @@ async def run_tools(
             unfinished.cancel()
         if pending:
             await asyncio.wait(pending)
-        finished = len(results) == len(calls)
+        if placement == "step" and len(results) < len(calls):
+            placement = "after"
         ordered = [results.get(call["id"]) or ToolResult(call, error=INTERRUPTED) for call in calls]
-        await records.save_step(turn, ordered, go_on and finished)
-    if go_on:
+        await records.save_step(turn, ordered, placement)
+    if placement == "step":
         _next_step(turn, ordered)
+    elif placement == "before":
+        turn.messages += [_tool_message(result) for result in ordered]
+
+
+def _tool_message(result: ToolResult) -> dict[str, str]:
+    return {"role": "tool", "tool_call_id": result.call["id"], "content": result.content()}
+
+
+def approval_events(calls: list[ToolCall]) -> list[Event]:
+    return [{"event": "approval_required", **call} for call in calls]
 
 
 def _next_step(turn: Turn, results: list[ToolResult]) -> None:
@@ -105,10 +135,7 @@ def _next_step(turn: Turn, results: list[ToolResult]) -> None:
             reasoning_field=conf.CHATPROXY_REASONING_FIELD,
         )
     )
-    for result in results:
-        turn.messages.append(
-            {"role": "tool", "tool_call_id": result.call["id"], "content": result.content()}
-        )
+    turn.messages += [_tool_message(result) for result in results]
     if state.reasoning:
         turn.earlier.append({"event": "reasoning", "content": state.reasoning})
     if state.text:

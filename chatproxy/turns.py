@@ -276,6 +276,8 @@ class Turn:
     # What a follower attaching mid-loop missed: the events of the steps before this one, and
     # the tool results of the step whose tools run.
     earlier: list[Event] = dataclasses.field(default_factory=list)
+    # The calls the user answered in this request (``approvals``), each with the answer.
+    approvals: list[tuple[ToolCall, bool]] = dataclasses.field(default_factory=list)
     results: list[Event] = dataclasses.field(default_factory=list)
     stopped: str | None = None
     # Set by abort() from outside the turn (a cancel from another request, a shutdown).

@@ -86,3 +86,13 @@ def plain() -> str:
 def unsupported(when: set[str]) -> str:
     """A hint chatproxy cannot describe."""
     return ""
+
+
+refunds: list[int] = []
+
+
+@tool(requires_approval=True)
+def refund(amount: int) -> str:
+    """Refund an amount to the user."""
+    refunds.append(amount)
+    return f"Refunded {amount}."

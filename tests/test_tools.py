@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
+from django.test import AsyncClient
 
 from chatproxy import followers
 from chatproxy.checks import check_settings
@@ -118,6 +119,7 @@ TOOLS = [
     "tests.sample_tools.staff_only",
     "tests.sample_tools.conversations",
     "tests.sample_tools.slow",
+    "tests.sample_tools.refund",
 ]
 
 
@@ -483,3 +485,144 @@ async def test_a_follower_attaching_during_a_tool_run_gets_the_steps_so_far(
 
 def ids(event: dict[str, Any]) -> dict[str, str]:
     return {k: event[k] for k in ("conversation_id", "message_id")}
+
+
+# Approval.
+
+
+async def _asked_for_approval(client: Any, upstream: Any) -> list[dict[str, Any]]:
+    sample_tools.refunds.clear()
+    calls = [call("r", "refund", '{"amount": 5}'), call("a", "add", '{"a": 1, "b": 1}')]
+    upstream.enqueue(Reply(tokens=["One moment."], tool_calls=calls))
+    return await read_events(await chat(client, ASK))
+
+
+@pytestmark_db
+async def test_a_call_needing_approval_ends_the_turn_asking_for_it(client, upstream, server_tools):
+    events = await _asked_for_approval(client, upstream)
+
+    assert [e["event"] for e in events] == [
+        "analyzing", "answering", "tool_call", "tool_call", "tool_result", "approval_required",
+        "completed",
+    ]  # fmt: skip
+    assert events[5] == {"event": "approval_required", **call("r", "refund", '{"amount": 5}')}
+    assert events[-1]["finish_reason"] == "approval_required"
+    assert "tool_calls" not in events[-1]
+    assert sample_tools.refunds == []
+    answer = await Message.objects.aget(pk=events[-1]["message_id"])
+    assert (answer.status, answer.finish_reason) == ("completed", "approval_required")
+    assert answer.metadata["approval_required"] == ["r"]
+
+
+@pytestmark_db
+async def test_an_approved_call_runs_in_the_next_turn_and_the_loop_goes_on(
+    client, upstream, server_tools
+):
+    first = await _asked_for_approval(client, upstream)
+    conversation_id = first[0]["conversation_id"]
+    upstream.enqueue(Reply(tokens=["Done."]))
+    body = {"conversation_id": conversation_id, "approvals": [{"id": "r", "approved": True}]}
+    events = await read_events(await chat(client, body))
+
+    assert [e["event"] for e in events] == ["analyzing", "tool_result", "answering", "completed"]
+    assert events[1] == {
+        "event": "tool_result",
+        "id": "r",
+        "name": "refund",
+        "result": "Refunded 5.",
+    }
+    assert sample_tools.refunds == [5]
+    sent = upstream.requests[1].json["messages"]
+    assert [(m["role"], m.get("tool_call_id")) for m in sent] == [
+        ("user", None), ("assistant", None), ("tool", "a"), ("tool", "r"),
+    ]  # fmt: skip
+    assert [r[1:3] for r in await rows(conversation_id)] == [
+        ("user", ""),
+        ("assistant", "completed"),
+        ("tool", "completed"),
+        ("tool", "completed"),
+        ("assistant", "completed"),
+    ]
+
+
+@pytestmark_db
+async def test_a_denied_call_over_the_websocket_gives_the_model_the_denial(
+    client, socket, upstream
+):
+    first = await _asked_for_approval(client, upstream)
+    upstream.enqueue(Reply(tokens=["Understood."]))
+    await socket.send_json_to(
+        {
+            "type": "chat",
+            "conversation_id": first[0]["conversation_id"],
+            "approvals": [{"id": "r", "approved": False}],
+        }
+    )
+    frames = await frames_until_terminal(socket)
+
+    assert frames[1] == {
+        "event": "tool_result", "id": "r", "name": "refund", "error": "The user denied this call."
+    }  # fmt: skip
+    assert frames[-1]["event"] == "completed"
+    assert sample_tools.refunds == []
+    assert upstream.requests[1].json["messages"][-1] == {
+        "role": "tool", "tool_call_id": "r", "content": '{"error":"The user denied this call."}'
+    }  # fmt: skip
+
+
+@pytestmark_db
+async def test_a_continuation_must_answer_exactly_the_calls_waiting_for_approval(
+    client, upstream, server_tools
+):
+    first = await _asked_for_approval(client, upstream)
+    conversation_id = first[0]["conversation_id"]
+    said = {"conversation_id": conversation_id, "messages": [{"role": "user", "content": "Hm"}]}
+    response = await chat(client, said)
+
+    assert response.status_code == 400
+    assert orjson.loads(response.content)["error"] == {
+        "code": "approvals_mismatch",
+        "message": "The last answer waits for your approval of the calls r: send approvals "
+        'with exactly one {"id", "approved"} for each; this request answers none.',
+    }
+    wrong = {"conversation_id": conversation_id, "approvals": [{"id": "x", "approved": True}]}
+    assert (await chat(client, wrong)).status_code == 400
+    assert len(upstream.requests) == 1
+
+
+@pytestmark_db
+@pytest.mark.parametrize(
+    ("approvals", "code"),
+    [
+        ([{"id": "r", "approved": "yes"}], "invalid_approvals"),
+        ([], "invalid_approvals"),
+        ([{"id": "r", "approved": True}], "approvals_mismatch"),
+    ],
+)
+async def test_approvals_that_answer_nothing_waiting_are_refused(
+    client, upstream, server_tools, approvals, code
+):
+    upstream.enqueue(Reply(tokens=["Hi."]))
+    first = await read_events(await chat(client, ASK))
+    body = {"conversation_id": first[0]["conversation_id"], "approvals": approvals}
+    response = await chat(client, body)
+
+    assert response.status_code == 400
+    assert orjson.loads(response.content)["error"]["code"] == code
+
+
+@pytestmark_db
+async def test_another_users_approvals_find_no_conversation(
+    client, upstream, server_tools, other_user
+):
+    first = await _asked_for_approval(client, upstream)
+    stranger = AsyncClient()
+    await stranger.aforce_login(other_user)
+    body = {
+        "conversation_id": first[0]["conversation_id"],
+        "approvals": [{"id": "r", "approved": True}],
+    }
+    response = await chat(stranger, body)
+
+    assert response.status_code == 404
+    assert sample_tools.refunds == []
