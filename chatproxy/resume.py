@@ -111,6 +111,9 @@ _STEP_FIELDS = ("role", "content", "reasoning", "tool_calls", "tool_call_id", "m
 async def earlier_steps(answer: Message) -> list[dict[str, Any]]:
     """The events of the steps of the answer's turn before it: the steps that ran server
     tools (saved as messages of their own, right before it) and their results."""
+    steps = answer.metadata.get("tool_steps", 0) if isinstance(answer.metadata, dict) else 0
+    if not steps:
+        return []  # no query for an answer without them
     before = Message.objects.filter(
         conversation_id=answer.conversation_id, position__lt=answer.position
     ).order_by("-position")
@@ -120,6 +123,9 @@ async def earlier_steps(answer: Message) -> list[dict[str, Any]]:
             rows.append(row)  # a server tool's result: the client's carry no name
         elif row.role == Role.ASSISTANT and row.tool_calls and rows:
             rows.append(row)
+            steps -= 1
+            if not steps:
+                break
         else:
             break
     while rows and rows[-1].role == Role.TOOL:

@@ -21,6 +21,7 @@ from .turns import Turn, TurnState
 
 INTERRUPTED = "The tool run was interrupted."
 DENIED = "The user denied this call."
+TOOL_STEPS = "tool_steps"
 
 
 def split_calls(turn: Turn) -> tuple[list[ToolCall], list[ToolCall]]:
@@ -141,6 +142,8 @@ def _next_step(turn: Turn, results: list[ToolResult]) -> None:
     if state.text:
         turn.earlier.append({"event": "answering", "content": state.text})
     turn.earlier += [{"event": "tool_call", **call} for call in state.tool_calls]
+    # Saved with the answer: how many steps before it a resume replays (resume.earlier_steps).
+    turn.metadata[TOOL_STEPS] = turn.metadata.get(TOOL_STEPS, 0) + 1
     turn.earlier += turn.results
     turn.results = []
     turn.spent = turn.usage()
