@@ -626,3 +626,17 @@ async def test_another_users_approvals_find_no_conversation(
 
     assert response.status_code == 404
     assert sample_tools.refunds == []
+
+
+@pytestmark_db
+async def test_cost_prices_every_step_of_the_loop_on_the_answer(client, upstream, settings):
+    settings.CHATPROXY_TOOLS = ["tests.sample_tools.add"]
+    settings.CHATPROXY_PRICES = {"gpt-test": {"prompt": 1_000_000, "completion": 1_000_000}}
+    upstream.enqueue(
+        Reply(tokens=[], tool_calls=[call("a", "add", '{"a": 1, "b": 1}')]), Reply(tokens=["2"])
+    )
+    completed = (await read_events(await chat(client, ASK)))[-1]
+
+    answer = await Message.objects.aget(pk=completed["message_id"])
+    assert answer.cost == completed["usage"]["total_tokens"]  # a unit price per token
+    assert answer.cost > answer.total_tokens
