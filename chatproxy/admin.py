@@ -63,6 +63,8 @@ def render_said(message: Message) -> SafeString:
             {**c, "arguments": _pretty(c.get("arguments", ""))} for c in message.tool_calls
         ],
         "tool_call_id": message.tool_call_id,
+        # A server tool's result carries its name and timing (chatproxy.steps).
+        "server_tool": message.metadata if isinstance(message.metadata, dict) else None,
     }
     return SafeString(render_to_string("admin/chatproxy/message/said.html", context))
 

@@ -13,6 +13,7 @@ from django.utils.module_loading import import_string
 from .conf import conf
 from .interception import Interceptor
 from .parameters import KINDS
+from .tools import Tool
 
 _POSITIVE_INTS = (
     "CHATPROXY_MAX_MESSAGES",
@@ -23,6 +24,8 @@ _POSITIVE_INTS = (
     "CHATPROXY_MAX_TOOLS",
     "CHATPROXY_MAX_TOOLS_BYTES",
     "CHATPROXY_MAX_SCHEMA_BYTES",
+    "CHATPROXY_MAX_TOOL_STEPS",
+    "CHATPROXY_MAX_PARALLEL_TOOLS",
 )
 _SECONDS = (
     "CHATPROXY_TIMEOUT",
@@ -35,6 +38,7 @@ _SECONDS = (
     "CHATPROXY_STALE_AFTER",
     "CHATPROXY_IDEMPOTENCY_WINDOW",
     "CHATPROXY_SEND_TIMEOUT",
+    "CHATPROXY_TOOL_TIMEOUT",
 )
 
 
@@ -129,6 +133,7 @@ def _errors() -> list[CheckMessage]:
             Error("CHATPROXY_MAX_RETRIES must be an integer, 0 or more.", id="chatproxy.E006")
         )
     errors += _interceptor_errors()
+    errors += _tool_errors()
     rate = conf.raw("CHATPROXY_RATE_LIMIT")
     if rate is not None and not (
         isinstance(rate, list | tuple)
@@ -308,6 +313,42 @@ def _interceptor_errors() -> list[CheckMessage]:
                     id="chatproxy.E007",
                 )
             )
+    return errors
+
+
+def _tool_errors() -> list[CheckMessage]:
+    specs = conf.raw("CHATPROXY_TOOLS")
+    if specs is None:
+        return []
+    if not isinstance(specs, list | tuple):
+        return [Error("CHATPROXY_TOOLS must be a list.", id="chatproxy.E020")]
+    errors: list[CheckMessage] = []
+    names: set[str] = set()
+    for spec in specs:
+        try:
+            found = import_string(spec) if isinstance(spec, str) else spec
+        except ImportError:
+            found = None
+        if not isinstance(found, Tool):
+            errors.append(
+                Error(
+                    f"CHATPROXY_TOOLS has {spec!r}, which is not a tool.",
+                    hint="List dotted paths to functions declared with @chatproxy.tools.tool.",
+                    id="chatproxy.E020",
+                )
+            )
+        elif found.problem:
+            errors.append(Error(found.problem, id="chatproxy.E021"))
+        elif found.name in names:
+            errors.append(
+                Error(
+                    f"CHATPROXY_TOOLS has two tools named {found.name!r}.",
+                    hint="Give one of them another name: @tool(name=...).",
+                    id="chatproxy.E020",
+                )
+            )
+        else:
+            names.add(found.name)
     return errors
 
 

@@ -100,6 +100,22 @@ class Settings:
         return int(getattr(settings, "CHATPROXY_MAX_TOOLS_BYTES", 32 * 1024))
 
     @property
+    def CHATPROXY_TOOLS(self) -> list[Any]:
+        return list(getattr(settings, "CHATPROXY_TOOLS", []))
+
+    @property
+    def CHATPROXY_TOOL_TIMEOUT(self) -> float:
+        return float(getattr(settings, "CHATPROXY_TOOL_TIMEOUT", 30.0))
+
+    @property
+    def CHATPROXY_MAX_TOOL_STEPS(self) -> int:
+        return int(getattr(settings, "CHATPROXY_MAX_TOOL_STEPS", 8))
+
+    @property
+    def CHATPROXY_MAX_PARALLEL_TOOLS(self) -> int:
+        return int(getattr(settings, "CHATPROXY_MAX_PARALLEL_TOOLS", 4))
+
+    @property
     def CHATPROXY_MAX_SCHEMA_BYTES(self) -> int:
         return int(getattr(settings, "CHATPROXY_MAX_SCHEMA_BYTES", 16 * 1024))
 

@@ -33,6 +33,7 @@ from .owners import Owner
 from .payload import decode_json, validate_request
 from .pipeline import run_turn
 from .resume import latest_answer, replay
+from .tools import ToolSpec
 from .turns import Turn
 
 CLOSE_UNAUTHENTICATED = 4401
@@ -47,6 +48,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     owner: Owner
     user: Any = None
     interceptors: Sequence[InterceptorSpec] | None = None  # None: CHATPROXY_INTERCEPTORS
+    tools: Sequence[ToolSpec] | None = None  # None: CHATPROXY_TOOLS
     task: asyncio.Task[None] | None = None  # runs the turn, queueing its frames
     turn: Turn | None = None
     following: uuid.UUID | None = None  # the answer a resumed socket follows
@@ -165,6 +167,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
                 request,
                 extra=extra,
                 interceptors=self.interceptors,
+                tools=self.tools,
                 idempotency_key=key,
             )
         except DuplicateTurnError as duplicate:  # the key's turn ran or runs: follow it

@@ -19,7 +19,12 @@ import orjson
 from .conf import DEMO_MODEL, conf
 
 PIECE = re.compile(r"\S{1,6}\s*|\s+")
-_ABOUT_TIME = re.compile(r"\b(time|clock|hour|date|today)\b", re.IGNORECASE)
+# What the demo model calls a tool for: asked about this, offered a function whose name has
+# that in it.
+_TOOL_TOPICS = (
+    (re.compile(r"\b(time|clock|hour|date|today)\b", re.IGNORECASE), "time", "the time"),
+    (re.compile(r"\bconversations?\b", re.IGNORECASE), "conversation", "their conversations"),
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,8 +50,9 @@ def _images(content: object) -> int:
 
 def demo_answer(body: dict[str, Any]) -> DemoAnswer:
     """Return the demo model's deterministic answer to a chat-completions request: asked about
-    the time and offered a function whose name has "time" in it, it calls that function; given
-    the result, it reads it out; otherwise it says back what it was told."""
+    the time (or conversations) and offered a function whose name has "time" (or
+    "conversation") in it, it calls that function; given the result, it reads it out;
+    otherwise it says back what it was told."""
     messages = body.get("messages") or []
     last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
     if last.get("role") == "tool":
@@ -61,12 +67,14 @@ def demo_answer(body: dict[str, Any]) -> DemoAnswer:
         for t in body.get("tools") or []
         if isinstance(t, dict) and isinstance(t.get("function"), dict)
     ]
-    timely = [name for name in tools if "time" in str(name).lower()]
-    if timely and _ABOUT_TIME.search(_text(last.get("content"))):
-        return DemoAnswer(
-            f"The user asks about the time and I have the tool {timely[0]}: I will call it.",
-            tool=timely[0],
-        )
+    said = _text(last.get("content"))
+    for topic, word, subject in _TOOL_TOPICS:
+        fitting = [name for name in tools if word in str(name).lower()]
+        if fitting and topic.search(said):
+            return DemoAnswer(
+                f"The user asks about {subject} and I have the tool {fitting[0]}: I will call it.",
+                tool=fitting[0],
+            )
     images = _images(last.get("content"))
     seen = (
         f" I see {images} image{'s' if images > 1 else ''}, but cannot look at them."

@@ -49,6 +49,11 @@ ERROR_CODES: dict[str, str] = {
     "invalid_stop": "`stop` is not a string or a list of 1 to 4 strings (400).",
     "invalid_tool_calls": "An assistant message's `tool_calls` is malformed (400).",
     "tool_results_mismatch": "The tool messages do not answer exactly the pending calls (400).",
+    "invalid_approvals": '`approvals` is not a list of {"id", "approved"}, or comes '
+    "without a conversation_id (400).",
+    "approvals_mismatch": "The approvals do not answer exactly the calls waiting for approval "
+    "(400).",
+    "tool_name_taken": "A tool in `tools` has the name of a tool that runs on the server (400).",
     "authentication_required": "The request carries no logged-in user (401).",
     "invalid_api_key": "The Authorization: Bearer key is unknown or revoked (401).",
     "csrf_failed": "A request identified by a session cookie lacks a valid CSRF token (403).",
@@ -73,6 +78,8 @@ ERROR_CODES: dict[str, str] = {
     "upstream_bad_response": "The upstream sent a chunk chatproxy could not read.",
     "internal_error": "chatproxy itself failed; the traceback is in the server log.",
     "interceptor_failed": "An interceptor raised an unexpected exception (logged with traceback).",
+    "too_many_tool_steps": "The model called server tools CHATPROXY_MAX_TOOL_STEPS times in a "
+    "row without answering (saved `failed`).",
     "turn_rejected": "An interceptor refused the turn (saved `blocked`); it may use its own code.",
     "content_blocked": "A guardrail stopped the answer mid-stream (saved `blocked`).",
     "busy": "WebSocket only: a turn is already running on this socket.",

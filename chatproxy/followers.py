@@ -130,7 +130,15 @@ class TurnChannel:
             raise refusal
         # The snapshot is queued first and synchronously, so no later event can overtake it:
         # the follower gets the text so far, then everything after it.
-        follower.put({"kind": "snapshot", "text": self.turn.state.text})
+        turn = self.turn
+        for event in turn.earlier:
+            follower.put({"kind": "event", "event": dict(event)})
+        follower.put({"kind": "snapshot", "text": turn.state.text})
+        if turn.tools:  # a step running server tools: its calls, and the results so far
+            for call in turn.state.tool_calls:
+                follower.put({"kind": "event", "event": {"event": "tool_call", **call}})
+            for event in turn.results:
+                follower.put({"kind": "event", "event": dict(event)})
         self.followers.append(follower)
         if follower.who:
             _follows[follower.who] += 1

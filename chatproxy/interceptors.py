@@ -187,7 +187,7 @@ class Cost(Interceptor):
 
     async def after_response(self, turn: Turn) -> None:
         price = (self.options.get("prices") or conf.CHATPROXY_PRICES).get(turn.model)
-        usage = turn.state.usage
+        usage = turn.usage()  # every step of a tool loop
         if price and usage:
             million = Decimal(1_000_000)
             prompt = Decimal(usage["prompt_tokens"])

@@ -35,6 +35,11 @@ class Status(models.TextChoices):
     BLOCKED = "blocked", _("blocked")
 
 
+# The finish reason of an answer whose server tool calls wait for the user, and the key of its
+# metadata that lists them.
+APPROVAL_REQUIRED = "approval_required"
+
+
 class Role(models.TextChoices):
     SYSTEM = "system", _("system")
     USER = "user", _("user")
@@ -225,6 +230,49 @@ class MessageManager(models.Manager["Message"]):
         with transaction.atomic():
             update_row(Message, answer_id, {**fields, "finished_at": now})
             update_row(Conversation, conversation_id, {"status": outcome.status, "updated_at": now})
+
+    def save_step(
+        self,
+        conversation_id: uuid.UUID,
+        answer_id: uuid.UUID,
+        step: dict[str, Any] | None,
+        results: list[dict[str, Any]],
+        before: bool = False,
+    ) -> None:
+        """Save a finished step of a turn that ran server tools: with ``step`` (the fields of
+        its assistant message), that message takes the answer's place and the answer moves
+        after the ``results`` (the fields of the ``tool`` messages); without, the results
+        follow the answer, which is the turn's last step, or precede it (``before``: approved
+        calls run at a turn's start). Positions stay dense and ordered."""
+        with transaction.atomic():
+            conversation = Conversation.objects.select_for_update().get(pk=conversation_id)
+            answer = self.get(pk=answer_id)
+            last = conversation.messages.aggregate(last=models.Max("position"))["last"]
+            rows = [Message(role=Role.TOOL, status=Status.COMPLETED, **r) for r in results]
+            if step is not None:
+                rows.insert(0, Message(role=Role.ASSISTANT, **step))
+            if step is None and not before:
+                first = last + 1
+            else:
+                first = answer.position
+                update_row(Message, answer_id, {"position": last + len(rows)})
+            for i, row in enumerate(rows):
+                row.conversation, row.position = conversation, first + i
+            insert_rows(Message, rows)
+
+    def awaiting_approval(self, conversation_id: uuid.UUID) -> list[dict[str, str]]:
+        """The calls of the conversation's last answer that wait for the user's approval."""
+        last = (
+            self.filter(conversation_id=conversation_id, role=Role.ASSISTANT)
+            .exclude(status="")
+            .order_by("-position")
+            .values_list("finish_reason", "tool_calls", "metadata")
+            .first()
+        )
+        if last is None or last[0] != APPROVAL_REQUIRED:
+            return []
+        waiting = (last[2] or {}).get(APPROVAL_REQUIRED, [])
+        return [call for call in last[1] if call["id"] in waiting]
 
     def checkpoint(self, texts: dict[uuid.UUID, str]) -> None:
         """Save the text so far of answers still streaming, in one transaction, so a crash

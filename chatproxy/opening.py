@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from django.db import transaction
 
 from .conf import conf
 from .database import run
+from .events import ToolCall
 from .exceptions import DuplicateTurnError, RequestError
 from .interception import Chain, InterceptorSpec, build_chain
 from .limits import bound_history, check_model, check_rate, check_streams
 from .models import Conversation, IdempotencyKey, Message, message_fields
 from .owners import Owner
-from .payload import ChatRequest, check_tool_results, pending_tool_calls
+from .payload import ChatRequest, check_approvals, check_tool_results, pending_tool_calls
 from .records import save
+from .tools import Tool, ToolSpec, offer_tools
+from .tools import load as load_tools
 from .turns import Turn, TurnState
 
 Identify = Callable[[], tuple[Owner, Any]]
@@ -40,6 +43,7 @@ async def open_turn(
     *,
     extra: dict[str, Any] | None = None,
     interceptors: Sequence[InterceptorSpec] | None = None,
+    tools: Sequence[ToolSpec] | None = None,
     idempotency_key: str = "",
     open_session: OpenSession | None = None,
 ) -> Turn:
@@ -49,15 +53,16 @@ async def open_turn(
     and the turn's first rows.
 
     Raises ``DuplicateTurnError`` (with its ``answer`` loaded) when ``idempotency_key`` already
-    started a turn. ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn.
+    started a turn. ``interceptors`` replaces CHATPROXY_INTERCEPTORS for this turn, ``tools``
+    CHATPROXY_TOOLS.
     ``open_session`` gives an owner that ``is_new`` (an anonymous visitor without a session)
     one, once the turn has passed every limit (e.g. ``auth.open_session`` for a request). If
     the caller is cancelled meanwhile (the client left), the turn's rows, once written, are
     finalized as ``interrupted``.
     """
-    chain = build_chain(interceptors)
+    chain, offered = build_chain(interceptors), load_tools(tools)
     task = asyncio.ensure_future(
-        run(_open, identify, request, chain, extra or {}, idempotency_key, open_session)
+        run(_open, identify, request, chain, offered, extra or {}, idempotency_key, open_session)
     )
     try:
         return await asyncio.shield(task)
@@ -80,6 +85,7 @@ def _open(
     identify: Identify,
     request: ChatRequest,
     chain: Chain,
+    offered: dict[str, Tool],
     extra: dict[str, Any],
     key: str,
     open_session: OpenSession | None,
@@ -105,8 +111,17 @@ def _open(
                     status=404,
                 )
             history = found
+        approvals: list[tuple[ToolCall, bool]] = []
         if request.conversation_id is not None and conf.CHATPROXY_STORE_CONTENT:
-            check_tool_results(request.tool_results, pending_tool_calls(history))
+            pending = pending_tool_calls(history)
+            # Calls waiting for approval have no result yet: only when some call has none.
+            waiting = Message.objects.awaiting_approval(request.conversation_id) if pending else []
+            check_approvals(request.approvals, [call["id"] for call in waiting])
+            approvals = [(cast(ToolCall, c), request.approvals[c["id"]]) for c in waiting]
+            asked = {call["id"] for call in waiting}
+            check_tool_results(request.tool_results, [i for i in pending if i not in asked])
+        elif request.approvals:
+            check_approvals(request.approvals, [])
         # Bounded here, before the interceptors, which keep what they add (a system prompt).
         history, dropped = bound_history(history, request.messages)
         turn = Turn(
@@ -119,7 +134,10 @@ def _open(
             state=TurnState(chain.transforming, bool(chain.reasonings)),
             idempotency_key=key,
             dropped_messages=dropped,
+            tools=offered,
+            approvals=approvals,
         )
+        offer_tools(turn.params, offered)
         if conf.CHATPROXY_SEND_USER:
             turn.params["user"] = owner.upstream_user  # never the client's: it names the owner
         # Written before the first byte, so a limit (429) or a duplicate submission can

@@ -20,7 +20,7 @@ from django.views.decorators.csrf import ensure_csrf_cookie
 from .auth import authenticate
 from .conf import conf
 from .exceptions import RequestError
-from .models import Conversation, Message
+from .models import APPROVAL_REQUIRED, Conversation, Message
 from .owners import Owner
 from .views import PRIVATE_HEADERS, error_response
 
@@ -111,6 +111,8 @@ def _shown(message: Message) -> dict[str, Any]:
     for name in ("parts", "reasoning", "tool_calls", "tool_call_id"):
         if value := getattr(message, name):
             shown[name] = value
+    if message.finish_reason == APPROVAL_REQUIRED and isinstance(message.metadata, dict):
+        shown[APPROVAL_REQUIRED] = message.metadata.get(APPROVAL_REQUIRED, [])
     return shown
 
 

@@ -16,7 +16,7 @@ from .content import PART_EXAMPLE, Tally, validate_parts
 from .exceptions import RequestError
 from .parameters import TOOL_NAME, check_together, validate_parameter
 
-FIELDS = ("messages", "conversation_id", "model")
+FIELDS = ("messages", "conversation_id", "model", "approvals")
 EXAMPLE = '{"messages": [{"role": "user", "content": "Hi"}]}'
 MAX_ID = 100  # the length of Message.tool_call_id
 
@@ -27,6 +27,8 @@ class ChatRequest:
     model: str
     params: dict[str, Any]
     conversation_id: uuid.UUID | None = None
+    # The answers to calls waiting for approval: approved (True) or denied, by call id.
+    approvals: dict[str, bool] = dataclasses.field(default_factory=dict)
 
     @property
     def tool_results(self) -> list[str]:
@@ -63,7 +65,11 @@ def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
     conversation_id = _conversation_id(data.get("conversation_id"))
     # With CHATPROXY_STORE_CONTENT off the server keeps no history, so the client sends it.
     continuing = conversation_id is not None and conf.CHATPROXY_STORE_CONTENT
-    messages = validate_messages(data.get("messages"), continuing=continuing)
+    approvals = _approvals(data.get("approvals"), continuing)
+    if approvals and not data.get("messages"):
+        messages: list[dict[str, Any]] = []  # approving is enough to go on
+    else:
+        messages = validate_messages(data.get("messages"), continuing=continuing)
     params = {
         name: validate_parameter(name, spec, data[name])
         for name, spec in allowed.items()
@@ -75,6 +81,55 @@ def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
         model=_model(data.get("model")),
         params=params,
         conversation_id=conversation_id,
+        approvals=approvals,
+    )
+
+
+APPROVALS_EXAMPLE = '[{"id": "call_abc123", "approved": true}]'
+
+
+def _approvals(value: Any, continuing: bool) -> dict[str, bool]:
+    if value is None:
+        return {}
+    if not continuing:
+        raise RequestError(
+            "invalid_approvals",
+            "approvals answer the calls of a saved conversation: send its conversation_id too.",
+        )
+    if not isinstance(value, list) or not value:
+        raise RequestError(
+            "invalid_approvals", f"approvals must be a non-empty list, as in {APPROVALS_EXAMPLE}."
+        )
+    approvals: dict[str, bool] = {}
+    for i, item in enumerate(value):
+        if not (
+            isinstance(item, dict)
+            and set(item) == {"id", "approved"}
+            and isinstance(item["id"], str)
+            and isinstance(item["approved"], bool)
+        ):
+            raise RequestError(
+                "invalid_approvals",
+                f'approvals[{i}] must be {{"id": "<call id>", "approved": true or false}}.',
+            )
+        approvals[item["id"]] = item["approved"]
+    return approvals
+
+
+def check_approvals(approvals: dict[str, bool], waiting: list[str]) -> None:
+    """Refuse approvals that do not answer exactly the calls ``waiting`` for approval."""
+    if sorted(approvals) == sorted(waiting):
+        return
+    if not waiting:
+        raise RequestError(
+            "approvals_mismatch",
+            "This conversation has no calls waiting for approval: leave out approvals.",
+        )
+    raise RequestError(
+        "approvals_mismatch",
+        f"The last answer waits for your approval of the calls {', '.join(waiting)}: send "
+        f'approvals with exactly one {{"id", "approved"}} for each; this request answers '
+        f"{', '.join(approvals) or 'none'}.",
     )
 
 

@@ -15,12 +15,12 @@ from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import aclosing
 from typing import Any
 
-from . import records, shutdown
+from . import records, shutdown, steps
 from .conf import conf
 from .events import PING, Encoder, Event, ToolCall, error_event
 from .exceptions import TurnError
 from .followers import TurnChannel
-from .models import Message, Status
+from .models import APPROVAL_REQUIRED, Message, Status
 from .signals import turn_finished
 from .turns import Pieces, Turn
 from .upstream import AnswerStream
@@ -39,7 +39,6 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
     partial answer is saved as ``interrupted``."""
     encoder, state, chain = Encoder(turn.extra), turn.state, turn.chain
     save: asyncio.Future[bool] | None = None
-    stream: AnswerStream | None = None
     channel: TurnChannel | None = None
     try:
         ids = turn.ids()
@@ -58,56 +57,45 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
                 async with aclosing(stage):
                     async for event in stage:
                         yield event_line(event)
-            if turn.aborted is not None:
-                raise turn.aborted
-            turn.stream = stream = AnswerStream(
-                turn.model, turn.messages, turn.params, f"chatproxy-{turn.answer_id}"
-            )
-            shutdown.track(stream)
-            coalesce, transforming = conf.CHATPROXY_COALESCE_DELTAS, chain.transforming
-            every = conf.CHATPROXY_CHECKPOINT_INTERVAL if conf.CHATPROXY_STORE_CONTENT else 0
-            checkpoint_at = time.monotonic() + every
-            while (batch := await stream.next_batch(heartbeat)) is not None:
-                if not batch:
-                    yield event_line(PING)
-                    continue
-                pieces = [piece for chunk in batch if (piece := state.feed(chunk))]
-                if coalesce and len(pieces) > 1 and not state.mixed:
-                    pieces = ["".join(pieces)]  # type: ignore[arg-type]
-                lines: list[bytes] = []  # one line per delta, written together
-                for piece in pieces:
-                    # Reasoning or tool calls (a Pieces) are off the hot path of plain text.
-                    text = (
-                        piece
-                        if isinstance(piece, str)
-                        else await _relay_pieces(turn, piece, lines, event_line)
-                    )
-                    if transforming and text and (text := await chain.on_delta(turn, text)):
-                        state.deliver(text)
-                    if text:
-                        if channel.followers:
-                            channel.text(text)
-                        lines.append(encoder.answering(text))
-                    if turn.pending:
-                        lines.extend(event_line(event) for event in _take(turn))
-                if lines:
-                    yield lines[0] if len(lines) == 1 else b"".join(lines)
-                if turn.stopped:
-                    state.finish_reason = turn.stopped
+            if turn.approvals:
+                calls = [call for call, _ in turn.approvals]
+                denied = frozenset(call["id"] for call, approved in turn.approvals if not approved)
+                tool_lines = steps.run_tools(turn, calls, "before", event_line, heartbeat, denied)
+                async with aclosing(tool_lines):
+                    async for line in tool_lines:
+                        yield line
+            step = 1
+            while True:
+                state = turn.state
+                async with aclosing(
+                    _stream_step(turn, encoder, channel, event_line, heartbeat)
+                ) as lines:
+                    async for line in lines:
+                        yield line
+                server, client = steps.split_calls(turn)
+                if turn.stopped or not server:
                     break
-                if every and time.monotonic() >= checkpoint_at:
-                    # Awaited inline: at most one write per interval, never one per token.
-                    await records.checkpoint(turn)
-                    checkpoint_at = time.monotonic() + every
-            await stream.aclose()
-            if not turn.stopped and (state.reasoning_open or state.tool_calls_open):
-                # The body ended with reasoning held back or calls open, and no finish reason.
-                ended = state.reasoning_open
-                last, lines = Pieces("", state.close(), "", ended), []
-                await _relay_pieces(turn, last, lines, event_line)
-                if lines:
-                    yield b"".join(lines)
-            if transforming and (text := await chain.flush(turn)):
+                asked = steps.needs_approval(turn, server)
+                run = [call for call in server if call not in asked]
+                placement: steps.Placement = "after" if client or asked else "step"
+                if run:
+                    tool_lines = steps.run_tools(turn, run, placement, event_line, heartbeat)
+                    async with aclosing(tool_lines):
+                        async for line in tool_lines:
+                            yield line
+                if asked:  # the user answers them, in a turn of its own: see ``approvals``
+                    yield b"".join(map(event_line, steps.approval_events(asked)))
+                    turn.metadata[APPROVAL_REQUIRED] = [call["id"] for call in asked]
+                    state.finish_reason = APPROVAL_REQUIRED
+                if placement == "after":  # the client answers its own calls: the turn ends
+                    break
+                if step == conf.CHATPROXY_MAX_TOOL_STEPS:
+                    raise TurnError(
+                        f"The model called tools {step} times in a row without answering.",
+                        code="too_many_tool_steps",
+                    )
+                step += 1
+            if chain.transforming and (text := await chain.flush(turn)):
                 state.deliver(text)
                 channel.text(text)
                 yield encoder.answering(text)
@@ -121,24 +109,24 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
                 "event": "completed",
                 **ids,
                 "finish_reason": state.finish_reason,
-                "usage": state.usage,
+                "usage": turn.usage(),
             }
             if turn.dropped_messages:
                 terminal["history"] = turn.history_cut()
-            if state.tool_calls:
-                terminal["tool_calls"] = state.tool_calls
+            if calls := steps.client_calls(turn) if turn.tools else state.tool_calls:
+                terminal["tool_calls"] = calls
         except TurnError as exc:
+            state = turn.state
             if state.status is Status.STREAMING:
                 state.end(Status(exc.status), exc.code, exc.message)
             await chain.notify("on_error", turn, exc)
             terminal = dict(error_event(exc.code, exc.message, **ids))
         except Exception:  # the one top-level guard: the stream must end with an error event
             logger.exception("Chat turn %s failed", turn.answer_id)
+            state = turn.state
             if state.status is Status.STREAMING:
                 state.end(Status.FAILED, "internal_error", "Something went wrong on the server.")
             terminal = _internal_error(**ids)
-        if stream is not None:
-            await stream.aclose()
         save = asyncio.ensure_future(records.save(turn))
         # Saved before the terminal line goes out, so a client that continues the
         # conversation right after `completed` finds this answer in its history.
@@ -147,9 +135,6 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
         yield event_line(terminal)
     finally:
         # No `yield` in here: the generator may be closing (GeneratorExit).
-        if stream is not None:
-            shutdown.forget(stream)
-            await stream.aclose()
         interrupted = save is None
         if save is None:
             save = asyncio.ensure_future(records.save(turn))
@@ -160,6 +145,72 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
             if interrupted:
                 await chain.notify("on_interrupt", turn)
             await _announce(turn)
+
+
+async def _stream_step(
+    turn: Turn,
+    encoder: Encoder,
+    channel: TurnChannel,
+    event_line: Callable[[Event], bytes],
+    heartbeat: float | None,
+) -> AsyncGenerator[bytes, None]:
+    """Stream one upstream call of the turn into ``turn.state``, yielding its lines."""
+    state, chain = turn.state, turn.chain
+    stream: AnswerStream | None = None
+    try:
+        if turn.aborted is not None:
+            raise turn.aborted
+        turn.stream = stream = AnswerStream(
+            turn.model, turn.messages, turn.params, f"chatproxy-{turn.answer_id}"
+        )
+        shutdown.track(stream)
+        coalesce, transforming = conf.CHATPROXY_COALESCE_DELTAS, chain.transforming
+        every = conf.CHATPROXY_CHECKPOINT_INTERVAL if conf.CHATPROXY_STORE_CONTENT else 0
+        checkpoint_at = time.monotonic() + every
+        while (batch := await stream.next_batch(heartbeat)) is not None:
+            if not batch:
+                yield event_line(PING)
+                continue
+            pieces = [piece for chunk in batch if (piece := state.feed(chunk))]
+            if coalesce and len(pieces) > 1 and not state.mixed:
+                pieces = ["".join(pieces)]  # type: ignore[arg-type]
+            lines: list[bytes] = []  # one line per delta, written together
+            for piece in pieces:
+                # Reasoning or tool calls (a Pieces) are off the hot path of plain text.
+                text = (
+                    piece
+                    if isinstance(piece, str)
+                    else await _relay_pieces(turn, piece, lines, event_line)
+                )
+                if transforming and text and (text := await chain.on_delta(turn, text)):
+                    state.deliver(text)
+                if text:
+                    if channel.followers:
+                        channel.text(text)
+                    lines.append(encoder.answering(text))
+                if turn.pending:
+                    lines.extend(event_line(event) for event in _take(turn))
+            if lines:
+                yield lines[0] if len(lines) == 1 else b"".join(lines)
+            if turn.stopped:
+                state.finish_reason = turn.stopped
+                break
+            if every and time.monotonic() >= checkpoint_at:
+                # Awaited inline: at most one write per interval, never one per token.
+                await records.checkpoint(turn)
+                checkpoint_at = time.monotonic() + every
+        await stream.aclose()
+        if not turn.stopped and (state.reasoning_open or state.tool_calls_open):
+            # The body ended with reasoning held back or calls open, and no finish reason.
+            ended = state.reasoning_open
+            last, lines = Pieces("", state.close(), "", ended), []
+            await _relay_pieces(turn, last, lines, event_line)
+            if lines:
+                yield b"".join(lines)
+    finally:
+        if stream is not None:
+            shutdown.forget(stream)
+            await stream.aclose()
 
 
 async def _relay_pieces(

@@ -9,14 +9,18 @@ stop it, or the answer would stay ``streaming`` forever.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from weakref import WeakKeyDictionary
 
+from django.utils import timezone
+
 from .conf import conf
 from .database import run
 from .models import Message, Status
-from .turns import Turn
+from .tools import ToolResult
+from .turns import Turn, TurnOutcome
 
 logger = logging.getLogger("chatproxy.records")
 
@@ -79,17 +83,51 @@ async def checkpoint(turn: Turn) -> None:
     await asyncio.shield(batch.add(turn.answer_id, turn.state.text))
 
 
-def _finish(turn: Turn) -> None:
-    assert turn.conversation_id is not None and turn.answer_id is not None
+def _outcome(turn: Turn) -> TurnOutcome:
     outcome = turn.state.outcome()
-    outcome.model, outcome.cost = turn.model, turn.cost
-    outcome.metadata = turn.metadata or None
-    if turn.dropped_messages:
-        outcome.metadata = {**turn.metadata, "history": turn.history_cut()}
+    outcome.model = turn.model
     if not conf.CHATPROXY_STORE_CONTENT:  # metadata only: no text, reasoning or call arguments
         outcome.content = outcome.raw_content = outcome.reasoning = ""
         outcome.tool_calls = []
+    return outcome
+
+
+def _finish(turn: Turn) -> None:
+    assert turn.conversation_id is not None and turn.answer_id is not None
+    outcome = _outcome(turn)
+    outcome.cost = turn.cost
+    outcome.metadata = turn.metadata or None
+    if turn.dropped_messages:
+        outcome.metadata = {**turn.metadata, "history": turn.history_cut()}
     Message.objects.finish_turn(turn.conversation_id, turn.answer_id, outcome)
+
+
+def _save_step(turn: Turn, results: list[ToolResult], placement: str) -> None:
+    assert turn.conversation_id is not None and turn.answer_id is not None
+    step = None
+    if placement == "step":
+        turn.state.end(Status.COMPLETED)
+        outcome = _outcome(turn)
+        step = {k: v for k, v in dataclasses.asdict(outcome).items() if v is not None}
+        step["finished_at"] = timezone.now()
+    store = conf.CHATPROXY_STORE_CONTENT
+    rows = [
+        {
+            "tool_call_id": result.call["id"],
+            "content": result.content() if store else "",
+            "metadata": result.metadata(),
+            "finished_at": timezone.now(),
+        }
+        for result in results
+    ]
+    before = placement == "before"
+    Message.objects.save_step(turn.conversation_id, turn.answer_id, step, rows, before)
+
+
+async def save_step(turn: Turn, results: list[ToolResult], placement: str) -> None:
+    """Save tool results where ``placement`` says (``steps.Placement``: with the step as a
+    message of its own, after the answer, or before it); shielded, like every write."""
+    await asyncio.shield(asyncio.ensure_future(run(_save_step, turn, results, placement)))
 
 
 async def save(turn: Turn) -> bool:

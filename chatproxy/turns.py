@@ -270,6 +270,16 @@ class Turn:
     idempotency_key: str = ""
     # How many of the stored history's oldest messages CHATPROXY_MAX_HISTORY_CHARS left out.
     dropped_messages: int = 0
+    # The server tools offered to the model (chatproxy.tools.Tool by name), and the usage of
+    # the turn's earlier steps, which ``completed`` sums with the last one's.
+    tools: dict[str, Any] = dataclasses.field(default_factory=dict)
+    spent: Usage | None = None
+    # What a follower attaching mid-loop missed: the events of the steps before this one, and
+    # the tool results of the step whose tools run.
+    earlier: list[Event] = dataclasses.field(default_factory=list)
+    # The calls the user answered in this request (``approvals``), each with the answer.
+    approvals: list[tuple[ToolCall, bool]] = dataclasses.field(default_factory=list)
+    results: list[Event] = dataclasses.field(default_factory=list)
     stopped: str | None = None
     # Set by abort() from outside the turn (a cancel from another request, a shutdown).
     aborted: Exception | None = None
@@ -289,6 +299,16 @@ class Turn:
             return {}
         return {"conversation_id": str(self.conversation_id), "message_id": str(self.answer_id)}
 
+    def usage(self) -> Usage | None:
+        """The usage of every step so far: what ``completed`` reports."""
+        last, spent = self.state.usage, self.spent
+        if spent is None or last is None:
+            return last or spent
+        total: dict[str, Any] = {**spent}
+        for key, value in last.items():
+            total[key] = total.get(key, 0) + value
+        return total  # type: ignore[return-value]
+
     def history_cut(self) -> HistoryCut:
         """What the ``completed`` event and the saved answer say of a history that was cut."""
         return {"dropped_messages": self.dropped_messages}
@@ -301,6 +321,7 @@ class Turn:
     def abort(self, error: Exception) -> None:
         """End the turn from outside with ``error`` (a ``TurnError``), as soon as possible."""
         self.aborted = error
+        self.wakeup.set()  # a turn waiting on its tools stops waiting
         if self.stream is not None:
             self.stream.fail(error)
 

@@ -26,6 +26,7 @@ from .owners import Owner
 from .payload import ChatRequest, decode_json, validate_request
 from .pipeline import run_turn
 from .resume import last_answer, latest_answer, open_replay
+from .tools import ToolSpec
 
 # Every answer here depends on who asks (the session cookie or the bearer key) and may carry a
 # transcript: no cache, the browser's included, may keep it or hand it to someone else.
@@ -57,11 +58,13 @@ def error_response(exc: RequestError) -> JsonResponse:
 class CompletionsView(View):
     """Stream one chat turn as NDJSON: ``analyzing``, ``answering``…, ``completed``/``error``.
 
-    ``CompletionsView.as_view(interceptors=[...])`` gives a URL its own interceptors.
+    ``CompletionsView.as_view(interceptors=[...], tools=[...])`` gives a URL its own interceptors
+    and server tools.
     """
 
     http_method_names = ["post"]
     interceptors: Sequence[InterceptorSpec] | None = None  # None: CHATPROXY_INTERCEPTORS
+    tools: Sequence[ToolSpec] | None = None  # None: CHATPROXY_TOOLS
 
     @classmethod
     def as_view(cls, **initkwargs: Any) -> Any:
@@ -81,6 +84,7 @@ class CompletionsView(View):
                     functools.partial(identify, request),
                     chat,
                     interceptors=self.interceptors,
+                    tools=self.tools,
                     idempotency_key=key,
                     open_session=functools.partial(open_session, request),
                 )

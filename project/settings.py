@@ -151,6 +151,8 @@ if os.environ.get("CHATPROXY_MODELS"):
 if os.environ.get("CHATPROXY_DEFAULT_MODEL"):
     CHATPROXY_DEFAULT_MODEL = os.environ["CHATPROXY_DEFAULT_MODEL"]
 # Anonymous chat only while the offline demo model answers, unless said explicitly.
+# Tools the model may call, which the server runs as the asking user (docs/tools.md).
+CHATPROXY_TOOLS = ["project.tools.current_time", "project.tools.count_my_conversations"]
 CHATPROXY_ALLOW_ANONYMOUS = (
     os.environ.get("CHATPROXY_ALLOW_ANONYMOUS", "0" if CHATPROXY_API_KEY else "1") == "1"
 )

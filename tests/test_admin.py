@@ -282,3 +282,35 @@ def test_a_data_url_larger_than_the_image_limit_is_named_not_drawn(
 
     assert f'<img src="{PNG_URL}"' not in html
     assert html.count("[an image not shown") == 2
+
+
+def test_transcript_shows_each_step_of_a_server_tool_loop_with_its_timing(staff_client, user):
+    conversation = Conversation.objects.create(owner=user, title="Loop")
+    rows = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "Looking.",
+            "tool_calls": [{"id": "call_1", "name": "weather", "arguments": "{}"}],
+            "status": "completed",
+            "finish_reason": "tool_calls",
+        },
+        {
+            "role": "tool",
+            "content": '{"error":"The tool weather failed."}',
+            "tool_call_id": "call_1",
+            "metadata": {"name": "weather", "duration_ms": 12, "error": True},
+        },
+        {"role": "assistant", "content": "Sorry, no weather today.", "status": "completed"},
+    ]
+    for position, fields in enumerate(rows):
+        Message.objects.create(conversation=conversation, position=position, **fields)
+    response = staff_client.get(f"/admin/chatproxy/conversation/{conversation.pk}/change/")
+
+    html = response.content.decode()
+    step = html.index("Tool call <strong>weather</strong> <code>call_1</code>")
+    result = html.index(
+        "Result of the tool call <code>call_1</code>, run on the server by "
+        "<strong>weather</strong> in 12 ms: <strong>failed</strong>"
+    )
+    assert step < result < html.index("Sorry, no weather today.")

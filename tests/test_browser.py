@@ -12,7 +12,7 @@ import asyncio
 import base64
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -590,3 +590,48 @@ async def test_the_demo_model_reasons_calls_the_page_tool_and_answers_with_its_r
         await expect(answer.locator(".chatproxy-message__content")).to_contain_text(
             "The tool says:"
         )
+
+
+@pytest.fixture
+def tools_server(django_db_blocker: Any, upstream_server: Any) -> Iterator[ServerProcess]:
+    process = ServerProcess(
+        shared_database_name(django_db_blocker),
+        upstream_server.base_url,
+        {"CHATPROXY_TOOLS": ["tests.sample_tools.add", "tests.sample_tools.refund"]},
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+async def tools_page(browser: Browser, tools_server: Any, user: Any) -> AsyncIterator[Page]:
+    async with open_page(browser, tools_server, user) as page:
+        yield page
+
+
+async def test_a_server_tools_result_shows_on_its_card_and_an_approval_is_asked_and_sent(
+    tools_page, upstream
+):
+    page = tools_page
+    upstream.enqueue(
+        Reply(tokens=[], tool_calls=[{"id": "a", "name": "add", "arguments": '{"a": 1, "b": 1}'}]),
+        Reply(tokens=[], tool_calls=[{"id": "r", "name": "refund", "arguments": '{"amount": 5}'}]),
+        Reply(tokens=["Refunded."]),
+    )
+    answer = await send(page, "Refund me")
+
+    await expect(
+        answer.locator('[data-call-id="a"] .chatproxy-tool-call__result pre')
+    ).to_have_text("2")
+    await answer.get_by_role("button", name="Approve").click()
+    approved = page.locator(".chatproxy-message--assistant").nth(1)
+    await expect(approved.locator(".chatproxy-message__content")).to_have_text("Refunded.")
+    await expect(
+        approved.locator('[data-call-id="r"] .chatproxy-tool-call__result pre')
+    ).to_have_text('"Refunded 5."')
+    assert upstream.requests[-1].json["messages"][-1] == {
+        "role": "tool",
+        "tool_call_id": "r",
+        "content": '"Refunded 5."',
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatproxy.demo import PIECE, demo_answer, demo_reply
-from chatproxy.models import Message
+from chatproxy.models import Conversation, Message
 from chatproxy.upstream import get_client
 from tests.conftest import answer_text, chat, read_events
 
@@ -155,3 +155,33 @@ async def test_the_demo_shows_the_whole_protocol_over_two_turns(demo, client):
         )
     )
     assert answer_text(second).startswith("The tool says: \u201cnoon\u201d.")
+
+
+TIME_QUESTION = {"role": "user", "content": "What time is it?"}
+DEMO_TOOLS = ["project.tools.current_time", "project.tools.count_my_conversations"]
+
+
+async def test_the_demo_model_runs_the_demo_projects_time_tool_with_no_key(demo, client, settings):
+    settings.CHATPROXY_TOOLS = DEMO_TOOLS
+    events = await read_events(await chat(client, {"messages": [TIME_QUESTION]}))
+
+    kinds = [e["event"] for e in events]
+    assert kinds.index("tool_call") < kinds.index("tool_result") < kinds.index("answering")
+    result = next(e for e in events if e["event"] == "tool_result")
+    assert result["name"] == "current_time"
+    quoted = f'"{result["result"]}"'  # the result as JSON text, as the model got it
+    assert answer_text(events).startswith(f"The tool says: \u201c{quoted}\u201d.")
+    assert events[-1]["finish_reason"] == "stop"
+
+
+async def test_the_demo_conversation_tool_counts_only_the_asking_users_conversations(
+    demo, client, settings, other_user
+):
+    settings.CHATPROXY_TOOLS = DEMO_TOOLS
+    await Conversation.objects.acreate(owner=other_user, title="Someone else's")
+    question = {"role": "user", "content": "How many conversations do I have?"}
+    events = await read_events(await chat(client, {"messages": [question]}))
+
+    result = next(e for e in events if e["event"] == "tool_result")
+    assert (result["name"], result["result"]) == ("count_my_conversations", 1)
+    assert answer_text(events).startswith("The tool says: \u201c1\u201d.")

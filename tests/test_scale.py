@@ -527,3 +527,58 @@ async def test_followers_through_the_layer_are_counted_where_the_turn_runs(
     assert refused.status_code == 429
     assert orjson.loads(refused.content)["error"]["code"] == "too_many_followers"
     assert answer_text(followed) == answer_text(original) and followed[-1] == original[-1]
+
+
+@pytest.fixture
+def tool_workers(django_db_blocker, upstream_server):
+    processes = [
+        ServerProcess(
+            shared_database_name(django_db_blocker),
+            upstream_server.base_url,
+            {"CHATPROXY_TOOLS": ["tests.sample_tools.add"]},
+        )
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    yield processes
+    for process in processes:
+        process.stop()
+
+
+@db
+@needs_redis
+@pytest.mark.server
+async def test_resume_on_another_worker_mid_tool_loop_gets_the_earlier_steps_then_the_rest(
+    tool_workers, upstream, user
+):
+    add = {"id": "a", "name": "add", "arguments": '{"a": 1, "b": 1}'}
+    upstream.enqueue(Reply(tokens=["Adding."], tool_calls=[add]), Reply(tokens=SLOW, delay=0.03))
+    cookie = await session_cookie(user)
+    a, b = tool_workers
+    async with turn_on(a, headers(cookie)) as (http, lines):
+        started = []
+        while not started or started[-1]["event"] != "tool_result":
+            started.append(orjson.loads(await anext(lines)))
+        started.append(orjson.loads(await anext(lines)))  # the next step streams
+        conversation_id = started[0]["conversation_id"]
+        async with http.stream(
+            "GET", f"{b.url}/completions/{conversation_id}/stream", headers=headers(cookie)
+        ) as resumed:
+            followed = await lines_of(resumed)
+        original = started + [orjson.loads(line) async for line in lines]
+
+    def tool_events(events):
+        return [e for e in events if e["event"] in ("tool_call", "tool_result")]
+
+    assert (
+        tool_events(followed)
+        == tool_events(original)
+        == [
+            {"event": "tool_call", **add},
+            {"event": "tool_result", "id": "a", "name": "add", "result": 2},
+        ]
+    )
+    assert answer_text(followed) == answer_text(original) == "Adding." + "".join(SLOW)
+    assert followed[-1] == original[-1] and followed[-1]["event"] == "completed"
+    assert len(upstream.requests) == 2

@@ -252,6 +252,43 @@ class MessageView {
     this.item.append(card);
   }
 
+  /** Show a server tool's result (or its error) on its call's card. */
+  addToolResult(event) {
+    if (!this.calls.has(event.id)) this.addToolCall({ id: event.id, name: event.name, arguments: "" });
+    const card = this.calls.get(event.id);
+    const result = el("div", "chatproxy-tool-call__result");
+    if (event.error !== undefined) {
+      result.append(el("span", "chatproxy-error", `Failed: ${event.error}`));
+    } else {
+      const pre = el("pre");
+      pre.append(el("code", "", JSON.stringify(event.result, null, 2)));
+      result.append(el("span", "", "Result"), pre);
+    }
+    card.append(result);
+  }
+
+  /** Ask the person to approve or deny each call, then hand their answers to `answer`. */
+  askApproval(calls, answer) {
+    const approvals = [];
+    for (const call of calls) {
+      if (!this.calls.has(call.id)) this.addToolCall(call);
+      const prompt = el("div", "chatproxy-approval");
+      const approve = el("button", "chatproxy-approval__approve", "Approve");
+      const deny = el("button", "chatproxy-approval__deny", "Deny");
+      const decide = (approved) => {
+        approve.disabled = deny.disabled = true;
+        prompt.replaceChildren(el("span", "chatproxy-muted", approved ? "Approved." : "Denied."));
+        approvals.push({ id: call.id, approved });
+        if (approvals.length === calls.length) answer(approvals);
+      };
+      approve.type = deny.type = "button";
+      approve.addEventListener("click", () => decide(true));
+      deny.addEventListener("click", () => decide(false));
+      prompt.append(el("span", "", "Run this tool? "), approve, " ", deny);
+      this.calls.get(call.id).append(prompt);
+    }
+  }
+
   /** Draw a message's images, in the order they were sent. */
   addImages(parts) {
     const images = parts.filter((part) => part.type === "image_url");
@@ -387,7 +424,8 @@ class ChatPage {
 
   /** Send the prompt (with its images), or with `toolsOnly` just the results of the last
    * answer's tool calls, which this page runs itself. */
-  async send({ toolsOnly = false, round = 0 } = {}) {
+  async send({ toolsOnly = false, round = 0, approvals = null } = {}) {
+    toolsOnly = toolsOnly || approvals !== null; // approving needs no new message
     const text = toolsOnly ? "" : this.prompt.value.trim();
     const images = toolsOnly ? [] : this.attachments.map((a) => a.part);
     if ((!text && !images.length && !toolsOnly) || this.controller) return;
@@ -417,10 +455,14 @@ class ChatPage {
     this.setBusy(true);
     let content = "";
     let saved = false; // the server stored the turn: an error after this keeps the message
+    const asked = []; // calls to server tools waiting for the person's approval
     const options = {
       messages,
       conversationId: this.conversationId,
-      params: this.tools.length ? { tools: this.tools } : {},
+      params: {
+        ...(this.tools.length ? { tools: this.tools } : {}),
+        ...(approvals ? { approvals } : {}),
+      },
       signal: controller.signal,
       onEvent: (event) => {
         if (event.event === "analyzing") {
@@ -435,6 +477,10 @@ class ChatPage {
           answer.addReasoning(event.content ?? "");
         } else if (event.event === "tool_call") {
           answer.addToolCall(event);
+        } else if (event.event === "tool_result") {
+          answer.addToolResult(event);
+        } else if (event.event === "approval_required") {
+          asked.push(event);
         }
       },
     };
@@ -454,7 +500,10 @@ class ChatPage {
     this.setBusy(false);
     this.prompt.focus();
     await this.refreshConversations();
-    if (end.event === "completed" && end.tool_calls?.length) {
+    if (end.event === "completed" && end.finish_reason === "approval_required") {
+      this.pendingCalls = end.tool_calls ?? []; // sent with the approvals
+      answer.askApproval(asked, (given) => this.send({ approvals: given }));
+    } else if (end.event === "completed" && end.tool_calls?.length) {
       this.pendingCalls = end.tool_calls;
       // The model waits for the results: give them, a few rounds at most (then the next
       // message the person sends carries them).
@@ -529,6 +578,12 @@ class ChatPage {
       view.addImages(message.parts ?? []);
       for (const call of message.tool_calls ?? []) view.addToolCall(call);
       if (message.role === "assistant") this.pendingCalls = message.tool_calls ?? [];
+      const waiting = message.approval_required ?? [];
+      if (waiting.length) {
+        const asked = this.pendingCalls.filter((c) => waiting.includes(c.id));
+        this.pendingCalls = this.pendingCalls.filter((c) => !waiting.includes(c.id));
+        view.askApproval(asked, (given) => this.send({ approvals: given }));
+      }
       if (message.role === "tool") {
         this.pendingCalls = this.pendingCalls.filter((c) => c.id !== message.tool_call_id);
       }
