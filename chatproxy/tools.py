@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_
 
 import orjson
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections, connection
+from django.db import close_old_connections
 from django.utils.module_loading import import_string
 
 from .conf import conf
@@ -280,8 +280,9 @@ def _in_thread(function: Callable[..., Any], kwargs: JSON) -> Any:
     try:
         return function(**kwargs)
     finally:
-        if connection.vendor != "sqlite":
-            close_old_connections()  # the connection goes back, as the database threads do
+        # A tool's thread is asgiref's, not chatproxy's: it keeps no connection between calls
+        # (left open, SQLite's would be closed only when the thread is collected).
+        close_old_connections()
 
 
 async def _call_function(function: Callable[..., Any], kwargs: JSON) -> Any:
