@@ -14,7 +14,7 @@ import orjson
 from .conf import conf
 from .content import PART_EXAMPLE, Tally, validate_parts
 from .exceptions import RequestError
-from .parameters import TOOL_NAME, check_together, validate_parameter
+from .parameters import TOOL_NAME, validate_parameter
 
 FIELDS = ("messages", "conversation_id", "model", "approvals")
 EXAMPLE = '{"messages": [{"role": "user", "content": "Hi"}]}'
@@ -75,7 +75,6 @@ def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
         for name, spec in allowed.items()
         if name in data
     }
-    check_together(params)
     return ChatRequest(
         messages=messages,
         model=_model(data.get("model")),

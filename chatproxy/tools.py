@@ -28,6 +28,7 @@ from django.utils.module_loading import import_string
 
 from .conf import conf
 from .exceptions import RequestError
+from .parameters import check_together
 
 if TYPE_CHECKING:
     from .events import ToolCall
@@ -232,9 +233,8 @@ def load(specs: Sequence[ToolSpec] | None = None) -> dict[str, Tool]:
 
 def offer_tools(params: JSON, tools: dict[str, Tool]) -> None:
     """Add the server's tools to a request's ``params``, after the client's; refuse a client
-    tool that takes a server tool's name."""
-    if not tools:
-        return
+    tool that takes a server tool's name. Then check the tool parameters against all of them:
+    a ``tool_choice`` may name a server tool."""
     client = params.get("tools") or []
     for offered in client:
         name = offered["function"]["name"]
@@ -244,7 +244,9 @@ def offer_tools(params: JSON, tools: dict[str, Tool]) -> None:
                 f"The tool name {name!r} belongs to a tool that runs on the server: rename "
                 "your tool.",
             )
-    params["tools"] = [*client, *(found.schema() for found in tools.values())]
+    if tools:
+        params["tools"] = [*client, *(found.schema() for found in tools.values())]
+    check_together(params)
 
 
 @dataclasses.dataclass(slots=True)

@@ -345,6 +345,59 @@ async def test_a_client_tool_may_not_take_a_server_tools_name(client, upstream, 
     assert not upstream.requests
 
 
+@pytestmark_db
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tool_choice": {"type": "function", "function": {"name": "weather"}}},
+        {"tool_choice": "required"},
+        {"parallel_tool_calls": False},
+    ],
+)
+async def test_tool_parameters_may_rely_on_the_server_tools_alone(
+    client, upstream, server_tools, fields
+):
+    upstream.enqueue(Reply(tokens=["Sunny."]))
+    events = await read_events(await chat(client, {**ASK, **fields}))
+
+    assert answer_text(events) == "Sunny."
+    sent = upstream.requests[0].json
+    assert {name: sent[name] for name in fields} == fields
+    assert "weather" in [tool["function"]["name"] for tool in sent["tools"]]
+
+
+@pytestmark_db
+@pytest.mark.parametrize(
+    ("fields", "code", "message"),
+    [
+        (
+            {"tool_choice": {"type": "function", "function": {"name": "weather"}}},
+            "invalid_tool_choice",
+            "tool_choice names the function 'weather', which is not in tools: add it to "
+            "tools, or choose one of the functions it has.",
+        ),
+        (
+            {"tool_choice": "required"},
+            "invalid_tool_choice",
+            "tool_choice 'required' needs tools: send them, or leave it out.",
+        ),
+        (
+            {"parallel_tool_calls": True},
+            "invalid_parameter",
+            "parallel_tool_calls applies only with tools: send them too.",
+        ),
+    ],
+)
+async def test_tool_parameters_without_any_tools_are_refused(
+    client, upstream, fields, code, message
+):
+    response = await chat(client, {**ASK, **fields})
+
+    assert response.status_code == 400
+    assert orjson.loads(response.content)["error"] == {"code": code, "message": message}
+    assert not upstream.requests
+
+
 # Over the WebSocket, and cancelled mid-run.
 
 
