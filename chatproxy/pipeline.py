@@ -59,6 +59,8 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
                         yield event_line(event)
             if turn.approvals:
                 calls = [call for call, _ in turn.approvals]
+                # Saved with the answer: who approved what, and what a resume replays first.
+                turn.metadata[steps.APPROVALS] = {c["id"]: ok for c, ok in turn.approvals}
                 denied = frozenset(call["id"] for call, approved in turn.approvals if not approved)
                 tool_lines = steps.run_tools(turn, calls, "before", event_line, heartbeat, denied)
                 async with aclosing(tool_lines):

@@ -12,9 +12,9 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-import orjson
 from django.utils import timezone
 
+from . import saved_loop
 from .events import Encoder, error_event
 from .exceptions import RequestError
 from .followers import TurnGone, follow
@@ -92,70 +92,20 @@ async def _lines(
             return
         except TurnGone:
             answer = await _give_up_on(answer)
-    calls: list[dict[str, str]] = answer.tool_calls or []
     if not followed:
-        for event in await earlier_steps(answer):
+        for event in await saved_loop.events_before(answer):
             yield encoder.event(event)
     if not followed and (reasoning := answer.reasoning):
         yield encoder.reasoning(reasoning)
     if answer.content.startswith(sent) and answer.content[len(sent) :]:
         yield encoder.answering(answer.content[len(sent) :])
+    after, clients = await saved_loop.events_after(answer)
     if not followed:
-        for call in calls:
+        for call in answer.tool_calls or []:
             yield encoder.event({"event": "tool_call", **call})
-    yield encoder.event(_terminal(answer, ids, calls))
-
-
-_STEP_FIELDS = ("role", "content", "reasoning", "tool_calls", "tool_call_id", "metadata")
-
-
-async def earlier_steps(answer: Message) -> list[dict[str, Any]]:
-    """The events of the steps of the answer's turn before it: the steps that ran server
-    tools (saved as messages of their own, right before it) and their results."""
-    steps = answer.metadata.get("tool_steps", 0) if isinstance(answer.metadata, dict) else 0
-    if not steps:
-        return []  # no query for an answer without them
-    before = Message.objects.filter(
-        conversation_id=answer.conversation_id, position__lt=answer.position
-    ).order_by("-position")
-    rows: list[Message] = []
-    async for row in before.only(*_STEP_FIELDS):
-        if row.role == Role.TOOL and isinstance(row.metadata, dict) and "name" in row.metadata:
-            rows.append(row)  # a server tool's result: the client's carry no name
-        elif row.role == Role.ASSISTANT and row.tool_calls and rows:
-            rows.append(row)
-            steps -= 1
-            if not steps:
-                break
-        else:
-            break
-    while rows and rows[-1].role == Role.TOOL:
-        rows.pop()  # the results of an earlier turn's last step, answered by the client
-    events: list[dict[str, Any]] = []
-    for row in reversed(rows):
-        if row.role == Role.TOOL:
-            events.append(_tool_result(row))
-            continue
-        if row.reasoning:
-            events.append({"event": "reasoning", "content": row.reasoning})
-        if row.content:
-            events.append({"event": "answering", "content": row.content})
-        events += [{"event": "tool_call", **call} for call in row.tool_calls]
-    return events
-
-
-def _tool_result(row: Message) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "event": "tool_result",
-        "id": row.tool_call_id,
-        "name": row.metadata["name"],
-    }
-    body = orjson.loads(row.content) if row.content else None
-    if row.metadata.get("error"):
-        event["error"] = body.get("error", "") if isinstance(body, dict) else ""
-    else:
-        event["result"] = body
-    return event
+        for event in after:
+            yield encoder.event(event)
+    yield encoder.event(_terminal(answer, ids, clients))
 
 
 async def _give_up_on(answer: Message) -> Message:

@@ -22,6 +22,7 @@ from .turns import Turn, TurnState
 INTERRUPTED = "The tool run was interrupted."
 DENIED = "The user denied this call."
 TOOL_STEPS = "tool_steps"
+APPROVALS = "approvals"
 
 
 def split_calls(turn: Turn) -> tuple[list[ToolCall], list[ToolCall]]:
@@ -112,6 +113,8 @@ async def run_tools(
         _next_step(turn, ordered)
     elif placement == "before":
         turn.messages += [_tool_message(result) for result in ordered]
+        turn.earlier += turn.results  # a follower attaching later gets them first
+        turn.results = []
 
 
 def _tool_message(result: ToolResult) -> dict[str, str]:
@@ -142,7 +145,7 @@ def _next_step(turn: Turn, results: list[ToolResult]) -> None:
     if state.text:
         turn.earlier.append({"event": "answering", "content": state.text})
     turn.earlier += [{"event": "tool_call", **call} for call in state.tool_calls]
-    # Saved with the answer: how many steps before it a resume replays (resume.earlier_steps).
+    # Saved with the answer: how many steps before it a resume replays (saved_loop.events_before).
     turn.metadata[TOOL_STEPS] = turn.metadata.get(TOOL_STEPS, 0) + 1
     turn.earlier += turn.results
     turn.results = []

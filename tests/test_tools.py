@@ -623,6 +623,82 @@ async def test_a_denied_call_over_the_websocket_gives_the_model_the_denial(
     }  # fmt: skip
 
 
+async def _resumed(client: Any, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The resume of a finished answer, told apart from its live events only by ``resumed``."""
+    url = f"/completions/{events[0]['conversation_id']}/stream"
+    resumed = await read_events(await client.get(url))
+    assert resumed[0] == {**events[0], "resumed": True}
+    return resumed[1:]
+
+
+@pytestmark_db
+async def test_a_resume_of_a_turn_asking_for_approval_replays_its_results_and_the_ask(
+    client, upstream, server_tools
+):
+    events = await _asked_for_approval(client, upstream)
+
+    assert await _resumed(client, events) == events[1:]
+
+
+@pytestmark_db
+async def test_a_resume_of_the_approving_turn_replays_the_approved_calls_results(
+    client, upstream, server_tools
+):
+    first = await _asked_for_approval(client, upstream)
+    upstream.enqueue(Reply(tokens=["Done."]))
+    body = {
+        "conversation_id": first[0]["conversation_id"],
+        "approvals": [{"id": "r", "approved": True}],
+    }
+    events = await read_events(await chat(client, body))
+
+    assert await _resumed(client, events) == events[1:]
+    answer = await Message.objects.aget(pk=events[-1]["message_id"])
+    assert answer.metadata["approvals"] == {"r": True}
+
+
+@pytestmark_db
+async def test_a_resume_of_server_results_beside_client_calls_replays_both(
+    client, upstream, server_tools
+):
+    mine = {"type": "function", "function": {"name": "locate", "parameters": {"type": "object"}}}
+    calls = [call("s", "add", '{"a": 1, "b": 1}'), call("c", "locate")]
+    upstream.enqueue(Reply(tokens=[], tool_calls=calls))
+    events = await read_events(await chat(client, {**ASK, "tools": [mine]}))
+    resumed = await _resumed(client, events)
+
+    assert [e["event"] for e in resumed] == ["tool_call", "tool_call", "tool_result", "completed"]
+    assert resumed[:-1] == events[1:-1]
+    assert resumed[-1]["tool_calls"] == [calls[1]]  # the client's own, as the turn sent it
+
+
+@pytestmark_db
+async def test_a_follower_of_an_approving_turn_gets_the_approved_results_first(
+    socket, client, upstream, slow_tool
+):
+    first = await _asked_for_approval(client, upstream)
+    upstream.enqueue(Reply(tokens=["Wait."], tool_calls=[call("s", "slow")]))
+    body = {
+        "type": "chat",
+        "conversation_id": first[0]["conversation_id"],
+        "approvals": [{"id": "r", "approved": False}],
+    }
+    await socket.send_json_to(body)
+    analyzing = await socket.receive_json_from(timeout=5)
+    assert await asyncio.to_thread(slow_tool.slow_started.wait, 5)
+    response = await client.get(f"/completions/{analyzing['conversation_id']}/stream")
+    assert await followers.cancel(analyzing["message_id"])
+    followed = await read_events(response)
+
+    assert [e["event"] for e in followed] == [
+        "analyzing", "tool_result", "answering", "tool_call", "error"
+    ]  # fmt: skip
+    assert followed[1] == {
+        "event": "tool_result", "id": "r", "name": "refund", "error": "The user denied this call."
+    }  # fmt: skip
+    await frames_until_terminal(socket)
+
+
 @pytestmark_db
 async def test_a_continuation_must_answer_exactly_the_calls_waiting_for_approval(
     client, upstream, server_tools
