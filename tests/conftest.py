@@ -23,8 +23,32 @@ from django.test import AsyncClient
 from chatproxy.interception import Interceptor
 from chatproxy.signals import turn_finished
 from chatproxy.upstream import close_clients
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, Reply
 from tests.server import ServerProcess
+
+# The upstream API key of tests/settings.py: no client, log or saved row may ever show it.
+KEY = "sk-test-NEVER-LEAK-0123456789abcdef"
+
+# Every way the upstream fails: its reply, the error code the client gets, the text saved.
+FAILURES = [
+    (Reply(status=429, headers={"Retry-After": "0"}), "upstream_rate_limited", ""),
+    (Reply(status=500), "upstream_error", ""),
+    (Reply(status=503), "upstream_error", ""),
+    (Reply(status=401), "upstream_auth_failed", ""),
+    (Reply(status=400), "upstream_rejected", ""),
+    (Reply(tokens=["a", "b", "c"], fail="drop", fail_after=2), "upstream_disconnected", "ab"),
+    (Reply(tokens=["a", "b", "c"], fail="inband_error", fail_after=1), "upstream_error", "a"),
+    (
+        Reply(tokens=["a", "b", "c"], fail="malformed_json", fail_after=1),
+        "upstream_bad_response",
+        "a",
+    ),
+    (
+        Reply(tokens=["a", "b", "c"], fail="malformed_sse", fail_after=1),
+        "upstream_bad_response",
+        "a",
+    ),
+]
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

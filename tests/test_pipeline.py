@@ -14,11 +14,19 @@ from django.db import connection
 from chatproxy.chunks import Chunk
 from chatproxy.models import Message, Status
 from chatproxy.turns import TurnState
-from tests.conftest import answer_text, chat, http_scope, read_body, read_events, session_cookie
+from tests.conftest import (
+    FAILURES,
+    KEY,
+    answer_text,
+    chat,
+    http_scope,
+    read_body,
+    read_events,
+    session_cookie,
+)
 from tests.fake_upstream import Reply
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
-KEY = "sk-test-NEVER-LEAK-0123456789abcdef"
 
 db = pytest.mark.django_db(transaction=True)
 
@@ -71,27 +79,6 @@ async def run_failing_turn(client, upstream, reply):
     events = [orjson.loads(line) for line in body.splitlines()]
     answer = await Message.objects.aget(role="assistant")
     return body, events, answer
-
-
-FAILURES = [
-    (Reply(status=429, headers={"Retry-After": "0"}), "upstream_rate_limited", ""),
-    (Reply(status=500), "upstream_error", ""),
-    (Reply(status=503), "upstream_error", ""),
-    (Reply(status=401), "upstream_auth_failed", ""),
-    (Reply(status=400), "upstream_rejected", ""),
-    (Reply(tokens=["a", "b", "c"], fail="drop", fail_after=2), "upstream_disconnected", "ab"),
-    (Reply(tokens=["a", "b", "c"], fail="inband_error", fail_after=1), "upstream_error", "a"),
-    (
-        Reply(tokens=["a", "b", "c"], fail="malformed_json", fail_after=1),
-        "upstream_bad_response",
-        "a",
-    ),
-    (
-        Reply(tokens=["a", "b", "c"], fail="malformed_sse", fail_after=1),
-        "upstream_bad_response",
-        "a",
-    ),
-]
 
 
 @db

@@ -28,6 +28,7 @@ from chatproxy.interception import Interceptor
 from chatproxy.models import Message
 from tests.conftest import (
     CSRF_TOKEN,
+    FAILURES,
     answer_text,
     chat,
     frames_until_terminal,
@@ -40,7 +41,6 @@ from tests.conftest import (
 )
 from tests.fake_upstream import Reply
 from tests.server import ServerProcess
-from tests.test_pipeline import FAILURES
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 BODY = orjson.dumps(HI)

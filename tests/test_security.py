@@ -18,7 +18,10 @@ from django.test import AsyncClient, Client
 from django.utils import timezone
 
 from chatproxy.models import ApiKey, Conversation, Message
+from tests import sample_tools
 from tests.conftest import (
+    FAILURES,
+    KEY,
     ClientAt,
     chat,
     frames_until_terminal,
@@ -28,7 +31,6 @@ from tests.conftest import (
     session_cookie,
 )
 from tests.fake_upstream import Reply
-from tests.test_pipeline import FAILURES, KEY
 
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 db = pytest.mark.django_db(transaction=True)
@@ -114,6 +116,64 @@ async def test_matrix_websocket_continue_alices_conversation(people, who):
     expected = "completed" if CONTINUE_ALICES[who] == 200 else "conversation_not_found"
     last = frames[-1]
     assert (last["event"] if last["event"] == "completed" else last["error"]["code"]) == expected
+
+
+# Approving a server tool call: only the conversation's owner runs it.
+
+APPROVE_ALICES = CONTINUE_ALICES
+
+
+async def alices_call_waiting_for_approval(people, upstream, settings) -> str:
+    settings.CHATPROXY_TOOLS = ["tests.sample_tools.refund"]
+    sample_tools.refunds.clear()
+    refund = {"id": "r", "name": "refund", "arguments": '{"amount": 5}'}
+    upstream.enqueue(Reply(tokens=[], tool_calls=[refund]))
+    events = await read_events(await chat(await client_for(people["alice"]), HI))
+    assert events[-1]["finish_reason"] == "approval_required"
+    upstream.enqueue(Reply(tokens=["Refunded."]))
+    return events[0]["conversation_id"]
+
+
+@db
+@pytest.mark.parametrize("who", APPROVE_ALICES)
+async def test_matrix_http_approve_alices_tool_call(people, upstream, settings, who):
+    conversation_id = await alices_call_waiting_for_approval(people, upstream, settings)
+    body = {"conversation_id": conversation_id, "approvals": [{"id": "r", "approved": True}]}
+
+    response = await chat(await client_for(people[who]), body)
+
+    assert response.status_code == APPROVE_ALICES[who]
+    if response.status_code == 200:
+        assert (await read_events(response))[-1]["event"] == "completed"
+        assert sample_tools.refunds == [5]
+    else:
+        assert sample_tools.refunds == []
+        assert len(upstream.requests) == 1
+
+
+@db
+@pytest.mark.parametrize("who", APPROVE_ALICES)
+async def test_matrix_websocket_approve_alices_tool_call(people, upstream, settings, who):
+    conversation_id = await alices_call_waiting_for_approval(people, upstream, settings)
+    user = people[who]
+    socket = await open_socket(await session_cookie(user) if user else "")
+    await socket.connect()
+
+    if user is None:
+        assert await socket.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}
+        return
+    approvals = [{"id": "r", "approved": True}]
+    frame = {"type": "chat", "conversation_id": conversation_id, "approvals": approvals}
+    await socket.send_json_to(frame)
+    last = (await frames_until_terminal(socket))[-1]
+    await socket.disconnect()
+
+    if APPROVE_ALICES[who] == 200:
+        assert last["event"] == "completed"
+        assert sample_tools.refunds == [5]
+    else:
+        assert last["error"]["code"] == "conversation_not_found"
+        assert sample_tools.refunds == []
 
 
 # The WebSocket's origin check, for alice's logged-in browser session: Django's CSRF rule.
