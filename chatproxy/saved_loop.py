@@ -4,7 +4,8 @@ The rows of a turn that ran server tools lie around its answer (``Message.save_s
 results of the calls the user answered as the turn began (``approvals``), then each step, an
 assistant message with its calls followed by their results, all before the answer; and after
 the answer, the results of its own server calls, when the client or the user answers next.
-The answer's metadata says what to look for, so an answer without a loop costs no query.
+The answer's metadata says what to look for (``tool_steps``, ``approvals``,
+``server_results``, ``approval_required``), so an answer without a loop costs no query.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import orjson
 from django.db.models import QuerySet
 
 from .models import APPROVAL_REQUIRED, Message, Role
-from .steps import APPROVALS, TOOL_STEPS
+from .steps import APPROVALS, SERVER_RESULTS, TOOL_STEPS
 
 _FIELDS = ("role", "content", "reasoning", "tool_calls", "tool_call_id", "metadata", "position")
 
@@ -38,20 +39,12 @@ async def events_after(answer: Message) -> tuple[list[dict[str, Any]], list[dict
     """The events the turn sent after the answer's calls (their server results, then the
     calls waiting for approval), and the calls left to the client."""
     calls: list[dict[str, str]] = answer.tool_calls or []
-    if not calls:
-        return [], []
-    asked = set(_metadata(answer).get(APPROVAL_REQUIRED, []))
-    ids = [call["id"] for call in calls if call["id"] not in asked]
+    meta = _metadata(answer)
+    ran, asked = meta.get(SERVER_RESULTS, []), set(meta.get(APPROVAL_REQUIRED, []))
     events: list[dict[str, Any]] = []
-    ran: set[str] = set()
-    if ids:
-        # Saved right after the answer, before any later turn's rows.
-        following = answer.position + len(ids)
-        rows = _results(answer, ids).filter(position__gt=answer.position, position__lte=following)
-        async for row in rows:
-            if _ran_on_server(row):
-                events.append(_tool_result(row))
-                ran.add(row.tool_call_id)
+    if ran:
+        rows = _results(answer, ran).filter(position__gt=answer.position)
+        events += [_tool_result(row) async for row in rows if _ran_on_server(row)]
     events += [{"event": "approval_required", **call} for call in calls if call["id"] in asked]
     return events, [call for call in calls if call["id"] not in ran and call["id"] not in asked]
 

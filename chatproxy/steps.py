@@ -23,6 +23,7 @@ INTERRUPTED = "The tool run was interrupted."
 DENIED = "The user denied this call."
 TOOL_STEPS = "tool_steps"
 APPROVALS = "approvals"
+SERVER_RESULTS = "server_results"
 
 
 def split_calls(turn: Turn) -> tuple[list[ToolCall], list[ToolCall]]:
@@ -107,6 +108,8 @@ async def run_tools(
             await asyncio.wait(pending)
         if placement == "step" and len(results) < len(calls):
             placement = "after"
+        if placement == "after":  # saved with the answer: whose results follow it
+            turn.metadata[SERVER_RESULTS] = [call["id"] for call in calls]
         ordered = [results.get(call["id"]) or ToolResult(call, error=INTERRUPTED) for call in calls]
         await records.save_step(turn, ordered, placement)
     if placement == "step":
