@@ -76,6 +76,8 @@ ERROR_CODES: dict[str, str] = {
     "upstream_rejected": "The upstream refused the request (another 4xx), e.g. a context too long.",
     "upstream_error": "The upstream failed (5xx) or reported an error inside the stream.",
     "upstream_bad_response": "The upstream sent a chunk chatproxy could not read.",
+    "model_not_served": "No upstream in CHATPROXY_UPSTREAMS serves the turn's model (an "
+    "interceptor changed it to one no upstream serves): a server fix.",
     "internal_error": "chatproxy itself failed; the traceback is in the server log.",
     "interceptor_failed": "An interceptor raised an unexpected exception (logged with traceback).",
     "too_many_tool_steps": "The model called server tools CHATPROXY_MAX_TOOL_STEPS times in a "

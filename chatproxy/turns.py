@@ -43,6 +43,8 @@ class TurnOutcome:
     tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
+    upstream: str | None = None
+    upstream_model: str | None = None
 
 
 class Pieces(NamedTuple):
