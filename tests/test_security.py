@@ -708,6 +708,20 @@ async def test_matrix_resume_cancel_and_read_alices_conversation(people, who):
     assert read.status_code == READ_ALICES[who]
 
 
+HEALTH = {"anonymous": 200, "alice": 200, "bob": 200, "staff": 200, "superuser": 200}
+
+
+@db
+@pytest.mark.parametrize("who", HEALTH)
+async def test_matrix_health_and_readiness_are_open_and_the_same_for_everyone(people, who):
+    client = await client_for(people[who])
+
+    for path in ("/health", "/health/ready"):
+        response = await client.get(path)
+        assert response.status_code == HEALTH[who]
+        assert orjson.loads(response.content) == {"status": "ok"}  # nothing about anyone
+
+
 @db
 async def test_bearer_key_reads_its_users_conversations(people):
     conversation_id = await alices_conversation(people)
