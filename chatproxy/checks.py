@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import import_string
 
-from . import upstreams
+from . import metrics, upstreams
 from .conf import conf
 from .interception import Interceptor
 from .parameters import KINDS
@@ -185,6 +185,14 @@ def _errors() -> list[CheckMessage]:
         )
     errors += _content_errors()
     errors += _upstream_errors()
+    if conf.CHATPROXY_METRICS and not metrics.installed():
+        errors.append(
+            Error(
+                "CHATPROXY_METRICS is on, but prometheus-client is not installed.",
+                hint="pip install 'django-chatproxy[prometheus]', or turn CHATPROXY_METRICS off.",
+                id="chatproxy.E064",
+            )
+        )
     prices = conf.raw("CHATPROXY_PRICES")
     if prices is not None and not (
         isinstance(prices, dict)
@@ -516,6 +524,16 @@ def _warnings() -> list[CheckMessage]:
                 hint="Raise CHATPROXY_MAX_BODY_BYTES to at least 4/3 of "
                 "CHATPROXY_MAX_IMAGE_BYTES plus room for the text.",
                 id="chatproxy.W007",
+            )
+        )
+    if conf.CHATPROXY_METRICS and not conf.CHATPROXY_METRICS_TOKEN:
+        warnings.append(
+            Warning(
+                "CHATPROXY_METRICS is on without CHATPROXY_METRICS_TOKEN: only superusers, "
+                "logged in, can read the metrics.",
+                hint="Set CHATPROXY_METRICS_TOKEN to a long random string, and give it to "
+                "Prometheus as the scrape's bearer token.",
+                id="chatproxy.W060",
             )
         )
     if conf.CHATPROXY_ALLOW_ANONYMOUS and not conf.demo:

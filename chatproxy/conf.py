@@ -60,6 +60,14 @@ class Settings:
         return dict(aliases) if isinstance(aliases, dict) else {}  # E063 names a bad one
 
     @property
+    def CHATPROXY_METRICS(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_METRICS", False))
+
+    @property
+    def CHATPROXY_METRICS_TOKEN(self) -> str:
+        return str(getattr(settings, "CHATPROXY_METRICS_TOKEN", "") or "")
+
+    @property
     def CHATPROXY_UPSTREAM_COOLDOWN(self) -> float:
         return float(getattr(settings, "CHATPROXY_UPSTREAM_COOLDOWN", 30.0))
 

@@ -58,6 +58,9 @@ ERROR_CODES: dict[str, str] = {
     "invalid_api_key": "The Authorization: Bearer key is unknown or revoked (401).",
     "csrf_failed": "A request identified by a session cookie lacks a valid CSRF token (403).",
     "conversation_not_found": "No conversation with that id belongs to you (404).",
+    "metrics_token_required": "The metrics endpoint needs Authorization: Bearer "
+    "CHATPROXY_METRICS_TOKEN, or a superuser's session (401).",
+    "metrics_off": "The metrics endpoint with CHATPROXY_METRICS off (404).",
     "method_not_allowed": "Only POST is accepted (405).",
     "unsupported_media_type": "The body is not sent as application/json (415).",
     "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import aclosing
 from typing import Any
 
-from . import records, shutdown, steps
+from . import metrics, records, shutdown, steps
 from .conf import conf
 from .events import PING, Encoder, Event, ToolCall, error_event
 from .exceptions import TurnError
@@ -40,6 +40,7 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
     encoder, state, chain = Encoder(turn.extra), turn.state, turn.chain
     save: asyncio.Future[bool] | None = None
     channel: TurnChannel | None = None
+    started = metrics.turn_started()
     try:
         ids = turn.ids()
         yield encoder.event({"event": "analyzing", **ids, "model": turn.model})
@@ -143,6 +144,7 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
         saved = await asyncio.shield(save)
         if channel is not None:  # after the save: a follower left waiting reads the answer
             await channel.close()
+        metrics.turn_ended(turn, started)
         if saved:
             if interrupted:
                 await chain.notify("on_interrupt", turn)

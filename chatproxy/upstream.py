@@ -18,6 +18,7 @@ import aiohttp
 import httpx2
 import openai
 
+from . import metrics
 from .chunks import Chunk, SSEDecoder, SSEEvent, in_band_error, parse_chunk, parse_completion
 from .conf import conf
 from .demo import DemoTransport
@@ -350,12 +351,14 @@ async def _start(
         try:
             response = await _post(route, messages, params, idempotency_key)
         except openai.APIError as exc:
-            if number == len(found) or not _fails_over(exc):
-                raise _map_error(exc) from None
+            error, failover = _map_error(exc), number < len(found) and _fails_over(exc)
+            metrics.upstream_failed(route.upstream.name, error.code, failover=failover)
+            if not failover:
+                raise error from None
             await cool_down(route.upstream)
             logger.warning(
                 "Upstream %s failed (%s); failing over to %s",
-                route.upstream.name, _failure(exc), found[number].upstream.name,
+                route.upstream.name, error.code, found[number].upstream.name,
             )  # fmt: skip
             continue
         return response, route
@@ -367,13 +370,6 @@ def _fails_over(exc: openai.APIError) -> bool:
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code == 429 or exc.status_code >= 500
     return isinstance(exc, openai.APIConnectionError)  # APITimeoutError is one too
-
-
-def _failure(exc: openai.APIError) -> str:
-    """A failure as logs and metrics name it: the HTTP status, ``timeout`` or ``connection``."""
-    if isinstance(exc, openai.APIStatusError):
-        return str(exc.status_code)
-    return "timeout" if isinstance(exc, openai.APITimeoutError) else "connection"
 
 
 async def _post(

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import health, pages, views
+from . import health, metrics, pages, views
 
 app_name = "chatproxy"
 
@@ -14,4 +14,5 @@ urlpatterns = [
     path("conversations/<uuid:conversation_id>", pages.conversation, name="conversation"),
     path("health", health.health, name="health"),
     path("health/ready", health.ready, name="ready"),
+    path("metrics", metrics.export, name="metrics"),
 ]
