@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import import_string
 
-from . import metrics, upstreams
+from . import metrics, tracing, upstreams
 from .conf import conf
 from .interception import Interceptor
 from .parameters import KINDS
@@ -185,6 +185,15 @@ def _errors() -> list[CheckMessage]:
         )
     errors += _content_errors()
     errors += _upstream_errors()
+    if conf.CHATPROXY_TRACES and not tracing.installed():
+        errors.append(
+            Error(
+                "CHATPROXY_TRACES is on, but opentelemetry-api is not installed.",
+                hint="pip install 'django-chatproxy[otel]' and an OpenTelemetry SDK with an "
+                "exporter, or turn CHATPROXY_TRACES off.",
+                id="chatproxy.E065",
+            )
+        )
     if conf.CHATPROXY_METRICS and not metrics.installed():
         errors.append(
             Error(

@@ -68,6 +68,14 @@ class Settings:
         return str(getattr(settings, "CHATPROXY_METRICS_TOKEN", "") or "")
 
     @property
+    def CHATPROXY_TRACES(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_TRACES", False))
+
+    @property
+    def CHATPROXY_TRACE_CONTENT(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_TRACE_CONTENT", False))
+
+    @property
     def CHATPROXY_UPSTREAM_COOLDOWN(self) -> float:
         return float(getattr(settings, "CHATPROXY_UPSTREAM_COOLDOWN", 30.0))
 

@@ -286,6 +286,7 @@ class Turn:
     # Set by abort() from outside the turn (a cancel from another request, a shutdown).
     aborted: Exception | None = None
     stream: Any = None  # the turn's upstream.AnswerStream, once it is called
+    span: Any = None  # the turn's OpenTelemetry span, with CHATPROXY_TRACES on (tracing)
     pending: list[Event] = dataclasses.field(default_factory=list)
     wakeup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 

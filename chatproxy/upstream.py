@@ -18,7 +18,7 @@ import aiohttp
 import httpx2
 import openai
 
-from . import metrics
+from . import metrics, tracing
 from .chunks import Chunk, SSEDecoder, SSEEvent, in_band_error, parse_chunk, parse_completion
 from .conf import conf
 from .demo import DemoTransport
@@ -356,6 +356,7 @@ async def _start(
             if not failover:
                 raise error from None
             await cool_down(route.upstream)
+            tracing.failed_over(route.upstream.name, error.code, found[number].upstream.name)
             logger.warning(
                 "Upstream %s failed (%s); failing over to %s",
                 route.upstream.name, error.code, found[number].upstream.name,
