@@ -176,6 +176,24 @@ async def test_each_upstream_serves_only_its_models(client, settings, upstream, 
 
 
 @db
+async def test_a_model_no_upstream_serves_ends_the_turn_with_model_not_served(
+    client, settings, upstream
+):
+    settings.CHATPROXY_UPSTREAMS = {
+        "primary": {"base_url": upstream.base_url, "api_key": KEY, "models": ["gpt-test"]}
+    }
+
+    events = await read_events(await chat(client, {**HI, "model": "gpt-other"}))
+
+    assert events[-1]["error"] == {
+        "code": "model_not_served",
+        "message": "No upstream serves the model 'gpt-other'. Tell the site's administrator.",
+    }
+    assert upstream.requests == []
+    assert (await answer()).upstream == ""
+
+
+@db
 async def test_an_alias_and_an_upstreams_own_model_name_reach_the_upstream(
     client, settings, upstream, backup
 ):
