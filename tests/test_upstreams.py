@@ -369,3 +369,23 @@ def test_the_documented_two_provider_configuration_passes_the_checks(settings, m
     assert [(r.upstream.name, r.model) for r in routes("llama")] == [
         ("vllm", "meta-llama/Llama-3.1-8B-Instruct")
     ]
+
+
+@db
+async def test_the_admin_lists_each_answers_upstream_and_filters_by_it(
+    client, primary_and_backup, admin_client
+):
+    primary, _ = primary_and_backup
+    primary.enqueue(Reply(tokens=["first"]), Reply(status=503))
+    await read_events(await chat(client, HI))
+    await read_events(await chat(client, HI))  # failed over: the backup's
+
+    everything = await sync_to_async(admin_client.get)("/admin/chatproxy/message/?role=assistant")
+    backup_only = await sync_to_async(admin_client.get)(
+        "/admin/chatproxy/message/?role=assistant&upstream=backup"
+    )
+
+    assert everything.status_code == backup_only.status_code == 200
+    assert "upstream" in everything.context["cl"].list_display
+    assert everything.context["cl"].result_count == 2
+    assert [m.upstream for m in backup_only.context["cl"].result_list] == ["backup"]
