@@ -2,7 +2,7 @@
 
 ``bench.run`` sets the environment: ``BENCH_DB`` (the SQLite file, in a temp dir),
 ``BENCH_UPSTREAM_URL`` (the fake upstream's base URL, with ``/v1``), ``BENCH_COALESCE`` and
-``BENCH_LIMITS``.
+``BENCH_LIMITS``; ``BENCH_METRICS=1`` turns CHATPROXY_METRICS on (to measure what it costs).
 """
 
 import os
@@ -31,6 +31,8 @@ CHATPROXY_DEFAULT_MODEL = "bench-model"
 CHATPROXY_MAX_RETRIES = 0
 CHATPROXY_ALLOW_ANONYMOUS = False
 CHATPROXY_COALESCE_DELTAS = os.environ.get("BENCH_COALESCE", "0") == "1"
+CHATPROXY_METRICS = os.environ.get("BENCH_METRICS", "0") == "1"
+CHATPROXY_METRICS_TOKEN = "bench-metrics"
 if os.environ.get("BENCH_LIMITS", "0") != "1":
     # One user drives all the load, so the per-user policy limits are off (``--limits`` keeps
     # their defaults). Everything else (interceptors, checkpoints, ...) keeps its default.

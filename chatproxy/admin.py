@@ -130,10 +130,11 @@ class MessageAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
         "role",
         "status",
         "model",
+        "upstream",
         "total_tokens",
         "created_at",
     ]
-    list_filter = ["role", "status", "model", "created_at"]
+    list_filter = ["role", "status", "model", "upstream", "created_at"]
     search_fields = ["content", "conversation__title"]
     readonly_fields = [f.name for f in Message._meta.fields]
     list_select_related = ["conversation"]

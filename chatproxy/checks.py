@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import import_string
 
+from . import metrics, tracing, upstreams
 from .conf import conf
 from .interception import Interceptor
 from .parameters import KINDS
@@ -39,6 +40,7 @@ _SECONDS = (
     "CHATPROXY_IDEMPOTENCY_WINDOW",
     "CHATPROXY_SEND_TIMEOUT",
     "CHATPROXY_TOOL_TIMEOUT",
+    "CHATPROXY_UPSTREAM_COOLDOWN",
 )
 
 
@@ -182,6 +184,24 @@ def _errors() -> list[CheckMessage]:
             )
         )
     errors += _content_errors()
+    errors += _upstream_errors()
+    if conf.CHATPROXY_TRACES and not tracing.installed():
+        errors.append(
+            Error(
+                "CHATPROXY_TRACES is on, but opentelemetry-api is not installed.",
+                hint="pip install 'django-chatproxy[otel]' and an OpenTelemetry SDK with an "
+                "exporter, or turn CHATPROXY_TRACES off.",
+                id="chatproxy.E065",
+            )
+        )
+    if conf.CHATPROXY_METRICS and not metrics.installed():
+        errors.append(
+            Error(
+                "CHATPROXY_METRICS is on, but prometheus-client is not installed.",
+                hint="pip install 'django-chatproxy[prometheus]', or turn CHATPROXY_METRICS off.",
+                id="chatproxy.E064",
+            )
+        )
     prices = conf.raw("CHATPROXY_PRICES")
     if prices is not None and not (
         isinstance(prices, dict)
@@ -197,6 +217,104 @@ def _errors() -> list[CheckMessage]:
                 "CHATPROXY_PRICES must map model names to "
                 '{"prompt": ..., "completion": ...} prices per million tokens.',
                 id="chatproxy.E008",
+            )
+        )
+    return errors
+
+
+def _upstream_problem(entry: Any) -> str:
+    """What is wrong with an entry of CHATPROXY_UPSTREAMS, or ""."""
+    if not isinstance(entry, dict):
+        return "is not a dict"
+    if unknown := sorted(set(entry) - upstreams.FIELDS, key=str):
+        return f"has unknown keys {unknown}"
+    if not (isinstance(entry.get("base_url"), str) and entry["base_url"]):
+        return "needs a base_url"
+    for name in ("timeout", "connect_timeout", "cooldown"):
+        if name in entry and not (_is_number(entry[name]) and entry[name] >= 0):
+            return f"has a {name} that is not a number of seconds, 0 or more"
+    retries = entry.get("max_retries", 0)
+    if not (isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0):
+        return "has a max_retries that is not an integer, 0 or more"
+    if not isinstance(entry.get("priority", 0), int):
+        return "has a priority that is not an integer"
+    if not (_is_number(entry.get("weight", 1)) and entry.get("weight", 1) > 0):
+        return "has a weight that is not a positive number"
+    headers, models = entry.get("headers", {}), entry.get("models", [])
+    if not (isinstance(headers, dict) and all(isinstance(v, str) for v in headers.values())):
+        return "has headers that are not a dict of strings"
+    if isinstance(models, dict):
+        models = [*models, *models.values()]
+    if not (isinstance(models, list | tuple) and all(isinstance(m, str) and m for m in models)):
+        return "has models that are not a list of names, or a dict of public name to its own"
+    return ""
+
+
+def _upstream_errors() -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    entries, aliases = conf.raw("CHATPROXY_UPSTREAMS"), conf.raw("CHATPROXY_MODEL_ALIASES")
+    if aliases is not None and not (
+        isinstance(aliases, dict) and all(isinstance(v, str) and v for v in aliases.values())
+    ):
+        errors.append(
+            Error(
+                "CHATPROXY_MODEL_ALIASES must map public model names to the names they stand "
+                'for, such as {"fast": "gpt-4o-mini"}.',
+                id="chatproxy.E063",
+            )
+        )
+    if entries is None or entries == {}:
+        return errors
+    if isinstance(entries, dict):
+        bad = {name: p for name, entry in entries.items() if (p := _upstream_problem(entry))}
+    else:
+        bad = {"": "is not a dict of named upstreams"}
+    for name, problem in bad.items():
+        errors.append(
+            Error(
+                f"CHATPROXY_UPSTREAMS {name!r} {problem}."
+                if name
+                else f"CHATPROXY_UPSTREAMS {problem}.",
+                hint='For example {"openai": {"base_url": "https://api.openai.com/v1", '
+                '"api_key_env": "OPENAI_API_KEY", "models": ["gpt-4o-mini"]}}.',
+                id="chatproxy.E060",
+            )
+        )
+    if bad:
+        return errors
+    found = [upstreams.build(name, entry) for name, entry in entries.items()]
+    for upstream in found:
+        if not upstream.api_key:
+            where = (
+                f"the environment variable {upstream.api_key_env} is empty or unset"
+                if upstream.api_key_env
+                else "it has neither api_key nor api_key_env"
+            )
+            errors.append(
+                Error(
+                    f"The upstream {upstream.name!r} has no API key: {where}.",
+                    hint="Set the variable, or give the upstream its key. A server that needs "
+                    'none (a local vLLM) still takes any string: "api_key": "none".',
+                    id="chatproxy.E061",
+                )
+            )
+    groups = conf.raw("CHATPROXY_GROUP_MODELS")
+    public = [*conf.CHATPROXY_MODELS, conf.CHATPROXY_DEFAULT_MODEL]
+    if isinstance(groups, dict):
+        public += [m for names in groups.values() if isinstance(names, list | tuple) for m in names]
+    unserved = [
+        m
+        for m in dict.fromkeys(public)
+        if isinstance(m, str) and not any(u.serves(upstreams.resolve(m)) for u in found)
+    ]
+    if unserved:
+        errors.append(
+            Error(
+                f"No upstream in CHATPROXY_UPSTREAMS serves the models {unserved}.",
+                hint="Add them to the models of an upstream (or leave out an upstream's models "
+                "to let it serve any), or map them to a served model in "
+                "CHATPROXY_MODEL_ALIASES.",
+                id="chatproxy.E062",
             )
         )
     return errors
@@ -415,6 +533,16 @@ def _warnings() -> list[CheckMessage]:
                 hint="Raise CHATPROXY_MAX_BODY_BYTES to at least 4/3 of "
                 "CHATPROXY_MAX_IMAGE_BYTES plus room for the text.",
                 id="chatproxy.W007",
+            )
+        )
+    if conf.CHATPROXY_METRICS and not conf.CHATPROXY_METRICS_TOKEN:
+        warnings.append(
+            Warning(
+                "CHATPROXY_METRICS is on without CHATPROXY_METRICS_TOKEN: only superusers, "
+                "logged in, can read the metrics.",
+                hint="Set CHATPROXY_METRICS_TOKEN to a long random string, and give it to "
+                "Prometheus as the scrape's bearer token.",
+                id="chatproxy.W060",
             )
         )
     if conf.CHATPROXY_ALLOW_ANONYMOUS and not conf.demo:

@@ -45,8 +45,39 @@ class Settings:
 
     @property
     def demo(self) -> bool:
-        """Answer from the built-in offline demo model: true while no API key is set."""
-        return not self.CHATPROXY_API_KEY
+        """Answer from the built-in offline demo model: true while no API key and no
+        CHATPROXY_UPSTREAMS are set."""
+        return not self.CHATPROXY_API_KEY and not self.CHATPROXY_UPSTREAMS
+
+    @property
+    def CHATPROXY_UPSTREAMS(self) -> dict[str, dict[str, Any]]:
+        upstreams = getattr(settings, "CHATPROXY_UPSTREAMS", None)
+        return dict(upstreams) if isinstance(upstreams, dict) else {}  # E060 names a bad one
+
+    @property
+    def CHATPROXY_MODEL_ALIASES(self) -> dict[str, str]:
+        aliases = getattr(settings, "CHATPROXY_MODEL_ALIASES", None)
+        return dict(aliases) if isinstance(aliases, dict) else {}  # E063 names a bad one
+
+    @property
+    def CHATPROXY_METRICS(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_METRICS", False))
+
+    @property
+    def CHATPROXY_METRICS_TOKEN(self) -> str:
+        return str(getattr(settings, "CHATPROXY_METRICS_TOKEN", "") or "")
+
+    @property
+    def CHATPROXY_TRACES(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_TRACES", False))
+
+    @property
+    def CHATPROXY_TRACE_CONTENT(self) -> bool:
+        return bool(getattr(settings, "CHATPROXY_TRACE_CONTENT", False))
+
+    @property
+    def CHATPROXY_UPSTREAM_COOLDOWN(self) -> float:
+        return float(getattr(settings, "CHATPROXY_UPSTREAM_COOLDOWN", 30.0))
 
     @property
     def CHATPROXY_TIMEOUT(self) -> float:

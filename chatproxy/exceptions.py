@@ -58,6 +58,9 @@ ERROR_CODES: dict[str, str] = {
     "invalid_api_key": "The Authorization: Bearer key is unknown or revoked (401).",
     "csrf_failed": "A request identified by a session cookie lacks a valid CSRF token (403).",
     "conversation_not_found": "No conversation with that id belongs to you (404).",
+    "metrics_token_required": "The metrics endpoint needs Authorization: Bearer "
+    "CHATPROXY_METRICS_TOKEN, or a superuser's session (401).",
+    "metrics_off": "The metrics endpoint with CHATPROXY_METRICS off (404).",
     "method_not_allowed": "Only POST is accepted (405).",
     "unsupported_media_type": "The body is not sent as application/json (415).",
     "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",
@@ -76,6 +79,8 @@ ERROR_CODES: dict[str, str] = {
     "upstream_rejected": "The upstream refused the request (another 4xx), e.g. a context too long.",
     "upstream_error": "The upstream failed (5xx) or reported an error inside the stream.",
     "upstream_bad_response": "The upstream sent a chunk chatproxy could not read.",
+    "model_not_served": "No upstream in CHATPROXY_UPSTREAMS serves the turn's model (an "
+    "interceptor changed it to one no upstream serves): a server fix.",
     "internal_error": "chatproxy itself failed; the traceback is in the server log.",
     "interceptor_failed": "An interceptor raised an unexpected exception (logged with traceback).",
     "too_many_tool_steps": "The model called server tools CHATPROXY_MAX_TOOL_STEPS times in a "

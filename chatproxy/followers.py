@@ -30,6 +30,7 @@ from typing import Any
 from channels.exceptions import ChannelFull
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
+from . import metrics
 from .conf import conf
 from .events import TERMINAL_EVENTS, Event, error_event
 from .exceptions import RequestError, TurnCancelledError
@@ -140,12 +141,14 @@ class TurnChannel:
             for event in turn.results:
                 follower.put({"kind": "event", "event": dict(event)})
         self.followers.append(follower)
+        metrics.followers_changed(1)
         if follower.who:
             _follows[follower.who] += 1
 
     def detach(self, follower: _LocalFollower | _LayerFollower) -> None:
         if follower in self.followers:
             self.followers.remove(follower)
+            metrics.followers_changed(-1)
             if follower.who:
                 _follows[follower.who] -= 1
                 if not _follows[follower.who]:

@@ -359,6 +359,18 @@ class Message(models.Model):
     )
     cached_tokens = models.PositiveIntegerField(_("cached prompt tokens"), null=True, blank=True)
     reasoning_tokens = models.PositiveIntegerField(_("reasoning tokens"), null=True, blank=True)
+    upstream = models.CharField(
+        _("upstream"),
+        max_length=100,
+        blank=True,
+        help_text=_("The upstream that served the answer (a name in CHATPROXY_UPSTREAMS)."),
+    )
+    upstream_model = models.CharField(
+        _("upstream model"),
+        max_length=200,
+        blank=True,
+        help_text=_("The model as that upstream named it (after aliases)."),
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Callable, Coroutine
 from contextlib import aclosing
 from typing import Any
 
-from . import records, shutdown, steps
+from . import metrics, records, shutdown, steps, tracing
 from .conf import conf
 from .events import PING, Encoder, Event, ToolCall, error_event
 from .exceptions import TurnError
@@ -40,6 +40,8 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
     encoder, state, chain = Encoder(turn.extra), turn.state, turn.chain
     save: asyncio.Future[bool] | None = None
     channel: TurnChannel | None = None
+    started = metrics.turn_started()
+    tracing.turn_started(turn)
     try:
         ids = turn.ids()
         yield encoder.event({"event": "analyzing", **ids, "model": turn.model})
@@ -143,6 +145,8 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
         saved = await asyncio.shield(save)
         if channel is not None:  # after the save: a follower left waiting reads the answer
             await channel.close()
+        metrics.turn_ended(turn, started)
+        tracing.turn_ended(turn)
         if saved:
             if interrupted:
                 await chain.notify("on_interrupt", turn)
@@ -159,12 +163,14 @@ async def _stream_step(
     """Stream one upstream call of the turn into ``turn.state``, yielding its lines."""
     state, chain = turn.state, turn.chain
     stream: AnswerStream | None = None
+    call_span, error = None, ""
     try:
         if turn.aborted is not None:
             raise turn.aborted
-        turn.stream = stream = AnswerStream(
-            turn.model, turn.messages, turn.params, f"chatproxy-{turn.answer_id}"
-        )
+        with tracing.upstream_call(turn) as call_span:  # current while the call task starts
+            turn.stream = stream = AnswerStream(
+                turn.model, turn.messages, turn.params, f"chatproxy-{turn.answer_id}"
+            )
         shutdown.track(stream)
         coalesce, transforming = conf.CHATPROXY_COALESCE_DELTAS, chain.transforming
         every = conf.CHATPROXY_CHECKPOINT_INTERVAL if conf.CHATPROXY_STORE_CONTENT else 0
@@ -209,10 +215,14 @@ async def _stream_step(
             await _relay_pieces(turn, last, lines, event_line)
             if lines:
                 yield b"".join(lines)
+    except TurnError as exc:
+        error = exc.code
+        raise
     finally:
         if stream is not None:
             shutdown.forget(stream)
             await stream.aclose()
+        tracing.upstream_call_ended(call_span, turn, error)
 
 
 async def _relay_pieces(

@@ -86,6 +86,8 @@ async def checkpoint(turn: Turn) -> None:
 def _outcome(turn: Turn) -> TurnOutcome:
     outcome = turn.state.outcome()
     outcome.model = turn.model
+    if (route := turn.stream and turn.stream.route) is not None:  # the upstream that answered
+        outcome.upstream, outcome.upstream_model = route.upstream.name, route.model
     if not conf.CHATPROXY_STORE_CONTENT:  # metadata only: no text, reasoning or call arguments
         outcome.content = outcome.raw_content = outcome.reasoning = ""
         outcome.tool_calls = []

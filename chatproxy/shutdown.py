@@ -42,6 +42,16 @@ def forget(stream: Stream) -> None:
     _streams.discard(stream)
 
 
+def draining() -> bool:
+    """Whether a SIGTERM has started the shutdown grace: the readiness signal. Installs the
+    SIGTERM hook on first use, so a server that has run no turn yet notices it too."""
+    global _loop
+    if not _installed:
+        _loop = asyncio.get_running_loop()
+        _install()
+    return _draining
+
+
 def _install() -> None:
     # The server installs its own handler before the first request arrives; chain to it so
     # its graceful shutdown still starts. Signals can only be handled in the main thread.

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Literal, cast
 
-from . import records
+from . import records, tracing
 from .conf import conf
 from .events import PING, Event, ToolCall
 from .models import upstream_message
@@ -66,7 +66,10 @@ async def run_tools(
         if found is None:
             return ToolResult(call, error=f"The tool {call['name']} is not available here.")
         async with limit:
-            return await run_call(turn, found, call)
+            with tracing.tool_run(turn, call) as span:
+                result = await run_call(turn, found, call)
+                tracing.tool_ended(span, result)
+                return result
 
     results: dict[str, ToolResult] = {
         call["id"]: ToolResult(call, error=DENIED) for call in calls if call["id"] in denied

@@ -43,6 +43,8 @@ class TurnOutcome:
     tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
+    upstream: str | None = None
+    upstream_model: str | None = None
 
 
 class Pieces(NamedTuple):
@@ -284,6 +286,7 @@ class Turn:
     # Set by abort() from outside the turn (a cancel from another request, a shutdown).
     aborted: Exception | None = None
     stream: Any = None  # the turn's upstream.AnswerStream, once it is called
+    span: Any = None  # the turn's OpenTelemetry span, with CHATPROXY_TRACES on (tracing)
     pending: list[Event] = dataclasses.field(default_factory=list)
     wakeup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 

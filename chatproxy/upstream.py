@@ -18,12 +18,14 @@ import aiohttp
 import httpx2
 import openai
 
+from . import metrics, tracing
 from .chunks import Chunk, SSEDecoder, SSEEvent, in_band_error, parse_chunk, parse_completion
 from .conf import conf
 from .demo import DemoTransport
 from .exceptions import UpstreamError
 from .relay import Relay
 from .transport import RESPONSE, AiohttpTransport
+from .upstreams import Route, Upstream, configured, cool_down, routes, skip_cooling
 
 logger = logging.getLogger("chatproxy.upstream")
 
@@ -37,20 +39,16 @@ _clients: WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], ope
 _clients = WeakKeyDictionary()
 
 
-def get_client() -> openai.AsyncOpenAI:
-    """Return the ``AsyncOpenAI`` client for the running loop and the current settings."""
+def get_client(upstream: Upstream | None = None) -> openai.AsyncOpenAI:
+    """Return the ``AsyncOpenAI`` client for the running loop and ``upstream`` (by default
+    the first one configured), as the settings are now: one per upstream."""
+    if upstream is None:
+        upstream = configured()[0]
     demo = conf.demo
-    key = (
-        demo,
-        conf.CHATPROXY_BASE_URL,
-        conf.CHATPROXY_API_KEY,
-        conf.CHATPROXY_TIMEOUT,
-        conf.CHATPROXY_CONNECT_TIMEOUT,
-    )
+    key = (demo, *upstream.client_key)
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
     client = per_loop.get(key)
     if client is None:
-        _, base_url, api_key, read, connect = key
         if demo:
             http_client = httpx2.AsyncClient(transport=DemoTransport())
         else:
@@ -62,12 +60,13 @@ def get_client() -> openai.AsyncOpenAI:
                 cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
             )
         client = per_loop[key] = openai.AsyncOpenAI(
-            api_key=api_key or "offline-demo",
-            base_url=DEMO_BASE_URL if demo else base_url,
-            timeout=httpx2.Timeout(read, connect=connect),
+            api_key=upstream.api_key or "offline-demo",
+            base_url=DEMO_BASE_URL if demo else upstream.base_url,
+            timeout=httpx2.Timeout(upstream.timeout, connect=upstream.connect_timeout),
             # chatproxy retries itself (_open): the SDK's own retries would honour a
             # Retry-After of up to a minute while the client waits for its first token.
             max_retries=0,
+            default_headers=dict(upstream.headers) or None,
             http_client=http_client,
         )
     return client
@@ -96,6 +95,7 @@ class AnswerStream:
     __slots__ = (
         "_opening", "_response", "_reader", "_relay", "_decoder", "_error", "_ended", "_whole",
         "_heard", "_silent_after", "_deadline", "_silence", "_waking", "_reading", "_woken",
+        "route",
     )  # fmt: skip
 
     def __init__(
@@ -107,9 +107,10 @@ class AnswerStream:
     ) -> None:
         if conf.CHATPROXY_STREAM_USAGE:
             params = {**params, "stream_options": {"include_usage": True}}
-        self._opening: asyncio.Future[httpx2.Response] | None = asyncio.ensure_future(
+        self._opening: asyncio.Future[tuple[httpx2.Response, Route]] | None = asyncio.ensure_future(
             _start(model, messages, params, idempotency_key)
         )
+        self.route: Route | None = None  # the upstream that answers, once it has
         self._response: httpx2.Response | None = None
         self._reader: aiohttp.StreamReader | None = None
         self._relay: Relay[bytes] | None = None
@@ -176,7 +177,8 @@ class AnswerStream:
             if not opening.done():
                 return False
         self._opening = None
-        response = self._response = opening.result()
+        response, self.route = opening.result()
+        self._response = response
         if response.headers.get("content-type", "").startswith("application/json"):
             self._whole = response  # a server that ignores stream: true
             return True
@@ -186,7 +188,8 @@ class AnswerStream:
             self._reader = raw.content
             # The silences are timed here (_read_or_wake), with the heartbeat's timer: the
             # transport sets no aiohttp read timeout, which would set a timer per chunk read.
-            self._silent_after = conf.CHATPROXY_TIMEOUT or math.inf  # 0: no limit, as aiohttp's
+            # 0: no limit, as aiohttp's.
+            self._silent_after = self.route.upstream.timeout or math.inf
             self._heard = asyncio.get_running_loop().time()
         else:
             self._relay = Relay(response.aiter_bytes())
@@ -196,7 +199,8 @@ class AnswerStream:
         """Read a ``chat.completion`` body whole, as the one chunk of the answer."""
         self._whole, self._ended = None, True
         try:
-            async with asyncio.timeout(conf.CHATPROXY_TIMEOUT or None):
+            assert self.route is not None
+            async with asyncio.timeout(self.route.upstream.timeout or None):
                 body = await response.aread()
         except TimeoutError:
             raise UpstreamError(SILENT, code="upstream_timeout") from None
@@ -292,7 +296,7 @@ class AnswerStream:
                 opening.cancel()
                 await asyncio.wait({opening})
             if not opening.cancelled() and opening.exception() is None:
-                self._response = opening.result()
+                self._response, self.route = opening.result()
         if self._relay is not None:
             await self._relay.aclose()
         response, self._response = self._response, None
@@ -329,18 +333,60 @@ def buffered_after_error(reader: aiohttp.StreamReader) -> bytes:
 
 async def _start(
     model: str, messages: list[dict[str, str]], params: dict[str, Any], idempotency_key: str
+) -> tuple[httpx2.Response, Route]:
+    """Send the request and return the response, its body unread, and the route that gave it.
+
+    Each upstream serving ``model`` is tried in turn (``upstreams.routes``, the ones cooling
+    down last): a connection error, a timeout, a 429 or a 5xx puts it on its cooldown and
+    moves on to the next. Only before the response's first byte: after it, the client may
+    already have part of the answer, and an answer never switches upstream. The last
+    upstream's error is the turn's."""
+    found = await skip_cooling(routes(model))
+    if not found:
+        raise UpstreamError(
+            f"No upstream serves the model {model!r}. Tell the site's administrator.",
+            code="model_not_served",
+        )
+    for number, route in enumerate(found, 1):
+        try:
+            response = await _post(route, messages, params, idempotency_key)
+        except openai.APIError as exc:
+            error, failover = _map_error(exc), number < len(found) and _fails_over(exc)
+            metrics.upstream_failed(route.upstream.name, error.code, failover=failover)
+            if not failover:
+                raise error from None
+            await cool_down(route.upstream)
+            tracing.failed_over(route.upstream.name, error.code, found[number].upstream.name)
+            logger.warning(
+                "Upstream %s failed (%s); failing over to %s",
+                route.upstream.name, error.code, found[number].upstream.name,
+            )  # fmt: skip
+            continue
+        return response, route
+    raise AssertionError("unreachable: the last route returns or raises")
+
+
+def _fails_over(exc: openai.APIError) -> bool:
+    """Whether ``exc`` is worth trying another upstream for: it says nothing of the request."""
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    return isinstance(exc, openai.APIConnectionError)  # APITimeoutError is one too
+
+
+async def _post(
+    route: Route, messages: list[dict[str, str]], params: dict[str, Any], idempotency_key: str
 ) -> httpx2.Response:
-    """Send the request and return the response, its body unread, retrying failures before
-    its first byte (never after: the client may already have part of the answer) up to
-    CHATPROXY_MAX_RETRIES times.
+    """Send the request to one upstream, retrying failures before its first byte up to its
+    ``max_retries`` times.
 
     ``idempotency_key`` is the SDK's for the request and its retries (a client configured with
     an idempotency header sends it). Given, the SDK does not make one with ``uuid4()``, whose
     ``os.urandom`` lets go of the GIL: while chatproxy's database thread runs, the event loop
     then waits for the GIL to come back (measured: 0.3–0.5 ms per call under load)."""
-    retries, cap = conf.CHATPROXY_MAX_RETRIES, conf.CHATPROXY_RETRY_AFTER_CAP
-    client = get_client()
-    body = {"model": model, "messages": messages, "stream": True, **params}
+    upstream = route.upstream
+    retries, cap = upstream.max_retries, conf.CHATPROXY_RETRY_AFTER_CAP
+    client = get_client(upstream)
+    body = {"model": route.model, "messages": messages, "stream": True, **params}
     attempt = 0
     while True:
         try:
@@ -361,7 +407,7 @@ async def _start(
         except openai.APIError as exc:
             delay = _retry_delay(exc, attempt, cap)
             if attempt == retries or delay is None:
-                raise _map_error(exc) from None
+                raise
             attempt += 1
             logger.info("Upstream %s; retry %d in %.2f s", type(exc).__name__, attempt, delay)
             await asyncio.sleep(delay)

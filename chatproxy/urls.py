@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import pages, views
+from . import health, metrics, pages, views
 
 app_name = "chatproxy"
 
@@ -12,4 +12,7 @@ urlpatterns = [
     path("completions/<uuid:conversation_id>/watch", views.watch, name="watch"),
     path("conversations", pages.conversations, name="conversations"),
     path("conversations/<uuid:conversation_id>", pages.conversation, name="conversation"),
+    path("health", health.health, name="health"),
+    path("health/ready", health.ready, name="ready"),
+    path("metrics", metrics.export, name="metrics"),
 ]

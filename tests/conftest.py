@@ -85,6 +85,23 @@ def upstream(upstream_server: FakeUpstream, settings: Any) -> Iterator[FakeUpstr
     upstream_server.reset()
 
 
+@pytest.fixture(scope="session")
+def backup_server() -> Iterator[FakeUpstream]:
+    """A second fake upstream, in a thread of its own: another provider to fail over to."""
+    server = FakeUpstream()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def backup(backup_server: FakeUpstream) -> Iterator[FakeUpstream]:
+    """The second fake upstream, emptied (the settings name it only where a test does)."""
+    backup_server.reset()
+    yield backup_server
+    backup_server.reset()
+
+
 @pytest.fixture
 def user(django_user_model: Any) -> Any:
     return django_user_model.objects.create_user("alice", password="pw")

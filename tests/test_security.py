@@ -708,6 +708,45 @@ async def test_matrix_resume_cancel_and_read_alices_conversation(people, who):
     assert read.status_code == READ_ALICES[who]
 
 
+HEALTH = {"anonymous": 200, "alice": 200, "bob": 200, "staff": 200, "superuser": 200}
+
+
+@db
+@pytest.mark.parametrize("who", HEALTH)
+async def test_matrix_health_and_readiness_are_open_and_the_same_for_everyone(people, who):
+    client = await client_for(people[who])
+
+    for path in ("/health", "/health/ready"):
+        response = await client.get(path)
+        assert response.status_code == HEALTH[who]
+        assert orjson.loads(response.content) == {"status": "ok"}  # nothing about anyone
+
+
+METRICS = {"anonymous": 401, "alice": 401, "bob": 401, "staff": 401, "superuser": 200}
+
+
+@db
+@pytest.mark.parametrize("who", METRICS)
+async def test_matrix_metrics_need_the_token_or_a_superuser(people, settings, who):
+    settings.CHATPROXY_METRICS, settings.CHATPROXY_METRICS_TOKEN = True, "scrape-token-0123"
+    client = await client_for(people[who])
+
+    response = await client.get("/metrics")
+    with_token = await client.get("/metrics", headers={"Authorization": "Bearer scrape-token-0123"})
+
+    assert response.status_code == METRICS[who]
+    assert with_token.status_code == 200
+
+
+@db
+async def test_matrix_metrics_need_a_superuser_when_no_token_is_set(people, settings):
+    settings.CHATPROXY_METRICS = True
+    # An empty token must never match an empty or bare "Bearer" header.
+    for header in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer"}):
+        response = await (await client_for(people["staff"])).get("/metrics", headers=header)
+        assert response.status_code == 401
+
+
 @db
 async def test_bearer_key_reads_its_users_conversations(people):
     conversation_id = await alices_conversation(people)
