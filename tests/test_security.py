@@ -220,6 +220,39 @@ async def test_matrix_admin_transcripts(people, who):
     assert listing.status_code == detail.status_code == ADMIN_LIST[who]
 
 
+# Staff review: reading needs the view permission; adding marks needs the review permission.
+REVIEW = {
+    # who: (the change page offers the review form, a POSTed note is saved)
+    "anonymous": (302, False),
+    "alice": (302, False),
+    "staff": (200, False),
+    "reviewer": ("form", True),
+    "superuser": ("form", True),
+}
+
+
+@db
+@pytest.mark.parametrize("who", REVIEW)
+def test_matrix_admin_review(people, django_user_model, who):
+    reviewer = django_user_model.objects.create_user("reviewer", is_staff=True)
+    reviewer.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_conversation", "review_conversation"])
+    )
+    people["reviewer"] = reviewer
+    conversation = Conversation.objects.create(owner=people["alice"], title="Hi")
+    c = Client()
+    if people[who] is not None:
+        c.force_login(people[who])
+    url = f"/admin/chatproxy/conversation/{conversation.pk}/"
+
+    page = c.get(f"{url}change/")
+    c.post(f"{url}review/", {"note": "seen"})
+
+    shown = "form" if b"chatproxy-review-form" in page.content else page.status_code
+    saved = conversation.annotations.filter(note="seen").exists()
+    assert (shown, saved) == REVIEW[who]
+
+
 # A key acts as its user on the chat API, transcripts included: whoever may make one for alice
 # may read hers, so that takes a permission of its own (or a superuser).
 API_KEYS = {
