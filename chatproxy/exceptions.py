@@ -58,6 +58,8 @@ ERROR_CODES: dict[str, str] = {
     "invalid_api_key": "The Authorization: Bearer key is unknown or revoked (401).",
     "csrf_failed": "A request identified by a session cookie lacks a valid CSRF token (403).",
     "conversation_not_found": "No conversation with that id belongs to you (404).",
+    "invalid_rating": 'A rating is not {"value": "up" or "down", "comment": text} (400).',
+    "message_not_found": "No answer with that id belongs to you, to rate (404).",
     "method_not_allowed": "Only POST is accepted (405).",
     "unsupported_media_type": "The body is not sent as application/json (415).",
     "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
+from .events import RatingBody
 from .exceptions import RequestError
 from .owners import Owner
 
@@ -36,6 +37,10 @@ def read_rating(body: Any) -> tuple[str, str]:
     return value, comment.strip()
 
 
+def not_found() -> RequestError:
+    return RequestError("message_not_found", "No answer with that id belongs to you.", status=404)
+
+
 class RatingManager(models.Manager["Rating"]):
     def rate(self, owner: Owner, message_id: uuid.UUID, value: str, comment: str) -> Rating:
         """Save (or change) the owner's rating of one of their answers; raise a 404
@@ -53,9 +58,7 @@ class RatingManager(models.Manager["Rating"]):
             .first()
         )
         if answer is None:
-            raise RequestError(
-                "message_not_found", "No answer with that id belongs to you.", status=404
-            )
+            raise not_found()
         rating, _ = self.update_or_create(
             message_id=answer[0],
             defaults={"conversation_id": answer[1], "value": value, "comment": comment},
@@ -95,5 +98,6 @@ class Rating(models.Model):
     def __str__(self) -> str:
         return f"{self.value}: {self.message_id}"
 
-    def as_json(self) -> dict[str, str]:
-        return {"message_id": str(self.message_id), "value": self.value, "comment": self.comment}
+    def as_json(self) -> RatingBody:
+        value: Literal["up", "down"] = "up" if self.value == Verdict.UP else "down"
+        return {"message_id": str(self.message_id), "value": value, "comment": self.comment}

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from chatproxy.feedback import Rating
 from chatproxy.models import Conversation, Message
 from tests.conftest import CSRF_TOKEN, session_cookie, shared_database_name
 from tests.fake_upstream import Reply
@@ -635,3 +636,36 @@ async def test_a_server_tools_result_shows_on_its_card_and_an_approval_is_asked_
         "tool_call_id": "r",
         "content": '"Refunded 5."',
     }
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_the_owner_rates_an_answer_comments_and_sees_it_on_reopening(
+    page, upstream, transport
+):
+    await use_transport(page, transport)
+    answer = await send(page, "Capital of France?")
+    await expect(answer).to_have_attribute("data-status", "completed")
+    message_id = await answer.get_attribute("data-message-id")
+
+    await answer.get_by_role("button", name="Good answer").click()
+    await expect(answer.get_by_role("button", name="Good answer")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    await answer.get_by_role("button", name="Bad answer").click()
+    await expect(answer.get_by_role("button", name="Bad answer")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    await answer.get_by_label("Comment on this answer").fill("Too short.")
+    async with page.expect_response(re.compile(r"/rating$")) as posted:
+        await answer.get_by_role("button", name="Send").click()
+    assert (await (await posted.value).json())["rating"]["comment"] == "Too short."
+
+    rating = await Rating.objects.aget(message_id=message_id)
+    assert (rating.value, rating.comment) == ("down", "Too short.")
+    await page.reload()
+    await page.get_by_role("button", name=re.compile("^Capital of France")).click()
+    reopened = page.locator(".chatproxy-message--assistant").last
+    await expect(reopened.get_by_role("button", name="Bad answer")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    await expect(reopened.get_by_label("Comment on this answer")).to_have_value("Too short.")

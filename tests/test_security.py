@@ -17,6 +17,7 @@ from django.core.management.base import CommandError
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
+from chatproxy.feedback import Rating
 from chatproxy.models import ApiKey, Conversation, Message
 from tests.conftest import (
     ClientAt,
@@ -525,6 +526,8 @@ CACHING = [
     ("bob", "GET", "/conversations/{id}", 404, PRIVATE),
     ("alice", "POST", "/conversations/{id}", 405, PRIVATE),
     ("alice", "GET", "/", 200, PRIVATE),
+    ("alice", "POST", "/messages/{id}/rating", 415, PRIVATE),
+    ("alice", "GET", "/messages/{id}/rating", 405, PRIVATE),
 ]
 
 
@@ -552,6 +555,57 @@ async def test_private_answers_are_never_stored_and_vary_on_who_asks(
     assert response.status_code == status
     assert response["Cache-Control"] == cache_control
     assert {v.strip() for v in response["Vary"].split(",")} >= {"Cookie", "Authorization"}
+
+
+# Ratings: only the owner of an answer rates it; for anyone else it does not exist.
+RATE_ALICES = {"anonymous": 401, "alice": 200, "bob": 404, "staff": 404, "superuser": 404}
+RATE_ALICES_OVER_A_SOCKET = {
+    "anonymous": 4401,
+    "alice": "rated",
+    "bob": "message_not_found",
+    "staff": "message_not_found",
+    "superuser": "message_not_found",
+}
+
+
+async def alices_answer(people) -> str:
+    events = await read_events(await chat(await client_for(people["alice"]), HI))
+    return events[-1]["message_id"]
+
+
+@db
+@pytest.mark.parametrize("who", RATE_ALICES)
+async def test_matrix_http_rate_alices_answer(people, who):
+    answer = await alices_answer(people)
+    client = await client_for(people[who])
+
+    response = await client.post(
+        f"/messages/{answer}/rating", {"value": "down"}, content_type="application/json"
+    )
+
+    assert response.status_code == RATE_ALICES[who]
+    assert await Rating.objects.filter(value="down").aexists() == (response.status_code == 200)
+
+
+@db
+@pytest.mark.parametrize("who", RATE_ALICES_OVER_A_SOCKET)
+async def test_matrix_websocket_rate_alices_answer(people, who):
+    answer = await alices_answer(people)
+    user = people[who]
+    socket = await open_socket(await session_cookie(user) if user else "")
+    await socket.connect()
+
+    if user is None:
+        closed = await socket.receive_output(timeout=5)
+        assert closed["code"] == RATE_ALICES_OVER_A_SOCKET[who]
+        return
+    await socket.send_json_to({"type": "rate", "message_id": answer, "value": "down"})
+    frame = await socket.receive_json_from(timeout=5)
+    await socket.disconnect()
+
+    outcome = frame["event"] if frame["event"] == "rated" else frame["error"]["code"]
+    assert outcome == RATE_ALICES_OVER_A_SOCKET[who]
+    assert await Rating.objects.filter(value="down").aexists() == (outcome == "rated")
 
 
 # Data: privacy mode, retention, escaping.
