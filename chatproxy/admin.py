@@ -10,16 +10,17 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, OuterRef, QuerySet, Subquery, Sum
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.translation import gettext_lazy as _
 
+from .export import EXPORT_PERMISSION, export, response
 from .feedback import Rating
 from .listfilters import ErrorCodeFilter, FlagFilter, OwnerFilter, RatingFilter, ReviewStateFilter
 from .models import ApiKey, Conversation, Message, Role
-from .owners import Owner
+from .owners import owner_label
 from .review import REVIEW_PERMISSION, Annotation, ReviewForm
 from .transcript import transcript
 
@@ -37,18 +38,6 @@ def _per_conversation(expression: Any) -> Subquery:
     by the search on message text."""
     rows = Message.objects.filter(conversation=OuterRef("pk")).order_by().values("conversation")
     return Subquery(rows.annotate(value=expression).values("value"))
-
-
-def owner_label(conversation: Conversation) -> str:
-    """The owner's user name; for anonymous chat, a short keyed digest of the session, which
-    tells sessions apart without showing the session key (a credential)."""
-    if conversation.owner_id is not None:
-        return str(conversation.owner)
-    if not conversation.session_key:
-        return "anonymous"
-    digest = Owner(session_key=conversation.session_key).upstream_user[:8]
-    kind = "socket" if conversation.session_key.startswith("ws-") else "session"
-    return f"anonymous {kind} {digest}"
 
 
 @admin.register(Conversation)
@@ -77,6 +66,7 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
     fields = ["title", "owned_by", "model", "status", "created_at", "updated_at", "id"]
     readonly_fields = ["title", "owned_by", "model", "status", "created_at", "updated_at", "id"]
     date_hierarchy = "created_at"
+    actions = ["export_jsonl", "export_csv"]
     # The transcript and the review form (see transcript.html and change_view), and a live
     # view of an answer that is still streaming (see views.watch).
     change_form_template = "admin/chatproxy/conversation/change_form.html"
@@ -91,7 +81,7 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
 
     @admin.display(description="owner", ordering="owner__username")
     def owned_by(self, obj: Conversation) -> str:
-        return owner_label(obj)
+        return owner_label(obj.owner.get_username() if obj.owner else None, obj.session_key)
 
     @admin.display(description="messages", ordering="message_total")
     def message_count(self, obj: Conversation) -> int:
@@ -108,6 +98,21 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
 
     def has_review_permission(self, request: HttpRequest) -> bool:
         return bool(request.user.has_perm(REVIEW_PERMISSION))
+
+    def has_export_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm(EXPORT_PERMISSION))
+
+    @admin.action(description=_("Export as JSONL (fine-tuning format)"), permissions=["export"])
+    def export_jsonl(
+        self, request: HttpRequest, queryset: QuerySet[Conversation]
+    ) -> StreamingHttpResponse:
+        return response(request, export(queryset, "jsonl"), "jsonl")
+
+    @admin.action(description=_("Export as CSV (a row per message)"), permissions=["export"])
+    def export_csv(
+        self, request: HttpRequest, queryset: QuerySet[Conversation]
+    ) -> StreamingHttpResponse:
+        return response(request, export(queryset, "csv"), "csv")
 
     def get_urls(self) -> list[URLPattern]:
         review = path(

@@ -254,6 +254,44 @@ def test_matrix_admin_review(people, django_user_model, who):
     assert (shown, saved) == REVIEW[who]
 
 
+# Exporting takes a permission of its own: a file of transcripts leaves the admin's audit.
+EXPORT = {
+    "anonymous": 302,
+    "alice": 302,
+    "staff": "refused",
+    "reviewer": "refused",
+    "exporter": "exported",
+    "superuser": "exported",
+}
+
+
+@db
+@pytest.mark.parametrize("who", EXPORT)
+def test_matrix_admin_export(people, django_user_model, who):
+    for name, codenames in [
+        ("reviewer", ["view_conversation", "review_conversation"]),
+        ("exporter", ["view_conversation", "export_conversation"]),
+    ]:
+        people[name] = django_user_model.objects.create_user(name, is_staff=True)
+        people[name].user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    conversation = Conversation.objects.create(owner=people["alice"], title="Hi")
+    c = Client()
+    if people[who] is not None:
+        c.force_login(people[who])
+
+    outcomes = set()
+    for action in ("export_jsonl", "export_csv"):
+        response = c.post(
+            "/admin/chatproxy/conversation/",
+            {"action": action, "_selected_action": [str(conversation.pk)]},
+        )
+        if response.status_code != 200:
+            outcomes.add(response.status_code)
+        else:
+            outcomes.add("exported" if response.streaming else "refused")
+    assert outcomes == {EXPORT[who]}
+
+
 # A key acts as its user on the chat API, transcripts included: whoever may make one for alice
 # may read hers, so that takes a permission of its own (or a superuser).
 API_KEYS = {
