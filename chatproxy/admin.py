@@ -9,16 +9,24 @@ from weakref import WeakKeyDictionary
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, OuterRef, QuerySet, Subquery, Sum
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery, Sum
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils.text import smart_split, unescape_string_literal
 from django.utils.translation import gettext_lazy as _
 
 from .export import EXPORT_PERMISSION, export, response
 from .feedback import Rating
-from .listfilters import ErrorCodeFilter, FlagFilter, OwnerFilter, RatingFilter, ReviewStateFilter
+from .listfilters import (
+    ErrorCodeFilter,
+    FlagFilter,
+    HierarchyQuerySet,
+    OwnerFilter,
+    RatingFilter,
+    ReviewStateFilter,
+)
 from .models import ApiKey, Conversation, Message, Role
 from .owners import owner_label
 from .review import REVIEW_PERMISSION, Annotation, ReviewForm
@@ -62,7 +70,8 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
         RatingFilter,
         ReviewStateFilter,
     ]
-    search_fields = ["title", "messages__content", "owner__username", "owner__email"]
+    search_fields = ["title"]  # and more: see get_search_results
+    search_help_text = _("Searches titles, message text and owners' user names and e-mails.")
     fields = ["title", "owned_by", "model", "status", "created_at", "updated_at", "id"]
     readonly_fields = ["title", "owned_by", "model", "status", "created_at", "updated_at", "id"]
     date_hierarchy = "created_at"
@@ -73,25 +82,45 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
         queryset: QuerySet[Conversation] = super().get_queryset(request)
+        queryset = HierarchyQuerySet(Conversation, query=queryset.query, using=queryset.db)
         return queryset.select_related("owner").annotate(
             message_total=_per_conversation(Count("pk")),
             token_total=_per_conversation(Sum("total_tokens")),
             cost_total=_per_conversation(Sum("cost")),
         )
 
-    @admin.display(description="owner", ordering="owner__username")
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Conversation], search_term: str
+    ) -> tuple[QuerySet[Conversation], bool]:
+        """Find the conversations with every word in their title, owner or one of their
+        messages, as the admin's own search does; the messages as ``pk IN (the ids of
+        conversations with a matching message)``, one scan of them, where a join would give a
+        row per matching message (and made a search of 1,000,000 messages take 24 s)."""
+        for word in smart_split(search_term):
+            if word[0] in "\"'" and word[-1] == word[0]:
+                word = unescape_string_literal(word)
+            said = Message.objects.filter(content__icontains=word).values("conversation_id")
+            queryset = queryset.filter(
+                Q(title__icontains=word)
+                | Q(owner__username__icontains=word)
+                | Q(owner__email__icontains=word)
+                | Q(pk__in=said)
+            )
+        return queryset, False
+
     def owned_by(self, obj: Conversation) -> str:
         return owner_label(obj.owner.get_username() if obj.owner else None, obj.session_key)
 
-    @admin.display(description="messages", ordering="message_total")
+    # Not sortable: ordering 100,000 conversations by a sum over their messages took 1.4 s.
+    @admin.display(description="messages")
     def message_count(self, obj: Conversation) -> int:
         return int(getattr(obj, "message_total", None) or 0)
 
-    @admin.display(description="tokens", ordering="token_total")
+    @admin.display(description="tokens")
     def tokens(self, obj: Conversation) -> int:
         return int(getattr(obj, "token_total", None) or 0)
 
-    @admin.display(description="cost", ordering="cost_total")
+    @admin.display(description="cost")
     def cost(self, obj: Conversation) -> str:
         total = getattr(obj, "cost_total", None)
         return "—" if total is None else f"{total:.6f}"

@@ -309,3 +309,33 @@ def test_an_answer_of_another_conversation_is_not_a_review_target(reviewer, conv
 
     assert "On: Select a valid choice." in str(list(response.context["messages"])[0])
     assert not Annotation.objects.exists()
+
+
+def test_search_needs_every_word_in_the_title_the_owner_or_a_message(reader, conversation):
+    make_conversation(None, session_key="x" * 32, title="Other", rows=[ANSWER])
+
+    assert count(reader, q="Sums 3+3") == 1  # the title, and a message
+    assert count(reader, q="alice brief") == 1  # the owner, and the system message
+    assert count(reader, q="4.") == 2
+    assert count(reader, q='"It is 4." brief') == 1
+    assert count(reader, q="Sums zebra") == 0
+
+
+def test_the_date_hierarchy_links_the_periods_that_have_conversations(reader, user):
+    import datetime
+
+    for when in ("2025-03-04 10:00", "2025-03-20 10:00", "2026-07-01 10:00"):
+        conversation = make_conversation(user, title=when)
+        moment = timezone.make_aware(datetime.datetime.fromisoformat(when))
+        Conversation.objects.filter(pk=conversation.pk).update(created_at=moment)
+
+    years = reader.get(LIST).context["cl"]
+    march = reader.get(LIST, {"created_at__year": "2025", "created_at__month": "3"})
+    html = march.content.decode()
+
+    page = reader.get(LIST).content.decode()
+    assert "?created_at__year=2025" in page and "?created_at__year=2026" in page
+    assert years.result_count == 3
+    assert march.context["cl"].result_count == 2
+    assert "created_at__day=4" in html and "created_at__day=20" in html
+    assert "created_at__day=5" not in html
