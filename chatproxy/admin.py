@@ -108,6 +108,7 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
             )
         return queryset, False
 
+    @admin.display(description="owner", ordering="owner__username")
     def owned_by(self, obj: Conversation) -> str:
         return owner_label(obj.owner.get_username() if obj.owner else None, obj.session_key)
 
