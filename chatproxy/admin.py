@@ -17,6 +17,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.text import smart_split, unescape_string_literal
 from django.utils.translation import gettext_lazy as _
 
+from .dashboard import PERIODS, figures, period_days
 from .export import EXPORT_PERMISSION, export, response
 from .feedback import Rating
 from .listfilters import (
@@ -79,6 +80,7 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
     # The transcript and the review form (see transcript.html and change_view), and a live
     # view of an answer that is still streaming (see views.watch).
     change_form_template = "admin/chatproxy/conversation/change_form.html"
+    change_list_template = "admin/chatproxy/conversation/change_list.html"  # a dashboard link
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
         queryset: QuerySet[Conversation] = super().get_queryset(request)
@@ -150,7 +152,27 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
             self.admin_site.admin_view(self.review_view),
             name="chatproxy_conversation_review",
         )
-        return [review, *super().get_urls()]
+        dashboard = path(
+            "dashboard/",
+            self.admin_site.admin_view(self.dashboard_view),
+            name="chatproxy_conversation_dashboard",
+        )
+        return [review, dashboard, *super().get_urls()]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        """Charts of the chosen period's turns, tokens, cost, errors, latency and top users."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        days = period_days(request.GET.get("days"))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Dashboard"),
+            "opts": self.opts,
+            "days": days,
+            "periods": PERIODS,
+            **figures(days),
+        }
+        return TemplateResponse(request, "admin/chatproxy/dashboard.html", context)
 
     def change_view(
         self,

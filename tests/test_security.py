@@ -67,6 +67,8 @@ async def alices_conversation(people) -> str:
 NEW_CHAT = {"anonymous": 401, "alice": 200, "bob": 200, "staff": 200, "superuser": 200}
 CONTINUE_ALICES = {"anonymous": 401, "alice": 200, "bob": 404, "staff": 404, "superuser": 404}
 ADMIN_LIST = {"anonymous": 302, "alice": 302, "bob": 302, "staff": 200, "superuser": 200}
+# The dashboard shows what transcripts do (and who spends the most): the view permission.
+DASHBOARD = {"anonymous": 302, "alice": 302, "clerk": 403, "staff": 200, "superuser": 200}
 
 
 @db
@@ -219,6 +221,19 @@ async def test_matrix_admin_transcripts(people, who):
     detail = await sync_to_async(c.get)(f"/admin/chatproxy/conversation/{conversation_id}/change/")
 
     assert listing.status_code == detail.status_code == ADMIN_LIST[who]
+
+
+@db
+@pytest.mark.parametrize("who", DASHBOARD)
+def test_matrix_admin_dashboard(people, django_user_model, who):
+    people["clerk"] = django_user_model.objects.create_user("clerk", is_staff=True)
+    c = Client()
+    if people[who] is not None:
+        c.force_login(people[who])
+
+    response = c.get("/admin/chatproxy/conversation/dashboard/")
+
+    assert response.status_code == DASHBOARD[who]
 
 
 # Staff review: reading needs the view permission; adding marks needs the review permission.
