@@ -236,6 +236,30 @@ def test_matrix_admin_dashboard(people, django_user_model, who):
     assert response.status_code == DASHBOARD[who]
 
 
+# Ratings and review marks have admin lists of their own (their own view permissions), and
+# nobody adds or edits one there: users rate over the API, reviewers mark on the transcript.
+FEEDBACK_LISTS = {
+    "anonymous": (302, 302),
+    "alice": (302, 302),
+    "staff": (403, 403),
+    "superuser": (200, 403),
+}
+
+
+@db
+@pytest.mark.parametrize("who", FEEDBACK_LISTS)
+@pytest.mark.parametrize("model", ["rating", "annotation"])
+def test_matrix_admin_ratings_and_review_marks(people, who, model):
+    c = Client()
+    if people[who] is not None:
+        c.force_login(people[who])
+
+    listing = c.get(f"/admin/chatproxy/{model}/")
+    adding = c.get(f"/admin/chatproxy/{model}/add/")
+
+    assert (listing.status_code, adding.status_code) == FEEDBACK_LISTS[who]
+
+
 # Staff review: reading needs the view permission; adding marks needs the review permission.
 REVIEW = {
     # who: (the change page offers the review form, a POSTed note is saved)
