@@ -8,6 +8,7 @@ from weakref import WeakKeyDictionary
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, OuterRef, Q, QuerySet, Subquery, Sum
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
@@ -47,6 +48,17 @@ def _per_conversation(expression: Any) -> Subquery:
     by the search on message text."""
     rows = Message.objects.filter(conversation=OuterRef("pk")).order_by().values("conversation")
     return Subquery(rows.annotate(value=expression).values("value"))
+
+
+class ConversationChangeList(ChangeList):
+    """The conversation list, without the date hierarchy while a search is on: its links come
+    from the matching rows, and with the message text in the search each one is another scan
+    of the messages (2 of the 4 a search of 1,000,000 messages ran)."""
+
+    def __init__(self, request: HttpRequest, *args: Any, **kwargs: Any) -> None:
+        super().__init__(request, *args, **kwargs)
+        if self.query:
+            self.date_hierarchy = None
 
 
 @admin.register(Conversation)
@@ -90,6 +102,9 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
             token_total=_per_conversation(Sum("total_tokens")),
             cost_total=_per_conversation(Sum("cost")),
         )
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return ConversationChangeList
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Conversation], search_term: str

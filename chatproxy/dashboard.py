@@ -56,18 +56,19 @@ def figures(days: int) -> dict[str, Any]:
     """The dashboard's sections, each a chart and the table of its figures."""
     since = timezone.now() - datetime.timedelta(days=days)
     rows = answers(since)
-    per_day: list[dict[str, Any]] = [
-        {**row, "day": _day(row["day"])}
-        for row in rows.annotate(day=EpochDay("created_at"))
-        .values("day")
+    # Per day and per model from one GROUP BY (day, model): grouped by the model alone,
+    # SQLite walked the whole model index instead of the period's rows (0.66 s against 0.16).
+    cells = (
+        rows.annotate(day=EpochDay("created_at"))
+        .values("day", "model")
         .annotate(turns=Count("pk"), tokens=Sum("total_tokens"), cost=Sum("cost"))
-        .order_by("day")
-    ]
-    by_model = list(
-        rows.values("model")
-        .annotate(turns=Count("pk"), tokens=Sum("total_tokens"), cost=Sum("cost"))
-        .order_by("-turns", "model")
+        .order_by()
     )
+    per_day = _totals(cells, "day")
+    for row in per_day:
+        row["day"] = _day(row["day"])
+    per_day.sort(key=lambda r: r["day"])
+    by_model = sorted(_totals(cells, "model"), key=lambda r: (-r["turns"], r["model"]))
     errors = list(
         rows.exclude(error_code="")
         .values("error_code")
@@ -152,6 +153,18 @@ def figures(days: int) -> dict[str, Any]:
             ),
         ],
     }
+
+
+def _totals(cells: Iterable[Mapping[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Sum the (day, model) cells' turns, tokens and cost by ``key``."""
+    found: dict[Any, dict[str, Any]] = {}
+    for cell in cells:
+        row = found.setdefault(cell[key], {key: cell[key], "turns": 0, "tokens": 0, "cost": None})
+        row["turns"] += cell["turns"]
+        row["tokens"] += cell["tokens"] or 0
+        if cell["cost"] is not None:
+            row["cost"] = (row["cost"] or Decimal(0)) + cell["cost"]
+    return list(found.values())
 
 
 def _user(row: Mapping[str, Any]) -> str:

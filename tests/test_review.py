@@ -340,3 +340,20 @@ def test_the_date_hierarchy_links_the_periods_that_have_conversations(reader, us
     assert march.context["cl"].result_count == 2
     assert "created_at__day=4" in html and "created_at__day=20" in html
     assert "created_at__day=5" not in html
+
+
+def test_a_search_hides_the_date_hierarchy_and_keeps_a_date_already_chosen(reader, user):
+    import datetime
+
+    for when in ("2025-03-04 10:00", "2026-07-01 10:00"):
+        conversation = make_conversation(user, title=f"Trip {when}")
+        moment = timezone.make_aware(datetime.datetime.fromisoformat(when))
+        Conversation.objects.filter(pk=conversation.pk).update(created_at=moment)
+
+    searched = reader.get(LIST, {"q": "Trip"})
+    in_2025 = reader.get(LIST, {"q": "Trip", "created_at__year": "2025"})
+
+    assert searched.context["cl"].result_count == 2
+    assert "toplinks" not in searched.content.decode()  # the date hierarchy
+    assert "toplinks" in reader.get(LIST).content.decode()
+    assert in_2025.context["cl"].result_count == 1
