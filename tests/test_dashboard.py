@@ -140,3 +140,16 @@ def test_the_conversation_list_links_to_the_dashboard(django_user_model):
     assert (
         f'<a href="{URL}">Dashboard</a>' in c.get("/admin/chatproxy/conversation/").content.decode()
     )
+
+
+def test_generatetranscripts_fills_a_table_in_the_order_of_time(capsys):
+    from django.core.management import call_command
+
+    call_command("generatetranscripts", conversations=30, messages=4, days=10, users=3)
+
+    assert capsys.readouterr().out == "Created 30 conversations with 120 messages.\n"
+    assert Message.objects.count() == 120 and Conversation.objects.count() == 30
+    oldest = Conversation.objects.order_by("created_at").first().created_at
+    assert timezone.now() - oldest < datetime.timedelta(days=10)
+    assert set(Message.objects.values_list("role", flat=True)) == {"user", "assistant"}
+    assert figures(30)["totals"]["turns"] == 60

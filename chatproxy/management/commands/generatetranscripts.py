@@ -79,16 +79,23 @@ class Command(BaseCommand):
             raise CommandError("--conversations, --messages and --days must be 1 or more.")
         rng = random.Random(options["seed"])
         users = self.users(options["users"])
-        now = timezone.now()
+        total, span = options["conversations"], options["days"] * 86400
+        first = timezone.now() - datetime.timedelta(seconds=span)
         made = 0
         with dated_rows():
-            while made < options["conversations"]:
-                count = min(BATCH, options["conversations"] - made)
+            while made < total:
+                count = min(BATCH, total - made)
+                # In the order of time, as a real table fills: rows of a period sit together.
+                starts = [
+                    first + datetime.timedelta(seconds=span * (made + i + rng.random()) / total)
+                    for i in range(count)
+                ]
                 with transaction.atomic():
-                    self.batch(rng, users, now, count, options["messages"], options["days"])
+                    self.batch(rng, users, starts, options["messages"])
                 made += count
-        total = made * options["messages"]
-        self.stdout.write(f"Created {made} conversations with {total} messages.")
+        self.stdout.write(
+            f"Created {made} conversations with {made * options['messages']} messages."
+        )
 
     def users(self, count: int) -> list[Any]:
         model = get_user_model()
@@ -98,12 +105,10 @@ class Command(BaseCommand):
         return list(model.objects.filter(username__in=names))
 
     def batch(
-        self, rng: random.Random, users: list[Any], now: datetime.datetime, count: int,
-        per: int, days: int,
-    ) -> None:  # fmt: skip
+        self, rng: random.Random, users: list[Any], starts: list[datetime.datetime], per: int
+    ) -> None:
         conversations, messages, ratings, marks = [], [], [], []
-        for _ in range(count):
-            started = now - datetime.timedelta(seconds=rng.uniform(0, days * 86400))
+        for started in starts:
             anonymous = not users or rng.random() < 0.1
             conversation = Conversation(
                 id=uuid.uuid4(),
@@ -115,7 +120,7 @@ class Command(BaseCommand):
             )
             at = started
             for position in range(per):
-                at += datetime.timedelta(seconds=rng.uniform(2, 60))
+                at += datetime.timedelta(seconds=rng.uniform(2, 20))
                 message = self.message(rng, conversation, position, at)
                 messages.append(message)
                 if message.status and rng.random() < 0.03:
