@@ -233,7 +233,7 @@ class MessageView {
    */
   addRating(current, rate) {
     const box = el("div", "chatproxy-rating");
-    const buttons = [["up", "👍", "Good answer"], ["down", "👎", "Bad answer"]].map(([value, icon, label]) => {
+    const buttons = [["up", "▲ Good", "Good answer"], ["down", "▼ Bad", "Bad answer"]].map(([value, icon, label]) => {
       const button = el("button", "chatproxy-rating__button", icon);
       button.type = "button";
       button.dataset.value = value;
