@@ -11,7 +11,7 @@ from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import import_string
 
 from . import metrics, tracing, upstreams
-from .conf import conf
+from .conf import TAG_LENGTH, conf
 from .interception import Interceptor
 from .parameters import KINDS
 from .tools import Tool
@@ -63,7 +63,27 @@ def _is_number(value: Any) -> bool:
 
 def check_settings(**kwargs: Any) -> list[CheckMessage]:
     """Validate every CHATPROXY_* setting and warn about setups that buffer the stream."""
-    return [*_errors(), *_warnings()]
+    return [*_errors(), *_review_errors(), *_warnings()]
+
+
+def _review_errors() -> list[CheckMessage]:
+    flags = conf.raw("CHATPROXY_REVIEW_FLAGS")
+    if flags is None or (
+        isinstance(flags, dict)
+        and all(
+            isinstance(k, str) and k.isidentifier() and len(k) <= TAG_LENGTH and isinstance(v, str)
+            for k, v in flags.items()
+        )
+    ):
+        return []
+    return [
+        Error(
+            "CHATPROXY_REVIEW_FLAGS must map flag keys (identifiers of at most "
+            f"{TAG_LENGTH} characters, which are stored) to labels (which are shown).",
+            hint='For example {"needs_review": "Needs review", "wrong_answer": "Wrong answer"}.',
+            id="chatproxy.E030",
+        )
+    ]
 
 
 def _errors() -> list[CheckMessage]:

@@ -11,6 +11,13 @@ from typing import Any
 from django.conf import settings
 
 DEMO_MODEL = "chatproxy-demo"
+# The flags a reviewer may put on a conversation or an answer: key (stored) and label (shown).
+REVIEW_FLAGS = {
+    "needs_review": "Needs review",
+    "personal_data": "Personal data",
+    "wrong_answer": "Wrong answer",
+}
+TAG_LENGTH = 50  # of a review flag's key, or a tag (chatproxy.review)
 
 # How a parameter is checked: (low, high) is a number clamped to its bounds (integers when both
 # bounds are); a list of strings is one of those values; a string names one of the validators
@@ -282,6 +289,10 @@ class Settings:
     @property
     def CHATPROXY_IDEMPOTENCY_WINDOW(self) -> float:
         return float(getattr(settings, "CHATPROXY_IDEMPOTENCY_WINDOW", 600.0))
+
+    @property
+    def CHATPROXY_REVIEW_FLAGS(self) -> dict[str, str]:
+        return dict(getattr(settings, "CHATPROXY_REVIEW_FLAGS", REVIEW_FLAGS))
 
     def raw(self, name: str) -> Any:
         """Return a setting exactly as the project wrote it, for the system checks."""

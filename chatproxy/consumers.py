@@ -24,8 +24,9 @@ from django.contrib.auth.models import AnonymousUser
 from . import database, followers
 from .auth import scope_address_key, user_from_bearer
 from .conf import conf
-from .events import Encoder, error_event
+from .events import Encoder, RatedEvent, error_event
 from .exceptions import DuplicateTurnError, RequestError
+from .feedback import Rating, not_found, read_rating
 from .interception import InterceptorSpec
 from .models import Message
 from .opening import open_turn
@@ -125,6 +126,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "cancel":
             await self.cancel()
+        elif kind == "rate":  # quick, and not part of a turn: answered even while one runs
+            await self.rate(content, request_id)
         elif kind in ("chat", "resume"):
             if self.busy:
                 await self.send_error("busy", BUSY, request_id)
@@ -140,7 +143,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         else:
             await self.send_error(
                 "invalid_request",
-                'Each frame needs "type": "chat" (with messages), "resume" or "cancel".',
+                'Each frame needs "type": "chat" (with messages), "resume", "cancel" or "rate".',
                 request_id,
             )
 
@@ -191,6 +194,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     def _follow(self, answer: Message, extra: dict[str, Any]) -> Lines:
         self.turn, self.following = None, answer.pk
         return replay(answer, extra, self.owner.key)
+
+    async def rate(self, content: dict[str, Any], request_id: str | None) -> None:
+        """Rate one of the owner's answers, as the HTTP rating endpoint does."""
+        fields = {k: v for k, v in content.items() if k not in ("type", "request_id")}
+        raw = fields.pop("message_id", None)
+        try:
+            value, comment = read_rating(fields)
+            try:
+                message_id = uuid.UUID(str(raw))
+            except ValueError:
+                raise not_found() from None
+            rating = await database.run(Rating.objects.rate, self.owner, message_id, value, comment)
+        except RequestError as exc:
+            await self.send_error(exc.code, exc.message, request_id)
+            return
+        await self.flowing.wait()
+        extra = {} if request_id is None else {"request_id": request_id}
+        self.send_event(RatedEvent(event="rated", rating=rating.as_json()), extra)
 
     async def run(self, lines: Lines) -> None:
         """Run one turn, queueing its lines as frames: it never waits for the client."""

@@ -81,6 +81,19 @@ class ErrorEvent(TypedDict):
     message_id: NotRequired[str]
 
 
+class RatingBody(TypedDict):
+    message_id: str
+    value: Literal["up", "down"]
+    comment: str
+
+
+class RatedEvent(TypedDict):
+    """WebSocket only: the answer to a ``rate`` frame (over HTTP, the rating endpoint's body)."""
+
+    event: Literal["rated"]
+    rating: RatingBody
+
+
 Event = (
     AnalyzingEvent
     | AnsweringEvent
@@ -89,6 +102,7 @@ Event = (
     | PingEvent
     | CompletedEvent
     | ErrorEvent
+    | RatedEvent
     | dict[str, Any]
 )
 

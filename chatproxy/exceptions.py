@@ -61,6 +61,8 @@ ERROR_CODES: dict[str, str] = {
     "metrics_token_required": "The metrics endpoint needs Authorization: Bearer "
     "CHATPROXY_METRICS_TOKEN, or a superuser's session (401).",
     "metrics_off": "The metrics endpoint with CHATPROXY_METRICS off (404).",
+    "invalid_rating": 'A rating is not {"value": "up" or "down", "comment": text} (400).',
+    "message_not_found": "No answer with that id belongs to you, to rate (404).",
     "method_not_allowed": "Only POST is accepted (405).",
     "unsupported_media_type": "The body is not sent as application/json (415).",
     "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",

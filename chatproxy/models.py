@@ -18,7 +18,9 @@ from django.utils.translation import gettext_lazy as _
 from .conf import conf
 from .content import text_of
 from .exceptions import DuplicateTurnError
+from .feedback import Rating
 from .owners import Owner
+from .review import Annotation
 from .rows import insert_rows, update_row
 
 if TYPE_CHECKING:  # turns imports this module
@@ -209,6 +211,11 @@ class Conversation(models.Model):
             models.Index(fields=["-created_at"]),
             models.Index(fields=["status"]),
             models.Index(fields=["model"]),
+            models.Index(fields=["-updated_at"]),
+        ]
+        permissions = [
+            ("review_conversation", "Can flag, tag, annotate and mark conversations reviewed"),
+            ("export_conversation", "Can export conversations"),
         ]
 
     def __str__(self) -> str:
@@ -389,11 +396,15 @@ class Message(models.Model):
             models.Index(fields=["status"]),
             models.Index(fields=["model"]),
             models.Index(fields=["-created_at"]),
+            models.Index(fields=["error_code"]),
         ]
 
     def __str__(self) -> str:
         return f"{self.role} #{self.position}"
 
+
+# Registered with this app's models; defined in the modules of their concepts.
+__all__ = ["Annotation", "ApiKey", "Conversation", "IdempotencyKey", "Message", "Rating"]
 
 KEY_PREFIX = "cpx_"
 

@@ -47,3 +47,15 @@ class Owner:
         if self.is_new:
             return {"pk__in": []}
         return {"owner__isnull": True, "session_key": self.session_key}
+
+
+def owner_label(username: str | None, session_key: str) -> str:
+    """Name a conversation's owner for staff: the user name; for anonymous chat, a short keyed
+    digest of the session, which tells sessions apart without showing the session key (a
+    credential)."""
+    if username is not None:
+        return username
+    if not session_key:
+        return "anonymous"
+    digest = Owner(session_key=session_key).upstream_user[:8]
+    return f"anonymous {'socket' if session_key.startswith('ws-') else 'session'} {digest}"

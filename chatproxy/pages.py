@@ -19,7 +19,9 @@ from django.views.decorators.csrf import ensure_csrf_cookie
 
 from .auth import authenticate
 from .conf import conf
+from .events import RatingBody
 from .exceptions import RequestError
+from .feedback import Rating
 from .models import APPROVAL_REQUIRED, Conversation, Message
 from .owners import Owner
 from .views import PRIVATE_HEADERS, error_response
@@ -95,15 +97,18 @@ async def conversation(request: HttpRequest, conversation_id: uuid.UUID) -> Http
     except RequestError as exc:
         return _answer_error(exc)
     rows = Message.objects.filter(conversation=found).order_by("position")
-    messages: list[dict[str, Any]] = [_shown(m) async for m in rows]
+    ratings = {r.message_id: r.as_json() async for r in Rating.objects.filter(conversation=found)}
+    messages: list[dict[str, Any]] = [_shown(m, ratings.get(m.pk)) async for m in rows]
     return JsonResponse(
         {"id": str(found.pk), "title": found.title, "messages": messages}, headers=PRIVATE_HEADERS
     )
 
 
-def _shown(message: Message) -> dict[str, Any]:
-    """A saved message as the page draws it; parts, reasoning and tool calls when it has them."""
+def _shown(message: Message, rating: RatingBody | None) -> dict[str, Any]:
+    """A saved message as the page draws it; parts, reasoning and tool calls when it has them,
+    and an answer's rating."""
     shown: dict[str, Any] = {
+        "id": str(message.pk),
         "role": message.role,
         "content": message.content,
         "status": message.status,
@@ -111,6 +116,8 @@ def _shown(message: Message) -> dict[str, Any]:
     for name in ("parts", "reasoning", "tool_calls", "tool_call_id"):
         if value := getattr(message, name):
             shown[name] = value
+    if rating is not None:
+        shown["rating"] = rating
     if message.finish_reason == APPROVAL_REQUIRED and isinstance(message.metadata, dict):
         shown[APPROVAL_REQUIRED] = message.metadata.get(APPROVAL_REQUIRED, [])
     return shown

@@ -10,6 +10,7 @@ urlpatterns = [
     path("completions/<uuid:conversation_id>/stream", views.resume, name="resume"),
     path("completions/<uuid:conversation_id>/cancel", views.cancel, name="cancel"),
     path("completions/<uuid:conversation_id>/watch", views.watch, name="watch"),
+    path("messages/<uuid:message_id>/rating", views.rate, name="rating"),
     path("conversations", pages.conversations, name="conversations"),
     path("conversations/<uuid:conversation_id>", pages.conversation, name="conversation"),
     path("health", health.health, name="health"),

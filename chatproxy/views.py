@@ -15,10 +15,11 @@ from django.http.response import HttpResponseBase
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
-from . import followers
+from . import database, followers
 from .auth import authenticate, identify, open_session
 from .conf import conf
 from .exceptions import DuplicateTurnError, RequestError
+from .feedback import Rating, read_rating
 from .interception import InterceptorSpec
 from .models import Message, Status
 from .opening import open_turn
@@ -160,6 +161,21 @@ async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespons
     return StreamingHttpResponse(lines, content_type="application/x-ndjson", headers=STREAM_HEADERS)
 
 
+@csrf_exempt  # checked in authenticate(), for requests identified by a session cookie
+async def rate(request: HttpRequest, message_id: uuid.UUID) -> HttpResponseBase:
+    """Rate one of the owner's answers up or down, with an optional comment; rating it again
+    changes the rating. Anyone else's answer, or an unknown id, is a 404."""
+    if request.method != "POST":
+        return error_response(_not_allowed("POST"))
+    try:
+        owner, _ = await authenticate(request)  # who asks is answered first: 401/403 before 400
+        value, comment = read_rating(decode_json(read_json_body(request)))
+        rating = await database.run(Rating.objects.rate, owner, message_id, value, comment)
+    except RequestError as exc:
+        return error_response(exc)
+    return JsonResponse({"rating": rating.as_json()}, headers=PRIVATE_HEADERS)
+
+
 async def _owned_answer(owner: Owner, conversation_id: uuid.UUID) -> Message:
     """The latest answer of the owner's conversation; 404 for anyone else's."""
     answer = await latest_answer(owner, conversation_id)
@@ -194,6 +210,11 @@ def idempotency_key(request: HttpRequest) -> str:
 
 def read_chat_request(request: HttpRequest) -> ChatRequest:
     """Check the body's size, type and content; the limits come from the settings."""
+    return validate_request(decode_json(read_json_body(request)))
+
+
+def read_json_body(request: HttpRequest) -> bytes:
+    """The body, once checked to be JSON of at most CHATPROXY_MAX_BODY_BYTES."""
     limit = conf.CHATPROXY_MAX_BODY_BYTES
     too_large = RequestError(
         "body_too_large", f"The body is larger than {limit} bytes. Send less.", status=413
@@ -212,4 +233,4 @@ def read_chat_request(request: HttpRequest) -> ChatRequest:
             "Send the body as JSON with the header Content-Type: application/json.",
             status=415,
         )
-    return validate_request(decode_json(body))
+    return body

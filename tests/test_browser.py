@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import re
 from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 
+from chatproxy.feedback import Rating
 from chatproxy.models import Conversation, Message
 from tests.conftest import CSRF_TOKEN, session_cookie, shared_database_name
 from tests.fake_upstream import Reply
@@ -635,3 +639,153 @@ async def test_a_server_tools_result_shows_on_its_card_and_an_approval_is_asked_
         "tool_call_id": "r",
         "content": '"Refunded 5."',
     }
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_the_owner_rates_an_answer_comments_and_sees_it_on_reopening(
+    page, upstream, transport
+):
+    await use_transport(page, transport)
+    answer = await send(page, "Capital of France?")
+    await expect(answer).to_have_attribute("data-status", "completed")
+    message_id = await answer.get_attribute("data-message-id")
+
+    await answer.get_by_role("button", name="Good answer").click()
+    await expect(answer.get_by_role("button", name="Good answer")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    await answer.get_by_role("button", name="Bad answer").click()
+    await expect(answer.get_by_role("button", name="Bad answer")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    await answer.get_by_label("Comment on this answer").fill("Too short.")
+    async with page.expect_response(re.compile(r"/rating$")) as posted:
+        await answer.get_by_role("button", name="Send").click()
+    assert (await (await posted.value).json())["rating"]["comment"] == "Too short."
+
+    rating = await Rating.objects.aget(message_id=message_id)
+    assert (rating.value, rating.comment) == ("down", "Too short.")
+    await page.reload()
+    await page.get_by_role("button", name=re.compile("^Capital of France")).click()
+    reopened = page.locator(".chatproxy-message--assistant").last
+    await expect(reopened.get_by_role("button", name="Bad answer")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    await expect(reopened.get_by_label("Comment on this answer")).to_have_value("Too short.")
+
+
+# The admin as a reviewer's workspace, in real Chromium: the screenshots in docs/reviewing.md.
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+# The screenshots docs/reviewing.md shows: the dashboard in both themes, the rest in light.
+SHOTS = {("transcript", "light"), ("list", "light"), ("dashboard", "light"), ("dashboard", "dark")}
+
+
+async def shoot(page: Page, name: str, scheme: str, **kwargs: Any) -> None:
+    if (name, scheme) in SHOTS:
+        await page.screenshot(path=str(DOCS / f"reviewing-{name}-{scheme}.png"), **kwargs)
+
+
+@pytest.fixture
+async def superuser(django_user_model: Any) -> Any:
+    return await django_user_model.objects.acreate(
+        username="carol", is_staff=True, is_superuser=True
+    )
+
+
+LISBON = '{"zone":"Europe/Lisbon"}'
+
+
+async def reviewed_conversation(user: Any, reviewer: Any) -> Conversation:
+    from chatproxy.review import Annotation
+
+    conversation = await Conversation.objects.acreate(
+        owner=user, title="What time is it in Lisbon?", model="gpt-4o-mini", status="completed"
+    )
+    rows = [
+        {"role": "user", "content": "What time is it in Lisbon? My card is 4111 1111."},
+        {
+            "role": "assistant",
+            "reasoning": "The user wants the local time: call the clock tool.",
+            "tool_calls": [{"id": "call_1", "name": "get_time", "arguments": LISBON}],
+            "status": "completed",
+            "finish_reason": "tool_calls",
+            "model": "gpt-4o-mini",
+            "total_tokens": 88,
+            "first_token_ms": 412,
+            "duration_ms": 690,
+            "cost": Decimal("0.000041"),
+        },
+        {"role": "tool", "content": "14:05", "tool_call_id": "call_1",
+         "metadata": {"name": "get_time", "duration_ms": 3}},
+        {
+            "role": "assistant",
+            "content": "It is 14:05 in Lisbon. Keep your card number [redacted] to yourself.",
+            "raw_content": "It is 14:05 in Lisbon. Keep your card number 4111 1111 to yourself.",
+            "status": "completed",
+            "model": "gpt-4o-mini",
+            "total_tokens": 131,
+            "first_token_ms": 380,
+            "duration_ms": 1210,
+            "cost": Decimal("0.000063"),
+        },
+    ]  # fmt: skip
+    for position, fields in enumerate(rows):
+        await Message.objects.acreate(conversation=conversation, position=position, **fields)
+    last = await Message.objects.aget(conversation=conversation, position=3)
+    await Rating.objects.acreate(
+        message=last, conversation=conversation, value="up", comment="Quick and right."
+    )
+    await Annotation.objects.acreate(
+        conversation=conversation, kind="flag", value="personal_data", author=reviewer
+    )
+    await Annotation.objects.acreate(
+        conversation=conversation, message=last, kind="note", author=reviewer,
+        note="The redaction interceptor caught the card number.",
+    )  # fmt: skip
+    return conversation
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+async def test_the_admin_transcript_and_dashboard_render_with_nothing_from_elsewhere(
+    browser, server, user, superuser, scheme
+):
+    from django.core.management import call_command
+
+    await sync_to_async(call_command)(
+        "generatetranscripts", conversations=120, messages=6, days=30, users=8, stdout=io.StringIO()
+    )
+    conversation = await reviewed_conversation(user, superuser)
+    async with open_page(browser, server, superuser) as page:
+        await page.emulate_media(color_scheme=scheme)
+        await page.set_viewport_size({"width": 1280, "height": 1000})
+
+        await page.goto(f"/admin/chatproxy/conversation/{conversation.pk}/change/")
+        bubbles = page.locator(".chatproxy-bubble")
+        await expect(bubbles).to_have_count(4)
+        await expect(page.locator(".chatproxy-reasoning")).not_to_have_attribute("open", "")
+        await expect(page.locator(".chatproxy-diff ins")).to_have_text("[redacted]")
+        await expect(page.get_by_role("heading", name="Review")).to_be_visible()
+        user_bubble, answer = (
+            await bubbles.nth(0).bounding_box(),
+            await bubbles.nth(3).bounding_box(),
+        )
+        assert user_bubble["x"] > answer["x"]  # the user's on the right, as in the chat
+        await shoot(page, "transcript", scheme, full_page=True)
+
+        await page.goto("/admin/chatproxy/conversation/dashboard/?days=30")
+        charts = page.locator(".chatproxy-dashboard svg[role=img]")
+        await expect(charts).to_have_count(7)
+        await expect(page.locator(".chatproxy-dashboard table")).to_have_count(7)
+        bar = page.locator(".chatproxy-dashboard rect.bar").first
+        fill = await bar.evaluate("e => getComputedStyle(e).fill")
+        background = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert fill != background and fill not in ("none", "rgb(0, 0, 0)")
+        await shoot(page, "dashboard", scheme, full_page=True)
+
+        await page.goto("/admin/chatproxy/conversation/?review=flagged")
+        await expect(page.locator("#result_list tbody tr")).to_have_count(
+            await Conversation.objects.filter(annotations__kind="flag").distinct().acount()
+        )
+        await shoot(page, "list", scheme)
+    assert (DOCS / f"reviewing-dashboard-{scheme}.png").stat().st_size > 20_000

@@ -13,6 +13,7 @@ from django.contrib.staticfiles import finders
 from django.test import AsyncClient
 from django.utils import timezone
 
+from chatproxy.feedback import Rating
 from chatproxy.models import Conversation, Message
 from tests.conftest import chat, read_events
 
@@ -76,6 +77,35 @@ async def test_conversation_list_holds_at_most_fifty(client, user):
     assert len(response.json()["conversations"]) == 50
 
 
+async def message_ids(response) -> list[str]:
+    """The ids of the transcript's messages, taken out of the response's JSON."""
+    body = response.json()
+    ids = [m.pop("id") for m in body["messages"]]
+    response.json = lambda: body
+    return ids
+
+
+async def saved_ids(conversation) -> list[str]:
+    rows = Message.objects.filter(conversation=conversation).order_by("position")
+    return [str(pk) async for pk in rows.values_list("pk", flat=True)]
+
+
+async def test_an_answers_rating_comes_with_the_transcript(client, user):
+    conversation = await make_conversation(user, "Rated")
+    answer = await Message.objects.acreate(
+        conversation=conversation, position=0, role="assistant", content="Hi.", status="completed"
+    )
+    await Rating.objects.acreate(message=answer, conversation=conversation, value="up")
+
+    response = await client.get(f"/conversations/{conversation.pk}")
+
+    assert response.json()["messages"][0]["rating"] == {
+        "message_id": str(answer.pk),
+        "value": "up",
+        "comment": "",
+    }
+
+
 async def test_conversation_returns_its_transcript_in_order(client, user):
     conversation = await make_conversation(user, "Capital")
     for position, role, content, status in [
@@ -91,6 +121,7 @@ async def test_conversation_returns_its_transcript_in_order(client, user):
     response = await client.get(f"/conversations/{conversation.pk}")
 
     assert response.status_code == 200
+    assert await message_ids(response) == await saved_ids(conversation)
     assert response.json() == {
         "id": str(conversation.pk),
         "title": "Capital",
@@ -208,6 +239,7 @@ async def test_conversation_returns_parts_reasoning_and_tool_calls_where_there_a
 
     response = await client.get(f"/conversations/{conversation.pk}")
 
+    assert await message_ids(response) == await saved_ids(conversation)
     assert response.json()["messages"] == [
         {"role": "user", "content": "When?", "status": "", "parts": parts},
         {

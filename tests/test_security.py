@@ -17,6 +17,7 @@ from django.core.management.base import CommandError
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
+from chatproxy.feedback import Rating
 from chatproxy.models import ApiKey, Conversation, Message
 from tests import sample_tools
 from tests.conftest import (
@@ -68,6 +69,8 @@ async def alices_conversation(people) -> str:
 NEW_CHAT = {"anonymous": 401, "alice": 200, "bob": 200, "staff": 200, "superuser": 200}
 CONTINUE_ALICES = {"anonymous": 401, "alice": 200, "bob": 404, "staff": 404, "superuser": 404}
 ADMIN_LIST = {"anonymous": 302, "alice": 302, "bob": 302, "staff": 200, "superuser": 200}
+# The dashboard shows what transcripts do (and who spends the most): the view permission.
+DASHBOARD = {"anonymous": 302, "alice": 302, "clerk": 403, "staff": 200, "superuser": 200}
 
 
 @db
@@ -278,6 +281,114 @@ async def test_matrix_admin_transcripts(people, who):
     detail = await sync_to_async(c.get)(f"/admin/chatproxy/conversation/{conversation_id}/change/")
 
     assert listing.status_code == detail.status_code == ADMIN_LIST[who]
+
+
+@db
+@pytest.mark.parametrize("who", DASHBOARD)
+def test_matrix_admin_dashboard(people, django_user_model, who):
+    people["clerk"] = django_user_model.objects.create_user("clerk", is_staff=True)
+    c = Client()
+    if people[who] is not None:
+        c.force_login(people[who])
+
+    response = c.get("/admin/chatproxy/conversation/dashboard/")
+
+    assert response.status_code == DASHBOARD[who]
+
+
+# Ratings and review marks have admin lists of their own (their own view permissions), and
+# nobody adds or edits one there: users rate over the API, reviewers mark on the transcript.
+FEEDBACK_LISTS = {
+    "anonymous": (302, 302),
+    "alice": (302, 302),
+    "staff": (403, 403),
+    "superuser": (200, 403),
+}
+
+
+@db
+@pytest.mark.parametrize("who", FEEDBACK_LISTS)
+@pytest.mark.parametrize("model", ["rating", "annotation"])
+def test_matrix_admin_ratings_and_review_marks(people, who, model):
+    c = Client()
+    if people[who] is not None:
+        c.force_login(people[who])
+
+    listing = c.get(f"/admin/chatproxy/{model}/")
+    adding = c.get(f"/admin/chatproxy/{model}/add/")
+
+    assert (listing.status_code, adding.status_code) == FEEDBACK_LISTS[who]
+
+
+# Staff review: reading needs the view permission; adding marks needs the review permission.
+REVIEW = {
+    # who: (the change page offers the review form, a POSTed note is saved)
+    "anonymous": (302, False),
+    "alice": (302, False),
+    "staff": (200, False),
+    "reviewer": ("form", True),
+    "superuser": ("form", True),
+}
+
+
+@db
+@pytest.mark.parametrize("who", REVIEW)
+def test_matrix_admin_review(people, django_user_model, who):
+    reviewer = django_user_model.objects.create_user("reviewer", is_staff=True)
+    reviewer.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_conversation", "review_conversation"])
+    )
+    people["reviewer"] = reviewer
+    conversation = Conversation.objects.create(owner=people["alice"], title="Hi")
+    c = Client()
+    if people[who] is not None:
+        c.force_login(people[who])
+    url = f"/admin/chatproxy/conversation/{conversation.pk}/"
+
+    page = c.get(f"{url}change/")
+    c.post(f"{url}review/", {"note": "seen"})
+
+    shown = "form" if b"chatproxy-review-form" in page.content else page.status_code
+    saved = conversation.annotations.filter(note="seen").exists()
+    assert (shown, saved) == REVIEW[who]
+
+
+# Exporting takes a permission of its own: a file of transcripts leaves the admin's audit.
+EXPORT = {
+    "anonymous": 302,
+    "alice": 302,
+    "staff": "refused",
+    "reviewer": "refused",
+    "exporter": "exported",
+    "superuser": "exported",
+}
+
+
+@db
+@pytest.mark.parametrize("who", EXPORT)
+def test_matrix_admin_export(people, django_user_model, who):
+    for name, codenames in [
+        ("reviewer", ["view_conversation", "review_conversation"]),
+        ("exporter", ["view_conversation", "export_conversation"]),
+    ]:
+        people[name] = django_user_model.objects.create_user(name, is_staff=True)
+        people[name].user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    conversation = Conversation.objects.create(owner=people["alice"], title="Hi")
+    c = Client()
+    if people[who] is not None:
+        c.force_login(people[who])
+
+    outcomes = set()
+    for action in ("export_jsonl", "export_csv"):
+        response = c.post(
+            "/admin/chatproxy/conversation/",
+            {"action": action, "_selected_action": [str(conversation.pk)]},
+        )
+        if response.status_code != 200:
+            outcomes.add(response.status_code)
+        else:
+            outcomes.add("exported" if response.streaming else "refused")
+    assert outcomes == {EXPORT[who]}
 
 
 # A key acts as its user on the chat API, transcripts included: whoever may make one for alice
@@ -552,6 +663,8 @@ CACHING = [
     ("bob", "GET", "/conversations/{id}", 404, PRIVATE),
     ("alice", "POST", "/conversations/{id}", 405, PRIVATE),
     ("alice", "GET", "/", 200, PRIVATE),
+    ("alice", "POST", "/messages/{id}/rating", 415, PRIVATE),
+    ("alice", "GET", "/messages/{id}/rating", 405, PRIVATE),
 ]
 
 
@@ -579,6 +692,57 @@ async def test_private_answers_are_never_stored_and_vary_on_who_asks(
     assert response.status_code == status
     assert response["Cache-Control"] == cache_control
     assert {v.strip() for v in response["Vary"].split(",")} >= {"Cookie", "Authorization"}
+
+
+# Ratings: only the owner of an answer rates it; for anyone else it does not exist.
+RATE_ALICES = {"anonymous": 401, "alice": 200, "bob": 404, "staff": 404, "superuser": 404}
+RATE_ALICES_OVER_A_SOCKET = {
+    "anonymous": 4401,
+    "alice": "rated",
+    "bob": "message_not_found",
+    "staff": "message_not_found",
+    "superuser": "message_not_found",
+}
+
+
+async def alices_answer(people) -> str:
+    events = await read_events(await chat(await client_for(people["alice"]), HI))
+    return events[-1]["message_id"]
+
+
+@db
+@pytest.mark.parametrize("who", RATE_ALICES)
+async def test_matrix_http_rate_alices_answer(people, who):
+    answer = await alices_answer(people)
+    client = await client_for(people[who])
+
+    response = await client.post(
+        f"/messages/{answer}/rating", {"value": "down"}, content_type="application/json"
+    )
+
+    assert response.status_code == RATE_ALICES[who]
+    assert await Rating.objects.filter(value="down").aexists() == (response.status_code == 200)
+
+
+@db
+@pytest.mark.parametrize("who", RATE_ALICES_OVER_A_SOCKET)
+async def test_matrix_websocket_rate_alices_answer(people, who):
+    answer = await alices_answer(people)
+    user = people[who]
+    socket = await open_socket(await session_cookie(user) if user else "")
+    await socket.connect()
+
+    if user is None:
+        closed = await socket.receive_output(timeout=5)
+        assert closed["code"] == RATE_ALICES_OVER_A_SOCKET[who]
+        return
+    await socket.send_json_to({"type": "rate", "message_id": answer, "value": "down"})
+    frame = await socket.receive_json_from(timeout=5)
+    await socket.disconnect()
+
+    outcome = frame["event"] if frame["event"] == "rated" else frame["error"]["code"]
+    assert outcome == RATE_ALICES_OVER_A_SOCKET[who]
+    assert await Rating.objects.filter(value="down").aexists() == (outcome == "rated")
 
 
 # Data: privacy mode, retention, escaping.

@@ -6,7 +6,7 @@
  * sets only text: no string from the model is ever parsed as HTML, so markup it writes shows as
  * text and nothing it writes can run.
  */
-import { ChatSocket, readImagePart, streamChat, userContent } from "./client.js";
+import { ChatSocket, rateAnswer, readImagePart, streamChat, userContent } from "./client.js";
 
 function el(tag, className = "", text = "") {
   const node = document.createElement(tag);
@@ -146,6 +146,8 @@ const STATUS_NOTES = {
 };
 const TRANSPORT_KEY = "chatproxy.transport";
 const MAX_TOOL_ROUNDS = 4;
+// The id in the page's data-rating-url that stands for the answer's (see chat.html).
+const RATING_PLACEHOLDER = "00000000-0000-0000-0000-000000000000";
 // Images are drawn only from URLs that cannot run anything: https:, or raster data: URLs.
 const SAFE_IMAGE = /^(https:\/\/\S+|data:image\/(png|jpeg|webp|gif);base64,[A-Za-z0-9+/=]+)$/;
 
@@ -223,6 +225,56 @@ class MessageView {
     if (this.role === "assistant") this.content.replaceChildren(renderMarkdown(text));
     else this.content.textContent = text;
     if (pinned) this.list.scrollTop = this.list.scrollHeight;
+  }
+
+  /**
+   * Offer the rating buttons (and, once rated, a comment) under a saved answer; `rate(value,
+   * comment)` saves the rating and resolves with it, or with null when it failed.
+   */
+  addRating(current, rate) {
+    const box = el("div", "chatproxy-rating");
+    const buttons = [["up", "▲ Good", "Good answer"], ["down", "▼ Bad", "Bad answer"]].map(([value, icon, label]) => {
+      const button = el("button", "chatproxy-rating__button", icon);
+      button.type = "button";
+      button.dataset.value = value;
+      button.setAttribute("aria-label", label);
+      button.title = label;
+      return button;
+    });
+    const form = el("form", "chatproxy-rating__comment");
+    const input = el("input");
+    input.type = "text";
+    input.maxLength = 1000;
+    input.placeholder = "Add a comment (optional)";
+    input.setAttribute("aria-label", "Comment on this answer");
+    const save = el("button", "", "Send");
+    save.type = "submit";
+    form.append(input, save);
+    const show = (rating) => {
+      for (const b of buttons) b.setAttribute("aria-pressed", String(b.dataset.value === rating?.value));
+      form.hidden = !rating;
+      if (rating) input.value = rating.comment ?? "";
+      box.dataset.rating = rating?.value ?? "";
+    };
+    let value = current?.value ?? null;
+    for (const button of buttons) {
+      button.addEventListener("click", async () => {
+        const rating = await rate(button.dataset.value, input.value.trim());
+        if (rating) {
+          value = rating.value;
+          show(rating);
+        }
+      });
+    }
+    form.addEventListener("submit", async (submitted) => {
+      submitted.preventDefault();
+      if (!value) return;
+      const rating = await rate(value, input.value.trim());
+      if (rating) show(rating);
+    });
+    box.append(...buttons, form);
+    show(current ?? null);
+    this.item.append(box);
   }
 
   /** Add reasoning text, in a fold that stays closed unless the reader opens it. */
@@ -495,6 +547,7 @@ class ChatPage {
     this.controller = null;
     for (const call of end.tool_calls ?? []) answer.addToolCall(call);
     this.finishAnswer(answer, content, end);
+    if (saved && answer.item.dataset.messageId) this.offerRating(answer, answer.item.dataset.messageId, null);
     const refused = !saved && end.event === "error" && end.error?.code !== "cancelled";
     if (refused && !toolsOnly && !this.prompt.value) this.prompt.value = text; // retry
     this.setBusy(false);
@@ -528,6 +581,24 @@ class ChatPage {
 
   stop() {
     this.controller?.abort();
+  }
+
+  offerRating(view, messageId, current) {
+    view.item.dataset.messageId = messageId;
+    view.addRating(current, async (value, comment) => {
+      const url = this.urls.ratingUrl.replace(RATING_PLACEHOLDER, encodeURIComponent(messageId));
+      try {
+        const data = await rateAnswer({ url, value, comment });
+        if (data.rating) {
+          this.announce(value === "up" ? "Rated good." : "Rated bad.");
+          return data.rating;
+        }
+        this.showError(data.error);
+      } catch {
+        this.showError({ code: "network_error", message: "Could not reach the server. Try again." });
+      }
+      return null;
+    });
   }
 
   async openSocket() {
@@ -577,6 +648,9 @@ class ChatPage {
       view.finish(message.content, status);
       view.addImages(message.parts ?? []);
       for (const call of message.tool_calls ?? []) view.addToolCall(call);
+      if (message.id && message.role === "assistant" && message.status) {
+        this.offerRating(view, message.id, message.rating ?? null);
+      }
       if (message.role === "assistant") this.pendingCalls = message.tool_calls ?? [];
       const waiting = message.approval_required ?? [];
       if (waiting.length) {

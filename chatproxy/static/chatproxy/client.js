@@ -93,6 +93,20 @@ export function readCsrfToken() {
   return cookie ? decodeURIComponent(cookie.slice("csrftoken=".length)) : "";
 }
 
+/**
+ * Rate an answer (the `message_id` of its `completed` event) "up" or "down", with an optional
+ * comment; rating it again changes the rating. Resolves with `{rating}` or `{error}`.
+ */
+export async function rateAnswer({ url, value, comment = "", csrfToken = readCsrfToken() }) {
+  const response = await fetch(url, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRFToken": csrfToken },
+    body: JSON.stringify(comment ? { value, comment } : { value }),
+    credentials: "same-origin",
+  });
+  return response.json();
+}
+
 /** Follows one turn: remembers its ids and makes sure onEvent sees one terminal event. */
 class Turn {
   constructor(onEvent) {
