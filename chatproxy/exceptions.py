@@ -58,6 +58,10 @@ ERROR_CODES: dict[str, str] = {
     "invalid_api_key": "The Authorization: Bearer key is unknown or revoked (401).",
     "csrf_failed": "A request identified by a session cookie lacks a valid CSRF token (403).",
     "conversation_not_found": "No conversation with that id belongs to you (404).",
+    "message_not_found": "regenerate, edit or a branch switch names no message of the "
+    "conversation (404).",
+    "invalid_branch": "regenerate or edit sent wrongly: both, without conversation_id, with "
+    "messages to regenerate, or naming a message of the wrong role (400).",
     "method_not_allowed": "Only POST is accepted (405).",
     "unsupported_media_type": "The body is not sent as application/json (415).",
     "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",
