@@ -21,6 +21,7 @@ from typing import Any
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.contrib.auth.models import AnonymousUser
 
+from . import conversations as library
 from . import database, followers
 from .auth import scope_address_key, user_from_bearer
 from .conf import conf
@@ -125,6 +126,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "cancel":
             await self.cancel()
+        elif kind in MANAGING:
+            await self.manage(kind, content, request_id)
         elif kind in ("chat", "resume"):
             if self.busy:
                 await self.send_error("busy", BUSY, request_id)
@@ -140,7 +143,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         else:
             await self.send_error(
                 "invalid_request",
-                'Each frame needs "type": "chat" (with messages), "resume" or "cancel".',
+                'Each frame needs "type": "chat" (with messages), "resume", "cancel", or one '
+                "of " + ", ".join(f'"{kind}"' for kind in MANAGING) + ".",
                 request_id,
             )
 
@@ -151,6 +155,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         if self.sender is not None:
             self.sender.cancel()
             await asyncio.wait({self.sender})
+
+    async def manage(self, kind: str, content: dict[str, Any], request_id: str | None) -> None:
+        """Answer a frame about a conversation as a whole with one event (``MANAGING``), the
+        same body as over HTTP; it may come while a turn runs."""
+        extra = {} if request_id is None else {"request_id": request_id}
+        try:
+            body = await database.run(_managed, kind, self.owner, content)
+        except RequestError as exc:
+            await self.send_error(exc.code, exc.message, request_id)
+            return
+        await self.flowing.wait()
+        self.send_event({"event": MANAGING[kind], **body}, extra)
 
     async def start_turn(self, content: dict[str, Any], extra: dict[str, Any]) -> Lines:
         key = content.get("idempotency_key", "")
@@ -176,10 +192,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         return run_turn(self.turn)
 
     async def resume(self, content: dict[str, Any], extra: dict[str, Any]) -> Lines:
-        raw = content.get("conversation_id")
+        raw, message = content.get("conversation_id"), content.get("message_id")
         try:
             conversation_id = uuid.UUID(str(raw))
-            answer = await latest_answer(self.owner, conversation_id)
+            message_id = None if message is None else uuid.UUID(str(message))
+            answer = await latest_answer(self.owner, conversation_id, message_id)
         except ValueError:
             answer = None
         if answer is None:
@@ -283,6 +300,41 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     def send_event(self, event: Any, extra: dict[str, Any], last: bool = False) -> None:
         """Queue one event as a text frame: its NDJSON line without the newline."""
         self.outbox.put_nowait((Encoder(extra).event(event)[:-1].decode(), last))
+
+
+# The frames about a conversation as a whole, each with the event that answers it.
+MANAGING = {
+    "conversations": "conversations",
+    "conversation": "conversation",
+    "rename": "renamed",
+    "delete": "deleted",
+    "switch": "switched",
+    "branches": "branches",
+}
+
+
+def _managed(kind: str, owner: Owner, content: dict[str, Any]) -> dict[str, Any]:
+    """Run a ``MANAGING`` frame's operation (``conversations``), on the database thread."""
+    if kind == "conversations":
+        query, page = content.get("q", ""), content.get("page", 1)
+        if not isinstance(query, str) or not isinstance(page, int) or page < 1:
+            raise RequestError(
+                "invalid_request", "q must be a string and page a whole number from 1."
+            )
+        return library.listing(owner, query.strip()[: library.MAX_QUERY], page)
+    try:
+        conversation_id = uuid.UUID(str(content.get("conversation_id")))
+    except ValueError:
+        raise library.not_found() from None
+    if kind == "conversation":
+        return library.transcript(owner, conversation_id)
+    if kind == "rename":
+        return library.rename(owner, conversation_id, content.get("title"))
+    if kind == "delete":
+        return library.delete(owner, conversation_id)
+    if kind == "switch":
+        return library.switch(owner, conversation_id, content.get("message_id"))
+    return library.branches(owner, conversation_id)
 
 
 def _is_terminal(line: bytes) -> bool:

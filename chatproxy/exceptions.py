@@ -62,6 +62,8 @@ ERROR_CODES: dict[str, str] = {
     "conversation (404).",
     "invalid_branch": "regenerate or edit sent wrongly: both, without conversation_id, with "
     "messages to regenerate, or naming a message of the wrong role (400).",
+    "invalid_title": "A rename whose title is not a string of 1 to 80 characters (400).",
+    "conversation_streaming": "A delete while an answer streams in the conversation (409).",
     "method_not_allowed": "Only POST is accepted (405).",
     "unsupported_media_type": "The body is not sent as application/json (415).",
     "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",

@@ -24,10 +24,16 @@ from .owners import Owner
 WORKER_LOST = "The server that was writing this answer stopped. Send your message again."
 
 
-async def latest_answer(owner: Owner, conversation_id: uuid.UUID) -> Message | None:
-    """The owner's last answer in a conversation, or None (unknown, or someone else's)."""
+async def latest_answer(
+    owner: Owner, conversation_id: uuid.UUID, message_id: uuid.UUID | None = None
+) -> Message | None:
+    """The owner's last answer in a conversation, on whichever branch (or the answer
+    ``message_id``), or None (unknown, or someone else's)."""
     if not await Conversation.objects.owned_by(owner).filter(pk=conversation_id).aexists():
         return None
+    if message_id is not None:
+        answers = Message.objects.filter(conversation_id=conversation_id, role=Role.ASSISTANT)
+        return await answers.exclude(status="").filter(pk=message_id).afirst()
     return await last_answer(conversation_id)
 
 

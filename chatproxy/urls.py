@@ -12,4 +12,10 @@ urlpatterns = [
     path("completions/<uuid:conversation_id>/watch", views.watch, name="watch"),
     path("conversations", pages.conversations, name="conversations"),
     path("conversations/<uuid:conversation_id>", pages.conversation, name="conversation"),
+    path(
+        "conversations/<uuid:conversation_id>/branches",
+        pages.branches,
+        name="conversation-branches",
+    ),
+    path("conversations/<uuid:conversation_id>/branch", pages.branch, name="conversation-branch"),
 ]

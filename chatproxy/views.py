@@ -110,13 +110,14 @@ completions = CompletionsView.as_view()
 
 
 async def resume(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:
-    """Re-attach to a conversation's latest answer: the text so far, then the rest live from
-    whichever worker generates it, ending with the turn's own terminal event."""
+    """Re-attach to a conversation's latest answer (or ``?message_id=``'s, on any branch): the
+    text so far, then the rest live from whichever worker generates it, ending with the turn's
+    own terminal event."""
     if request.method != "GET":
         return error_response(_not_allowed("GET"))
     try:
         owner, _ = await authenticate(request)
-        answer = await _owned_answer(owner, conversation_id)
+        answer = await _owned_answer(owner, conversation_id, request)
         lines = await open_replay(answer, who=owner.key)
     except RequestError as exc:
         return error_response(exc)
@@ -125,12 +126,13 @@ async def resume(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
 
 @csrf_exempt  # checked in authenticate(), for requests identified by a session cookie
 async def cancel(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:
-    """Stop the conversation's running answer in whichever worker generates it."""
+    """Stop the conversation's running answer (or ``?message_id=``'s) in whichever worker
+    generates it."""
     if request.method != "POST":
         return error_response(_not_allowed("POST"))
     try:
         owner, _ = await authenticate(request)
-        answer = await _owned_answer(owner, conversation_id)
+        answer = await _owned_answer(owner, conversation_id, request)
         if answer.status != Status.STREAMING or not await followers.cancel(answer.pk):
             raise RequestError(
                 "not_streaming",
@@ -160,9 +162,16 @@ async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespons
     return StreamingHttpResponse(lines, content_type="application/x-ndjson", headers=STREAM_HEADERS)
 
 
-async def _owned_answer(owner: Owner, conversation_id: uuid.UUID) -> Message:
-    """The latest answer of the owner's conversation; 404 for anyone else's."""
-    answer = await latest_answer(owner, conversation_id)
+async def _owned_answer(owner: Owner, conversation_id: uuid.UUID, request: HttpRequest) -> Message:
+    """The latest answer of the owner's conversation, on any branch, or the one the query's
+    ``message_id`` names; 404 for anyone else's."""
+    raw, message_id = request.GET.get("message_id"), None
+    if raw is not None:
+        try:
+            message_id = uuid.UUID(raw)
+        except ValueError:
+            raise _not_found() from None
+    answer = await latest_answer(owner, conversation_id, message_id)
     if answer is None:
         raise _not_found()
     return answer

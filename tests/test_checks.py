@@ -55,6 +55,7 @@ def test_test_settings_pass_cleanly():
         ("CHATPROXY_IMAGE_HOSTS", "images.example.com", "chatproxy.E017"),
         ("CHATPROXY_EXTRA_PART_TYPES", ["image_url"], "chatproxy.E018"),
         ("CHATPROXY_REASONING_FIELD", "reasoning content", "chatproxy.E019"),
+        ("CHATPROXY_DELETE", "archive", "chatproxy.E040"),
     ],
 )
 def test_bad_setting_is_an_error(settings, name, value, expected):
