@@ -9,6 +9,7 @@ import orjson
 import pytest
 from django.test import AsyncClient
 
+from chatproxy import titles
 from chatproxy.models import Conversation, Message
 from tests.conftest import chat, frames_until_terminal, open_socket, read_events, session_cookie
 from tests.fake_upstream import Reply
@@ -391,3 +392,48 @@ async def test_a_socket_resumes_an_answer_on_another_branch(socket, client, upst
 
     assert frames[0]["message_id"] == first
     assert [f["content"] for f in frames if f["event"] == "answering"] == ["A1"]
+
+
+# Titles
+
+
+async def test_the_title_is_the_first_message_by_default(client, upstream):
+    conversation_id, _ = await started(client, upstream, "  Plan a   trip\nto Lisbon ")
+
+    assert (await Conversation.objects.aget(pk=conversation_id)).title == "Plan a trip to Lisbon"
+    assert len(upstream.requests) == 1
+
+
+TITLED = [("chatproxy.titles.Title", {"words": 4})]
+
+
+async def test_the_title_interceptor_asks_the_model_after_the_first_answer(
+    client, upstream, settings
+):
+    settings.CHATPROXY_INTERCEPTORS = TITLED
+    upstream.enqueue(Reply(tokens=["Lisbon is lovely."]), Reply(tokens=['"Trip to Lisbon."']))
+
+    events = await read_events(
+        await chat(client, {"messages": [{"role": "user", "content": "Plan a trip to Lisbon"}]})
+    )
+    await titles.settled()
+
+    conversation_id = events[0]["conversation_id"]
+    assert (await Conversation.objects.aget(pk=conversation_id)).title == "Trip to Lisbon"
+    asked = upstream.requests[1].json
+    assert asked["stream"] is False and "at most 4 words" in asked["messages"][0]["content"]
+    assert asked["messages"][1]["content"] == "Plan a trip to Lisbon\n\nLisbon is lovely."
+    follow = {"conversation_id": conversation_id, "messages": [{"role": "user", "content": "x"}]}
+    await ask(client, upstream, follow)
+    await titles.settled()
+    assert len(upstream.requests) == 3  # no title call for a later turn
+
+
+async def test_a_failed_title_call_leaves_the_first_message_title(client, upstream, settings):
+    settings.CHATPROXY_INTERCEPTORS = TITLED
+    upstream.enqueue(Reply(tokens=["ok"]), Reply(status=500))
+
+    await read_events(await chat(client, {"messages": [{"role": "user", "content": "Hi there"}]}))
+    await titles.settled()
+
+    assert (await Conversation.objects.aget()).title == "Hi there"
