@@ -25,6 +25,7 @@ from . import conversations as library
 from . import database, followers
 from .auth import scope_address_key, user_from_bearer
 from .conf import conf
+from .detach import detached
 from .events import Encoder, error_event
 from .exceptions import DuplicateTurnError, RequestError
 from .interception import InterceptorSpec
@@ -189,7 +190,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         except DuplicateTurnError as duplicate:  # the key's turn ran or runs: follow it
             return self._follow(duplicate.answer, extra)
         self.following = None
-        return run_turn(self.turn)
+        lines = run_turn(self.turn)
+        # Detached, a disconnect (stop()) only stops reading: the turn runs to its end.
+        return detached(lines) if request.detach else lines
 
     async def resume(self, content: dict[str, Any], extra: dict[str, Any]) -> Lines:
         raw, message = content.get("conversation_id"), content.get("message_id")
@@ -279,6 +282,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             # through the channel layer.
             if self.following is not None:
                 await followers.cancel(self.following)
+            return
+        if turn.request.detach:  # it runs on its own: stop it there; its terminal event follows
+            if turn.answer_id is not None:
+                await followers.cancel(turn.answer_id)
             return
         await self.stop("cancelled")
         if not self.answered:  # else it finished just before the cancel landed

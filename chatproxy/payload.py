@@ -17,7 +17,7 @@ from .content import PART_EXAMPLE, Tally, validate_parts
 from .exceptions import RequestError
 from .parameters import TOOL_NAME, check_together, validate_parameter
 
-FIELDS = ("messages", "conversation_id", "model", "approvals", "regenerate", "edit")
+FIELDS = ("messages", "conversation_id", "model", "approvals", "regenerate", "edit", "detach")
 EXAMPLE = '{"messages": [{"role": "user", "content": "Hi"}]}'
 MAX_ID = 100  # the length of Message.tool_call_id
 
@@ -34,6 +34,8 @@ class ChatRequest:
     # or the request's messages beside this user message (``edit``).
     regenerate: uuid.UUID | None = None
     edit: uuid.UUID | None = None
+    # The turn runs to its end when its client leaves (``detach``).
+    detach: bool = False
 
     @property
     def tool_results(self) -> list[str]:
@@ -98,7 +100,17 @@ def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
         approvals=approvals,
         regenerate=regenerate,
         edit=edit,
+        detach=_detach(data.get("detach", False)),
     )
+
+
+def _detach(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError(
+            "invalid_request",
+            "detach must be true (the answer goes on if the client leaves) or false.",
+        )
+    return value
 
 
 def _branch(

@@ -18,6 +18,7 @@ from django.views.decorators.csrf import csrf_exempt
 from . import followers
 from .auth import authenticate, identify, open_session
 from .conf import conf
+from .detach import detached
 from .exceptions import DuplicateTurnError, RequestError
 from .interception import InterceptorSpec
 from .models import Message, Status
@@ -88,7 +89,7 @@ class CompletionsView(View):
                     idempotency_key=key,
                     open_session=functools.partial(open_session, request),
                 )
-                lines = run_turn(turn)
+                lines = detached(run_turn(turn)) if chat.detach else run_turn(turn)
             except DuplicateTurnError as duplicate:  # the key's turn ran or runs: replay it
                 owner, _ = await authenticate(request)
                 lines = await open_replay(duplicate.answer, who=owner.key)

@@ -3,6 +3,7 @@ rename, delete, switch branch, list branches; resume and cancel per answer on an
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import orjson
@@ -437,3 +438,62 @@ async def test_a_failed_title_call_leaves_the_first_message_title(client, upstre
     await titles.settled()
 
     assert (await Conversation.objects.aget()).title == "Hi there"
+
+
+# Detached turns: a client that leaves does not stop the answer
+
+
+async def test_a_detached_answer_goes_on_to_the_end_when_its_http_client_leaves(
+    client, upstream, saved_answers
+):
+    upstream.enqueue(Reply(tokens=[f"w{i} " for i in range(40)], delay=0.01))
+    response = await chat(client, {"messages": [{"role": "user", "content": "Hi"}], "detach": True})
+    stream = response.streaming_content
+    analyzing = orjson.loads(await anext(stream))
+    await stream.aclose()  # the client left: a reload, a closed tab
+
+    saved = await asyncio.wait_for(saved_answers.get(), 10)
+
+    assert (saved.status, saved.content) == ("completed", "".join(f"w{i} " for i in range(40)))
+    assert str(saved.pk) == analyzing["message_id"]
+    resumed = await read_events(
+        await client.get(f"/completions/{analyzing['conversation_id']}/stream")
+    )
+    assert resumed[-1]["event"] == "completed"
+
+
+async def test_a_detached_answer_goes_on_when_its_socket_closes(user, upstream, saved_answers):
+    upstream.enqueue(Reply(tokens=[f"w{i} " for i in range(40)], delay=0.01))
+    socket = await open_socket(await session_cookie(user))
+    await socket.connect()
+    await socket.send_json_to(
+        {"type": "chat", "detach": True, "messages": [{"role": "user", "content": "Hi"}]}
+    )
+    assert (await socket.receive_json_from(timeout=5))["event"] == "analyzing"
+    await socket.disconnect()
+
+    saved = await asyncio.wait_for(saved_answers.get(), 10)
+
+    assert saved.status == "completed" and saved.content.endswith("w39 ")
+
+
+async def test_a_detached_answer_stops_on_a_cancel_frame(socket, upstream):
+    upstream.enqueue(SLOW)
+    await socket.send_json_to(
+        {"type": "chat", "detach": True, "messages": [{"role": "user", "content": "Hi"}]}
+    )
+    analyzing = await socket.receive_json_from(timeout=5)
+    await socket.receive_json_from(timeout=5)  # its first words
+    await socket.send_json_to({"type": "cancel"})
+
+    frames = await frames_until_terminal(socket)
+
+    assert frames[-1]["error"]["code"] == "cancelled"
+    answer = await Message.objects.aget(pk=analyzing["message_id"])
+    assert (answer.status, answer.error_code) == ("interrupted", "cancelled")
+
+
+async def test_detach_must_be_a_boolean(client):
+    response = await chat(client, {"messages": [{"role": "user", "content": "Hi"}], "detach": 1})
+
+    assert json_body(response)[1]["error"]["code"] == "invalid_request"
