@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
@@ -17,6 +18,7 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 
 from .conf import conf
+from .conversations import review
 from .models import ApiKey, Conversation, Message
 
 # Thumbnails only from URLs that cannot run anything: https:, or a data: URL of a raster type.
@@ -105,11 +107,27 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
         "status",
         "created_at",
         "updated_at",
+        "deleted_at",
     ]
     date_hierarchy = "created_at"
     inlines = [MessageInline]
     # Adds a live view of an answer that is still streaming (see views.watch).
     change_form_template = "admin/chatproxy/conversation/change_form.html"
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        # The branches partial (admin/chatproxy/conversation/branches.html): the active path,
+        # or with ?branch=<message id> the newest branch through that message.
+        conversation = self.get_object(request, object_id)
+        if conversation is not None and self.has_view_permission(request, conversation):
+            through = _uuid(request.GET.get("branch", ""))
+            extra_context = {**(extra_context or {}), "branches": review(conversation, through)}
+        return super().change_view(request, object_id, form_url, extra_context)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
         queryset: QuerySet[Conversation] = super().get_queryset(request)
@@ -120,6 +138,13 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
     @admin.display(description="messages", ordering="messages__count")
     def message_count(self, obj: Conversation) -> int:
         return int(obj.messages__count)  # type: ignore[attr-defined]
+
+
+def _uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
 
 
 @admin.register(Message)

@@ -205,3 +205,39 @@ def branches(owner: Owner, conversation_id: uuid.UUID) -> dict[str, Any]:
 
 def _str(value: uuid.UUID | None) -> str | None:
     return None if value is None else str(value)
+
+
+def review(conversation: Conversation, through: uuid.UUID | None = None) -> dict[str, Any]:
+    """A conversation's branches for staff (the admin), whoever owns it: the active branch, or
+    the newest one through ``through``, each message with its siblings to reach the others.
+    Reading it changes nothing: the owner's active leaf stays."""
+    listed = Message.objects.filter(conversation=conversation).values_list(
+        "pk", "parent_id", "position", "role", "status", "content"
+    )
+    rows = {row[0]: row for row in chain_unlinked(list(listed))}
+    tree = children((pk, row[1]) for pk, row in rows.items())
+    leaf = conversation.active_leaf_id or next(reversed(rows), None)
+    if through in rows:
+        leaf = newest_leaf(tree, through)
+    shown = []
+    for row in path(rows, leaf):
+        siblings = tree.get(row[1], [])
+        shown.append(
+            {
+                "id": str(row[0]),
+                "position": row[2],
+                "role": row[3],
+                "status": row[4],
+                "excerpt": " ".join(row[5].split())[:TITLE_LENGTH],
+                "siblings": [
+                    {"id": str(s), "position": rows[s][2], "current": s == row[0]} for s in siblings
+                ]
+                if len(siblings) > 1
+                else [],
+            }
+        )
+    return {
+        "path": shown,
+        "branches": len(leaves(tree)),
+        "active": leaf == (conversation.active_leaf_id or leaf),
+    }

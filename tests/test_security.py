@@ -216,8 +216,13 @@ async def test_matrix_admin_transcripts(people, who):
 
     listing = await sync_to_async(c.get)("/admin/chatproxy/conversation/")
     detail = await sync_to_async(c.get)(f"/admin/chatproxy/conversation/{conversation_id}/change/")
+    answer = await Message.objects.aget(conversation_id=conversation_id, role="assistant")
+    branch = await sync_to_async(c.get)(
+        f"/admin/chatproxy/conversation/{conversation_id}/change/?branch={answer.pk}"
+    )
 
-    assert listing.status_code == detail.status_code == ADMIN_LIST[who]
+    assert listing.status_code == detail.status_code == branch.status_code == ADMIN_LIST[who]
+    assert ('id="chatproxy-branches"' in branch.content.decode()) == (ADMIN_LIST[who] == 200)
 
 
 # A key acts as its user on the chat API, transcripts included: whoever may make one for alice
