@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.test import AsyncClient
 
+from chatproxy.branches import chain_unlinked, children, leaves, newest_leaf, path
 from chatproxy.models import Conversation, Message
 from tests.conftest import answer_text, chat, counted_queries, read_body, read_events
 from tests.fake_upstream import Reply
@@ -261,3 +264,39 @@ def test_the_migration_puts_existing_conversations_on_one_branch(django_user_mod
     assert [m.parent_id for m in saved] == [None, saved[0].pk, saved[1].pk, saved[2].pk]
     assert Conversation.objects.get(pk=conversation.pk).active_leaf_id == saved[3].pk
     assert Conversation.objects.get(pk=empty.pk).active_leaf_id is None
+
+
+# The pure tree functions
+
+
+def ids(n):
+    return [uuid.UUID(int=i + 1) for i in range(n)]
+
+
+def test_path_walks_from_the_root_to_the_leaf_and_survives_a_cycle():
+    a, b, c = ids(3)
+    rows = {a: (a, None), b: (b, a), c: (c, b)}
+
+    assert path(rows, c) == [rows[a], rows[b], rows[c]]
+    assert path(rows, None) == []
+    looped = {a: (a, b), b: (b, a)}
+    assert len(path(looped, a)) == 2
+
+
+def test_newest_leaf_follows_the_newest_child_and_leaves_lists_every_branch_end():
+    q, a1, a2, f = ids(4)
+    tree = children([(q, None), (a1, q), (a2, q), (f, a1)])
+
+    assert newest_leaf(tree, q) == a2
+    assert newest_leaf(tree, a1) == f
+    assert sorted(leaves(tree)) == sorted([f, a2])
+
+
+def test_rows_written_without_parents_are_read_as_one_branch():
+    a, b, c = ids(3)
+
+    chained = chain_unlinked([(a, None, "x"), (b, None, "y"), (c, None, "z")])
+
+    assert chained == [(a, None, "x"), (b, a, "y"), (c, b, "z")]
+    linked = [(a, None), (b, a)]
+    assert chain_unlinked(linked) is linked
