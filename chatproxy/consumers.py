@@ -324,7 +324,8 @@ def _managed(kind: str, owner: Owner, content: dict[str, Any]) -> dict[str, Any]
     """Run a ``MANAGING`` frame's operation (``conversations``), on the database thread."""
     if kind == "conversations":
         query, page = content.get("q", ""), content.get("page", 1)
-        if not isinstance(query, str) or not isinstance(page, int) or page < 1:
+        whole = isinstance(page, int) and not isinstance(page, bool)
+        if not isinstance(query, str) or not whole or page < 1:
             raise RequestError(
                 "invalid_request", "q must be a string and page a whole number from 1."
             )

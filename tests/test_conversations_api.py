@@ -497,3 +497,10 @@ async def test_detach_must_be_a_boolean(client):
     response = await chat(client, {"messages": [{"role": "user", "content": "Hi"}], "detach": 1})
 
     assert json_body(response)[1]["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("fields", [{"page": 0}, {"page": True}, {"page": "2"}, {"q": 5}])
+async def test_a_socket_list_frame_with_a_bad_page_or_query_is_an_error(socket, fields):
+    reply = await frame(socket, {"type": "conversations", **fields})
+
+    assert reply["event"] == "error" and reply["error"]["code"] == "invalid_request"
