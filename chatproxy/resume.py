@@ -31,15 +31,17 @@ async def latest_answer(
     ``message_id``), or None (unknown, or someone else's)."""
     if not await Conversation.objects.owned_by(owner).filter(pk=conversation_id).aexists():
         return None
-    if message_id is not None:
-        answers = Message.objects.filter(conversation_id=conversation_id, role=Role.ASSISTANT)
-        return await answers.exclude(status="").filter(pk=message_id).afirst()
-    return await last_answer(conversation_id)
+    return await last_answer(conversation_id, message_id)
 
 
-async def last_answer(conversation_id: uuid.UUID) -> Message | None:
-    """A conversation's last answer, whoever owns it (for staff), or None."""
+async def last_answer(
+    conversation_id: uuid.UUID, message_id: uuid.UUID | None = None
+) -> Message | None:
+    """A conversation's last answer (or the answer ``message_id``), whoever owns it (for
+    staff), or None."""
     answers = Message.objects.filter(conversation_id=conversation_id, role=Role.ASSISTANT)
+    if message_id is not None:
+        answers = answers.filter(pk=message_id)
     return await answers.exclude(status="").order_by("-position").afirst()
 
 

@@ -148,13 +148,15 @@ async def cancel(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
 
 
 async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:
-    """Follow any conversation's latest answer live: for staff who may view transcripts."""
+    """Follow any conversation's latest answer (or ``?message_id=``'s) live: for staff who may
+    view transcripts."""
     user = await request.auser()
     allowed = user.is_active and user.is_staff
     if allowed:
         allowed = await sync_to_async(user.has_perm)("chatproxy.view_conversation")
-    answer = await last_answer(conversation_id) if allowed else None
     try:
+        message_id = _message_id(request)
+        answer = await last_answer(conversation_id, message_id) if allowed else None
         if answer is None:
             raise _not_found()
         lines = await open_replay(answer, who=f"user:{user.pk}")
@@ -166,16 +168,21 @@ async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespons
 async def _owned_answer(owner: Owner, conversation_id: uuid.UUID, request: HttpRequest) -> Message:
     """The latest answer of the owner's conversation, on any branch, or the one the query's
     ``message_id`` names; 404 for anyone else's."""
-    raw, message_id = request.GET.get("message_id"), None
-    if raw is not None:
-        try:
-            message_id = uuid.UUID(raw)
-        except ValueError:
-            raise _not_found() from None
-    answer = await latest_answer(owner, conversation_id, message_id)
+    answer = await latest_answer(owner, conversation_id, _message_id(request))
     if answer is None:
         raise _not_found()
     return answer
+
+
+def _message_id(request: HttpRequest) -> uuid.UUID | None:
+    """The query's ``message_id``: an answer on any branch; a malformed one finds nothing."""
+    raw = request.GET.get("message_id")
+    if raw is None:
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise _not_found() from None
 
 
 def _not_found() -> RequestError:

@@ -8,6 +8,8 @@ import uuid
 
 import orjson
 import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth.models import Permission
 from django.test import AsyncClient
 
 from chatproxy import titles
@@ -294,6 +296,48 @@ async def test_an_idempotency_key_replays_a_regenerated_answer(client, upstream)
 
     assert retried[0]["message_id"] == first[0]["message_id"] and retried[0]["resumed"]
     assert len(upstream.requests) == 2
+
+
+async def test_staff_watch_the_answer_a_message_id_names_on_another_branch(
+    client, upstream, django_user_model
+):
+    conversation_id, first, _ = await branched(client, upstream)
+    staff = await sync_to_async(django_user_model.objects.create_user)(
+        "staff", password="pw", is_staff=True
+    )
+    view = await Permission.objects.aget(codename="view_conversation")
+    await sync_to_async(staff.user_permissions.add)(view)
+    watcher = AsyncClient()
+    await watcher.aforce_login(staff)
+
+    watched = await read_events(
+        await watcher.get(f"/completions/{conversation_id}/watch?message_id={first}")
+    )
+    refused = await client.get(f"/completions/{conversation_id}/watch?message_id={first}")
+
+    assert watched[0]["message_id"] == first and watched[-1]["event"] == "completed"
+    assert refused.status_code == 404
+
+
+async def test_cancel_stops_the_answer_a_message_id_names(client, upstream, saved_answers):
+    conversation_id, answer = await started(client, upstream)
+    upstream.enqueue(SLOW)
+    body = {"conversation_id": conversation_id, "regenerate": answer, "detach": True}
+    stream = (await chat(client, body)).streaming_content
+    running = orjson.loads(await anext(stream))["message_id"]
+    base = f"/completions/{conversation_id}/cancel"
+
+    finished = await client.post(f"{base}?message_id={answer}")
+    cancelled = await client.post(f"{base}?message_id={running}")
+    lines = [orjson.loads(line) async for line in stream]
+
+    assert finished.status_code == 409  # that one has ended: nothing to stop
+    assert cancelled.status_code == 202 and cancelled.json()["message_id"] == running
+    assert lines[-1]["error"]["code"] == "cancelled"
+    saved = await asyncio.wait_for(saved_answers.get(), 10)
+    while str(saved.pk) != running:  # the first turn's answer was saved before
+        saved = await asyncio.wait_for(saved_answers.get(), 10)
+    assert (saved.status, saved.error_code) == ("interrupted", "cancelled")
 
 
 # The same over the WebSocket
