@@ -749,3 +749,23 @@ async def test_a_reload_mid_answer_keeps_it_streaming_to_the_end(page, upstream,
     assert len(upstream.requests) == 1  # followed, not asked again
     renders = await page.evaluate("window.__renders")
     assert any(r["status"] == "streaming" and "word" in r["text"] for r in renders), renders
+
+
+async def test_the_list_searches_and_pages_through_the_conversations(page, user):
+    rows = [Conversation(owner=user, title=f"Recipe {i}") for i in range(50)]
+    await Conversation.objects.abulk_create(
+        [Conversation(owner=user, title="Trip to Lisbon"), *rows]
+    )
+    await page.reload()
+    listed = page.locator(".chatproxy-conversation")
+    await expect(listed).to_have_count(50)
+
+    await page.get_by_role("button", name="More conversations").click()
+    await expect(listed).to_have_count(51)
+    await expect(page.get_by_role("button", name="More conversations")).to_be_hidden()
+    await page.get_by_label("Search conversations").fill("lisbon")
+
+    await expect(listed).to_have_count(1)
+    await expect(listed).to_contain_text("Trip to Lisbon")
+    await page.get_by_label("Search conversations").fill("nothing like it")
+    await expect(page.get_by_text("No conversation matches.")).to_be_visible()

@@ -353,6 +353,9 @@ class ChatPage {
     this.title = part("title");
     this.conversationList = part("conversations");
     this.noConversations = part("no-conversations");
+    this.search = part("search");
+    this.moreButton = part("more");
+    this.nextPage = null;
     this.radios = [...root.querySelectorAll('input[name="transport"]')];
     this.urls = root.dataset;
     this.conversationId = null;
@@ -397,6 +400,12 @@ class ChatPage {
       }
     });
     this.newButton.addEventListener("click", () => this.startNew());
+    let typing = 0;
+    this.search?.addEventListener("input", () => {
+      clearTimeout(typing);
+      typing = setTimeout(() => this.refreshConversations(), 250); // once typing pauses
+    });
+    this.moreButton?.addEventListener("click", () => this.refreshConversations({ more: true }));
     for (const radio of this.radios) {
       radio.addEventListener("change", () => radio.checked && this.useTransport(radio.value));
     }
@@ -810,9 +819,17 @@ class ChatPage {
     if (running) this.resume(running);
   }
 
-  async refreshConversations() {
-    const data = await this.getJson(this.urls.conversationsUrl);
+  /** List the conversations: the first page, or with `more` the next one after those shown;
+   * only those the search box's words find, when it has some. */
+  async refreshConversations({ more = false } = {}) {
+    const query = new URLSearchParams();
+    const words = this.search?.value.trim() ?? "";
+    if (words) query.set("q", words);
+    if (more) query.set("page", String(this.nextPage));
+    const data = await this.getJson(`${this.urls.conversationsUrl}?${query}`);
     if (!data) return;
+    this.nextPage = data.next_page;
+    if (this.moreButton) this.moreButton.hidden = !data.next_page;
     const items = data.conversations.map((c) => {
       const button = el("button", "chatproxy-conversation");
       button.type = "button";
@@ -829,8 +846,11 @@ class ChatPage {
       item.append(button, rename, remove);
       return item;
     });
-    this.conversationList.replaceChildren(...items);
-    this.noConversations.hidden = items.length > 0;
+    if (more) this.conversationList.append(...items);
+    else this.conversationList.replaceChildren(...items);
+    const shown = this.conversationList.children.length > 0;
+    this.noConversations.hidden = shown;
+    this.noConversations.textContent = words ? "No conversation matches." : "No conversations yet.";
     this.markCurrent();
   }
 
