@@ -470,7 +470,8 @@ class ChatPage {
   }
 
   /** Send the prompt (with its images), or with `toolsOnly` just the results of the last
-   * answer's tool calls, which this page runs itself. */
+   * answer's tool calls, which this page runs itself; with `regenerate` (an answer's id)
+   * another answer beside that one, with `edit` ({id, text}) a new question beside that one. */
   async send({ toolsOnly = false, round = 0, approvals = null, regenerate = null, edit = null } = {}) {
     toolsOnly = toolsOnly || approvals !== null || regenerate !== null; // no new message
     const editing = edit !== null;
@@ -549,9 +550,15 @@ class ChatPage {
     for (const call of end.tool_calls ?? []) answer.addToolCall(call);
     this.finishAnswer(answer, content, end);
     const refused = !saved && end.event === "error" && end.error?.code !== "cancelled";
-    if (refused && !toolsOnly && !this.prompt.value) this.prompt.value = text; // retry
+    const branching = regenerate !== null || editing;
+    if (refused && !toolsOnly && !editing && !this.prompt.value) this.prompt.value = text; // retry
     this.setBusy(false);
     this.prompt.focus();
+    // A refused new branch leaves the old one: draw what the server has.
+    if (refused && branching && this.conversationId) {
+      await this.openConversation(this.conversationId);
+      this.showError(end.error); // drawing the transcript cleared it
+    }
     await this.refreshConversations();
     if (saved) await this.decorateTurn(said, answer);
     if (end.event === "completed" && end.finish_reason === "approval_required") {
