@@ -548,3 +548,23 @@ async def test_a_socket_list_frame_with_a_bad_page_or_query_is_an_error(socket, 
     reply = await frame(socket, {"type": "conversations", **fields})
 
     assert reply["event"] == "error" and reply["error"]["code"] == "invalid_request"
+
+
+async def test_a_detached_answer_still_counts_against_the_stream_cap(
+    client, upstream, settings, saved_answers
+):
+    settings.CHATPROXY_MAX_STREAMS = 1
+    upstream.enqueue(SLOW)
+    hi = {"messages": [{"role": "user", "content": "Hi"}], "detach": True}
+    stream = (await chat(client, hi)).streaming_content
+    analyzing = orjson.loads(await anext(stream))
+    await stream.aclose()  # the client left; the answer goes on
+
+    refused = await chat(client, {"messages": [{"role": "user", "content": "Again"}]})
+
+    assert json_body(refused)[0] == 429
+    assert json_body(refused)[1]["error"]["code"] == "too_many_streams"
+    cancel = f"/completions/{analyzing['conversation_id']}/cancel"
+    assert (await client.post(cancel)).status_code == 202
+    saved = await asyncio.wait_for(saved_answers.get(), 10)
+    assert (saved.status, saved.error_code) == ("interrupted", "cancelled")
