@@ -3,6 +3,7 @@ said is editable: reviewers add marks beside it (chatproxy.review)."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
@@ -18,6 +19,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.text import smart_split, unescape_string_literal
 from django.utils.translation import gettext_lazy as _
 
+from .conversations import review
 from .dashboard import PERIODS, figures, period_days
 from .export import EXPORT_PERMISSION, export, response
 from .feedback import Rating
@@ -85,8 +87,12 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
     ]
     search_fields = ["title"]  # and more: see get_search_results
     search_help_text = _("Searches titles, message text and owners' user names and e-mails.")
-    fields = ["title", "owned_by", "model", "status", "created_at", "updated_at", "id"]
-    readonly_fields = ["title", "owned_by", "model", "status", "created_at", "updated_at", "id"]
+    readonly_fields = [
+        "title", "owned_by", "model", "status", "created_at", "updated_at", "deleted_at", "id"
+    ]  # fmt: skip
+    fields = [
+        "title", "owned_by", "model", "status", "created_at", "updated_at", "deleted_at", "id"
+    ]  # fmt: skip
     date_hierarchy = "created_at"
     actions = ["export_jsonl", "export_csv"]
     # The transcript and the review form (see transcript.html and change_view), and a live
@@ -200,6 +206,13 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
         context = dict(extra_context or {})
         if conversation is not None and self.has_view_permission(request, conversation):
             context["transcript"] = transcript(conversation)
+            # The branches partial (admin/chatproxy/conversation/branches.html), where there
+            # are branches or one is asked for: the active path, or with ?branch=<message id>
+            # the newest branch through that message.
+            through = _uuid(request.GET.get("branch", ""))
+            branches = review(conversation, through)
+            if branches["branches"] > 1 or through is not None:
+                context["branches"] = branches
             if self.has_review_permission(request):
                 context["review_form"] = self._review_form(conversation, None)
                 context["review_url"] = reverse(
@@ -234,6 +247,13 @@ class ConversationAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-a
             for pk, position in answers.exclude(status="").values_list("pk", "position")
         ]
         return ReviewForm(data, answers=choices)
+
+
+def _uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
 
 
 @admin.register(Message)

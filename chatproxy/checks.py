@@ -63,7 +63,7 @@ def _is_number(value: Any) -> bool:
 
 def check_settings(**kwargs: Any) -> list[CheckMessage]:
     """Validate every CHATPROXY_* setting and warn about setups that buffer the stream."""
-    return [*_errors(), *_review_errors(), *_warnings()]
+    return [*_errors(), *_review_errors(), *_conversation_errors(), *_warnings()]
 
 
 def _review_errors() -> list[CheckMessage]:
@@ -338,6 +338,19 @@ def _upstream_errors() -> list[CheckMessage]:
             )
         )
     return errors
+
+
+def _conversation_errors() -> list[CheckMessage]:
+    if conf.CHATPROXY_DELETE in ("hard", "soft"):
+        return []
+    return [
+        Error(
+            f"CHATPROXY_DELETE must be 'hard' or 'soft', not {conf.CHATPROXY_DELETE!r}.",
+            hint="'hard' deletes a conversation's rows; 'soft' hides it from its owner and "
+            "keeps them for review in the admin.",
+            id="chatproxy.E040",
+        )
+    ]
 
 
 def _proxy_errors() -> list[CheckMessage]:

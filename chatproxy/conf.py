@@ -262,6 +262,12 @@ class Settings:
         return bool(getattr(settings, "CHATPROXY_STORE_CONTENT", True))
 
     @property
+    def CHATPROXY_DELETE(self) -> str:
+        """How an owner's delete removes a conversation: "hard" deletes its rows, "soft"
+        hides it from its owner and keeps the rows for review."""
+        return str(getattr(settings, "CHATPROXY_DELETE", "hard"))
+
+    @property
     def CHATPROXY_STALE_AFTER(self) -> float:
         return float(getattr(settings, "CHATPROXY_STALE_AFTER", 600.0))
 

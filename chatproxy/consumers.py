@@ -21,9 +21,11 @@ from typing import Any
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.contrib.auth.models import AnonymousUser
 
+from . import conversations as library
 from . import database, followers
 from .auth import scope_address_key, user_from_bearer
 from .conf import conf
+from .detach import detached
 from .events import Encoder, RatedEvent, error_event
 from .exceptions import DuplicateTurnError, RequestError
 from .feedback import Rating, not_found, read_rating
@@ -128,6 +130,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             await self.cancel()
         elif kind == "rate":  # quick, and not part of a turn: answered even while one runs
             await self.rate(content, request_id)
+        elif kind in MANAGING:
+            await self.manage(kind, content, request_id)
         elif kind in ("chat", "resume"):
             if self.busy:
                 await self.send_error("busy", BUSY, request_id)
@@ -143,7 +147,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         else:
             await self.send_error(
                 "invalid_request",
-                'Each frame needs "type": "chat" (with messages), "resume", "cancel" or "rate".',
+                'Each frame needs "type": "chat" (with messages), "resume", "cancel", "rate", '
+                "or one of " + ", ".join(f'"{kind}"' for kind in MANAGING) + ".",
                 request_id,
             )
 
@@ -154,6 +159,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         if self.sender is not None:
             self.sender.cancel()
             await asyncio.wait({self.sender})
+
+    async def manage(self, kind: str, content: dict[str, Any], request_id: str | None) -> None:
+        """Answer a frame about a conversation as a whole with one event (``MANAGING``), the
+        same body as over HTTP; it may come while a turn runs."""
+        extra = {} if request_id is None else {"request_id": request_id}
+        try:
+            body = await database.run(_managed, kind, self.owner, content)
+        except RequestError as exc:
+            await self.send_error(exc.code, exc.message, request_id)
+            return
+        await self.flowing.wait()
+        self.send_event({"event": MANAGING[kind], **body}, extra)
 
     async def start_turn(self, content: dict[str, Any], extra: dict[str, Any]) -> Lines:
         key = content.get("idempotency_key", "")
@@ -176,13 +193,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         except DuplicateTurnError as duplicate:  # the key's turn ran or runs: follow it
             return self._follow(duplicate.answer, extra)
         self.following = None
-        return run_turn(self.turn)
+        lines = run_turn(self.turn)
+        # Detached, a disconnect (stop()) only stops reading: the turn runs to its end.
+        return detached(lines) if request.detach else lines
 
     async def resume(self, content: dict[str, Any], extra: dict[str, Any]) -> Lines:
-        raw = content.get("conversation_id")
+        raw, message = content.get("conversation_id"), content.get("message_id")
         try:
             conversation_id = uuid.UUID(str(raw))
-            answer = await latest_answer(self.owner, conversation_id)
+            message_id = None if message is None else uuid.UUID(str(message))
+            answer = await latest_answer(self.owner, conversation_id, message_id)
         except ValueError:
             answer = None
         if answer is None:
@@ -284,6 +304,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             if self.following is not None:
                 await followers.cancel(self.following)
             return
+        if turn.request.detach:  # it runs on its own: stop it there; its terminal event follows
+            if turn.answer_id is not None:
+                await followers.cancel(turn.answer_id)
+            return
         await self.stop("cancelled")
         if not self.answered:  # else it finished just before the cancel landed
             event = error_event("cancelled", "The answer was stopped on request.", **turn.ids())
@@ -304,6 +328,42 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     def send_event(self, event: Any, extra: dict[str, Any], last: bool = False) -> None:
         """Queue one event as a text frame: its NDJSON line without the newline."""
         self.outbox.put_nowait((Encoder(extra).event(event)[:-1].decode(), last))
+
+
+# The frames about a conversation as a whole, each with the event that answers it.
+MANAGING = {
+    "conversations": "conversations",
+    "conversation": "conversation",
+    "rename": "renamed",
+    "delete": "deleted",
+    "switch": "switched",
+    "branches": "branches",
+}
+
+
+def _managed(kind: str, owner: Owner, content: dict[str, Any]) -> dict[str, Any]:
+    """Run a ``MANAGING`` frame's operation (``conversations``), on the database thread."""
+    if kind == "conversations":
+        query, page = content.get("q", ""), content.get("page", 1)
+        whole = isinstance(page, int) and not isinstance(page, bool)
+        if not isinstance(query, str) or not whole or page < 1:
+            raise RequestError(
+                "invalid_request", "q must be a string and page a whole number from 1."
+            )
+        return library.listing(owner, query.strip()[: library.MAX_QUERY], page)
+    try:
+        conversation_id = uuid.UUID(str(content.get("conversation_id")))
+    except ValueError:
+        raise library.not_found() from None
+    if kind == "conversation":
+        return library.transcript(owner, conversation_id)
+    if kind == "rename":
+        return library.rename(owner, conversation_id, content.get("title"))
+    if kind == "delete":
+        return library.delete(owner, conversation_id)
+    if kind == "switch":
+        return library.switch(owner, conversation_id, content.get("message_id"))
+    return library.branches(owner, conversation_id)
 
 
 def _is_terminal(line: bytes) -> bool:

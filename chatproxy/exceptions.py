@@ -62,7 +62,12 @@ ERROR_CODES: dict[str, str] = {
     "CHATPROXY_METRICS_TOKEN, or a superuser's session (401).",
     "metrics_off": "The metrics endpoint with CHATPROXY_METRICS off (404).",
     "invalid_rating": 'A rating is not {"value": "up" or "down", "comment": text} (400).',
-    "message_not_found": "No answer with that id belongs to you, to rate (404).",
+    "message_not_found": "No answer with that id belongs to you, to rate; or regenerate, edit "
+    "or a branch switch names no message of the conversation (404).",
+    "invalid_branch": "regenerate or edit sent wrongly: both, without conversation_id, with "
+    "messages to regenerate, or naming a message of the wrong role (400).",
+    "invalid_title": "A rename whose title is not a string of 1 to 80 characters (400).",
+    "conversation_streaming": "A delete while an answer streams in the conversation (409).",
     "method_not_allowed": "Only POST is accepted (405).",
     "unsupported_media_type": "The body is not sent as application/json (415).",
     "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",

@@ -15,9 +15,10 @@ from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from .branches import chain_unlinked, path
 from .conf import conf
 from .content import text_of
-from .exceptions import DuplicateTurnError
+from .exceptions import DuplicateTurnError, RequestError
 from .feedback import Rating
 from .owners import Owner
 from .review import Annotation
@@ -101,23 +102,96 @@ def message_fields(message: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Thread:
+    """Where a turn goes in a conversation's tree: the history sent upstream (the path from
+    the root to ``parent``, in the upstream's format), ``parent`` (what the turn's first new
+    row hangs under), and the ids of that path, root first."""
+
+    history: list[dict[str, Any]]
+    parent: uuid.UUID | None
+    path: list[uuid.UUID]
+
+
+# The columns a thread is found with: id, parent, status, then HISTORY.
+_THREAD = ("id", "parent_id", "status", *HISTORY)
+
+
+def _message_not_found(field: str) -> RequestError:
+    return RequestError(
+        "message_not_found",
+        f"{field} names no message of this conversation. Use a message id from its transcript "
+        "(GET conversations/<id>).",
+        status=404,
+    )
+
+
 class ConversationManager(models.Manager["Conversation"]):
     def owned_by(self, owner: Owner) -> models.QuerySet[Conversation]:
-        return self.filter(**owner.filter())
+        """The owner's conversations; a soft-deleted one is nobody's any more."""
+        return self.filter(**owner.filter(), deleted_at__isnull=True)
 
     def history(self, owner: Owner, conversation_id: uuid.UUID) -> list[dict[str, Any]] | None:
-        """Return the stored messages of the owner's conversation in the upstream's format, in
-        order, or None if there is none. Rows with nothing to send (an answer that failed
-        before its first token) are left out."""
-        if not self.owned_by(owner).filter(pk=conversation_id).exists():
+        """Return the messages of the owner's conversation on its active branch in the
+        upstream's format, in order, or None if there is none. Rows with nothing to send (an
+        answer that failed before its first token) are left out."""
+        thread = self.thread(owner, conversation_id)
+        return None if thread is None else thread.history
+
+    def thread(
+        self,
+        owner: Owner,
+        conversation_id: uuid.UUID,
+        *,
+        regenerate: uuid.UUID | None = None,
+        edit: uuid.UUID | None = None,
+    ) -> Thread | None:
+        """Find where a turn goes in the owner's conversation (None: no such conversation),
+        in two queries: after the active leaf; with ``regenerate`` (an answer), beside that
+        answer, under the message its turn answered; with ``edit`` (a user message), beside
+        that message. Raises ``message_not_found`` or ``invalid_branch`` for a wrong id."""
+        found = list(
+            self.owned_by(owner).filter(pk=conversation_id).values_list("active_leaf_id")[:1]
+        )
+        if not found:
             return None
-        rows = Message.objects.filter(conversation_id=conversation_id).values_list(*HISTORY)
+        listed = Message.objects.filter(conversation_id=conversation_id).values_list(*_THREAD)
+        rows = {row[0]: row for row in chain_unlinked(list(listed))}
+        parent: uuid.UUID | None = found[0][0] or next(reversed(rows), None)
+        if regenerate is not None:
+            answer = rows.get(regenerate)
+            if answer is None:
+                raise _message_not_found("regenerate")
+            if answer[3] != Role.ASSISTANT:
+                raise RequestError(
+                    "invalid_branch",
+                    "regenerate names an answer (an assistant message). To ask something "
+                    "else instead of a question, send edit with the new messages.",
+                )
+            parent = answer[1]
+            # Up past the rows the server wrote in that turn (its tool steps and results):
+            # the new answer answers what the client sent.
+            while parent is not None and rows[parent][2]:
+                parent = rows[parent][1]
+        elif edit is not None:
+            question = rows.get(edit)
+            if question is None:
+                raise _message_not_found("edit")
+            if question[3] != Role.USER:
+                raise RequestError(
+                    "invalid_branch",
+                    "edit names a question (a user message). To get another answer to the "
+                    "same question, send regenerate with the answer's id.",
+                )
+            parent = question[1]
         reasoning_field = conf.CHATPROXY_REASONING_FIELD
-        return [
-            upstream_message(*row, reasoning_field=reasoning_field)
-            for row in rows
-            if row[1] or row[2] or row[3] or row[4]
+        branch = path(rows, parent)
+        history = [
+            upstream_message(*row[3:], reasoning_field=reasoning_field)
+            for row in branch
+            if row[4] or row[5] or row[6] or row[7]
         ]
+        return Thread(history, parent, [row[0] for row in branch])
 
     def start_turn(
         self,
@@ -126,9 +200,14 @@ class ConversationManager(models.Manager["Conversation"]):
         messages: list[dict[str, Any]],
         model: str,
         idempotency_key: str = "",
+        parent: uuid.UUID | None = None,
+        *,
+        root: bool = False,
     ) -> tuple[uuid.UUID, uuid.UUID]:
         """Save the new messages (``Message`` fields, as ``message_fields`` gives them) and a
-        ``streaming`` answer; return (conversation, answer) ids.
+        ``streaming`` answer, each the child of the one before, the first of ``parent`` (a
+        ``Thread``'s; by default the conversation's active leaf; with ``root``, none); the
+        answer becomes the conversation's active leaf. Return (conversation, answer) ids.
 
         An ``idempotency_key`` is claimed for the answer: the caller has checked that it names
         no live turn (``opening.open_turn`` does, before the limits), and a concurrent claim
@@ -136,15 +215,19 @@ class ConversationManager(models.Manager["Conversation"]):
         """
         # No savepoint when called inside a transaction (opening's): a failure here fails
         # the whole start anyway, and the savepoint's two statements ran on every turn.
+        answer_id = uuid.uuid4()
         with transaction.atomic(savepoint=False):
             if conversation_id is None:
                 title = next((m["content"] for m in messages if m["role"] == Role.USER), "")
+                # The answer is written just after, in this transaction: the foreign key is
+                # checked at its end (Django declares them deferrable, initially deferred).
                 conversation = self.create(
                     owner_id=owner.user_id,
                     session_key="" if owner.user_id else owner.session_key or "",
                     title=" ".join(title.split())[:TITLE_LENGTH],
                     model=model,
                     status=Status.STREAMING,
+                    active_leaf_id=answer_id,
                 )
                 position = 0
             else:
@@ -153,17 +236,20 @@ class ConversationManager(models.Manager["Conversation"]):
                 last = conversation.messages.aggregate(last=models.Max("position"))["last"]
                 position = -1 if last is None else last
                 position += 1
-                update_row(
-                    Conversation,
-                    conversation_id,
-                    {"status": Status.STREAMING, "model": model, "updated_at": timezone.now()},
-                )
+                if parent is None and not root:
+                    parent = conversation.active_leaf_id
+                values = {"status": Status.STREAMING, "model": model, "active_leaf": answer_id}
+                update_row(Conversation, conversation_id, {**values, "updated_at": timezone.now()})
             rows = [
                 Message(conversation=conversation, position=position + i, **m)
                 for i, m in enumerate(messages)
             ]
+            for row in rows:
+                row.parent_id, parent = parent, row.id
             answer = Message(
+                id=answer_id,
                 conversation=conversation,
+                parent_id=parent,
                 position=position + len(rows),
                 role=Role.ASSISTANT,
                 status=Status.STREAMING,
@@ -199,6 +285,23 @@ class Conversation(models.Model):
     )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
+    active_leaf = models.ForeignKey(
+        "Message",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("active leaf"),
+        help_text=_("The last message of the branch the owner is on: the next turn follows it."),
+    )
+    deleted_at = models.DateTimeField(
+        _("deleted"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "Set when its owner deleted it and CHATPROXY_DELETE is 'soft': kept for review."
+        ),
+    )
 
     objects = ConversationManager()
 
@@ -258,20 +361,34 @@ class MessageManager(models.Manager["Message"]):
             rows = [Message(role=Role.TOOL, status=Status.COMPLETED, **r) for r in results]
             if step is not None:
                 rows.insert(0, Message(role=Role.ASSISTANT, **step))
-            if step is None and not before:
+            parent: uuid.UUID | None = answer.pk
+            if step is None and not before:  # after the answer, on the way to the leaf
                 first = last + 1
             else:
-                first = answer.position
-                update_row(Message, answer_id, {"position": last + len(rows)})
+                # Where the answer was, when it was the last row written; else (a turn on
+                # another branch wrote since) after the last row.
+                first = answer.position if answer.position == last else last + 1
+                parent = answer.parent_id
+                update_row(Message, answer_id, {"position": first + len(rows)})
             for i, row in enumerate(rows):
                 row.conversation, row.position = conversation, first + i
+                row.parent_id, parent = parent, row.id
             insert_rows(Message, rows)
+            if step is None and not before:
+                update_row(Conversation, conversation_id, {"active_leaf": parent})
+            else:
+                update_row(Message, answer_id, {"parent": parent})
 
-    def awaiting_approval(self, conversation_id: uuid.UUID) -> list[dict[str, str]]:
-        """The calls of the conversation's last answer that wait for the user's approval."""
+    def awaiting_approval(
+        self, conversation_id: uuid.UUID, among: list[uuid.UUID] | None = None
+    ) -> list[dict[str, str]]:
+        """The calls of the conversation's last answer (``among`` those ids: a ``Thread``'s
+        path) that wait for the user's approval."""
+        answers = self.filter(conversation_id=conversation_id, role=Role.ASSISTANT)
+        if among is not None:
+            answers = answers.filter(pk__in=among)
         last = (
-            self.filter(conversation_id=conversation_id, role=Role.ASSISTANT)
-            .exclude(status="")
+            answers.exclude(status="")
             .order_by("-position")
             .values_list("finish_reason", "tool_calls", "metadata")
             .first()
@@ -311,7 +428,18 @@ class Message(models.Model):
         related_name="messages",
         verbose_name=_("conversation"),
     )
-    position = models.PositiveIntegerField(_("position"), help_text=_("Order in the conversation."))
+    parent = models.ForeignKey(
+        "self",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="children",
+        verbose_name=_("parent"),
+        help_text=_("The message this one follows; siblings are other branches from it."),
+    )
+    position = models.PositiveIntegerField(
+        _("position"), help_text=_("Order of writing in the conversation, across its branches.")
+    )
     role = models.CharField(_("role"), max_length=16, choices=Role.choices)
     content = models.TextField(_("content"), blank=True, help_text=_("The text the client saw."))
     raw_content = models.TextField(

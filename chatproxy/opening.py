@@ -21,7 +21,7 @@ from .events import ToolCall
 from .exceptions import DuplicateTurnError, RequestError
 from .interception import Chain, InterceptorSpec, build_chain
 from .limits import bound_history, check_model, check_rate, check_streams
-from .models import Conversation, IdempotencyKey, Message, message_fields
+from .models import Conversation, IdempotencyKey, Message, Thread, message_fields
 from .owners import Owner
 from .payload import ChatRequest, check_approvals, check_tool_results, pending_tool_calls
 from .records import save
@@ -101,21 +101,28 @@ def _open(
         check_rate(owner)
         check_model(request.model, user)
         history: list[dict[str, Any]] = []
+        thread = None
         if request.conversation_id is not None:
-            found = Conversation.objects.history(owner, request.conversation_id)
-            if found is None:
+            thread = Conversation.objects.thread(
+                owner, request.conversation_id, regenerate=request.regenerate, edit=request.edit
+            )
+            if thread is None:
                 raise RequestError(
                     "conversation_not_found",
                     "No conversation with that id belongs to you. "
                     "Leave conversation_id out to start one.",
                     status=404,
                 )
-            history = found
+            history = thread.history
         approvals: list[tuple[ToolCall, bool]] = []
-        if request.conversation_id is not None and conf.CHATPROXY_STORE_CONTENT:
+        if request.conversation_id is not None and thread and conf.CHATPROXY_STORE_CONTENT:
             pending = pending_tool_calls(history)
             # Calls waiting for approval have no result yet: only when some call has none.
-            waiting = Message.objects.awaiting_approval(request.conversation_id) if pending else []
+            waiting = (
+                Message.objects.awaiting_approval(request.conversation_id, thread.path)
+                if pending
+                else []
+            )
             check_approvals(request.approvals, [call["id"] for call in waiting])
             approvals = [(cast(ToolCall, c), request.approvals[c["id"]]) for c in waiting]
             asked = {call["id"] for call in waiting}
@@ -142,15 +149,16 @@ def _open(
             turn.params["user"] = owner.upstream_user  # never the client's: it names the owner
         # Written before the first byte, so a limit (429) or a duplicate submission can
         # still be answered as such.
-        _begin(turn, open_session)
+        _begin(turn, open_session, thread)
     except DuplicateTurnError as duplicate:  # the key's turn, or a race for it lost
         duplicate.answer = Message.objects.get(pk=duplicate.answer_id)
         raise
     return turn
 
 
-def _begin(turn: Turn, open_session: OpenSession | None) -> None:
-    """Save the new messages and the ``streaming`` answer; fill in the turn's ids. A new
+def _begin(turn: Turn, open_session: OpenSession | None, thread: Thread | None) -> None:
+    """Save the new messages and the ``streaming`` answer where ``thread`` says; fill in the
+    turn's ids. A new
     anonymous visitor gets their session from ``open_session`` here, after the last limit, so
     a refused turn leaves no session behind."""
     if conf.CHATPROXY_STORE_CONTENT:
@@ -169,4 +177,6 @@ def _begin(turn: Turn, open_session: OpenSession | None) -> None:
             messages,
             turn.model,
             turn.idempotency_key,
+            None if thread is None else thread.parent,
+            root=thread is not None and thread.parent is None,
         )

@@ -1,5 +1,6 @@
-"""The browser side: the chat page, and the two read-only JSON views it needs to list the
-owner's conversations and reopen one.
+"""The browser side: the chat page, and the JSON views over the owner's conversations
+(``conversations``): list and search them, read, rename and delete one, list and switch its
+branches.
 
 The JSON views answer with the same ``{"error": {"code", "message"}}`` bodies as the completions
 endpoint, and the same 404 for an id that does not exist as for someone else's, so ids cannot be
@@ -15,18 +16,17 @@ from django.apps import apps
 from django.contrib.auth.views import redirect_to_login
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
-from django.views.decorators.csrf import ensure_csrf_cookie
+from django.views.decorators.csrf import csrf_exempt, ensure_csrf_cookie
 
+from . import conversations as library
+from . import database
 from .auth import authenticate
 from .conf import conf
-from .events import RatingBody
 from .exceptions import RequestError
-from .feedback import Rating
-from .models import APPROVAL_REQUIRED, Conversation, Message
 from .owners import Owner
+from .payload import decode_json
 from .views import PRIVATE_HEADERS, error_response
 
-CONVERSATION_LIST_LIMIT = 50
 # Where chatproxy.routing mounts the consumer; not reversible, since Django's URL resolver does
 # not know WebSocket routes, and importing routing here would make channels a requirement.
 WEBSOCKET_PATH = "/ws/chat/"
@@ -60,67 +60,111 @@ async def chat_page(request: HttpRequest) -> HttpResponse:
 
 
 async def conversations(request: HttpRequest) -> HttpResponse:
-    """List the owner's latest conversations, for the page's sidebar."""
+    """List the owner's conversations, a page at a time (``?page=``, ``?limit=``), the latest
+    first; ``?q=`` keeps those whose title or messages hold it."""
     try:
         owner = await _read_owner(request)
+        query = request.GET.get("q", "").strip()[: library.MAX_QUERY]
+        page = _whole(request.GET.get("page", "1"), "page", 1, None)
+        size = request.GET.get("limit", str(library.PAGE_SIZE))
+        limit = _whole(size, "limit", 1, library.MAX_PAGE_SIZE)
     except RequestError as exc:
         return _answer_error(exc)
     if owner is None:
-        return JsonResponse({"conversations": []}, headers=PRIVATE_HEADERS)
-    rows = Conversation.objects.owned_by(owner).order_by("-updated_at", "-created_at")
-    found = [
-        {
-            "id": str(c.pk),
-            "title": c.title,
-            "status": c.status,
-            "model": c.model,
-            "updated_at": c.updated_at.isoformat(),
-        }
-        async for c in rows[:CONVERSATION_LIST_LIMIT]
-    ]
-    return JsonResponse({"conversations": found}, headers=PRIVATE_HEADERS)
+        body: dict[str, Any] = {"conversations": [], "page": page, "next_page": None}
+    else:
+        body = await database.run(library.listing, owner, query, page, limit)
+    return JsonResponse(body, headers=PRIVATE_HEADERS)
 
 
+def _whole(value: str, name: str, low: int, high: int | None) -> int:
+    number = int(value) if value.isdigit() else 0
+    if number < low or (high is not None and number > high):
+        upto = f" to {high}" if high is not None else " or more"
+        raise RequestError("invalid_request", f"{name} must be a whole number from {low}{upto}.")
+    return number
+
+
+@csrf_exempt  # checked in authenticate(), for requests identified by a session cookie
 async def conversation(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
-    """Return one of the owner's conversations with its transcript, to continue it."""
+    """One of the owner's conversations: GET its transcript (the active branch), PATCH
+    ``{"title"}`` to rename it, DELETE it (as CHATPROXY_DELETE says)."""
     try:
-        owner = await _read_owner(request)
-        found = None
-        if owner is not None:
-            found = await Conversation.objects.owned_by(owner).filter(pk=conversation_id).afirst()
-        if found is None:
+        if request.method in READ_METHODS:
+            owner = await _read_owner(request)
+            if owner is None:
+                raise library.not_found()
+            body = await database.run(library.transcript, owner, conversation_id)
+        elif request.method == "PATCH":
+            owner = await _write_owner(request)
+            title = _json_body(request).get("title")
+            body = await database.run(library.rename, owner, conversation_id, title)
+        elif request.method == "DELETE":
+            owner = await _write_owner(request)
+            body = await database.run(library.delete, owner, conversation_id)
+        else:
             raise RequestError(
-                "conversation_not_found",
-                "No conversation with that id belongs to you. Pick one from the list.",
-                status=404,
+                "method_not_allowed",
+                "Read a conversation with GET, rename it with PATCH, delete it with DELETE.",
+                status=405,
+                allow="GET, HEAD, PATCH, DELETE",
             )
     except RequestError as exc:
+        return error_response(exc)
+    return JsonResponse(body, headers=PRIVATE_HEADERS)
+
+
+async def branches(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
+    """List the conversation's branches: each one's leaf, length and last question."""
+    try:
+        owner = await _read_owner(request)
+        if owner is None:
+            raise library.not_found()
+        body = await database.run(library.branches, owner, conversation_id)
+    except RequestError as exc:
         return _answer_error(exc)
-    rows = Message.objects.filter(conversation=found).order_by("position")
-    ratings = {r.message_id: r.as_json() async for r in Rating.objects.filter(conversation=found)}
-    messages: list[dict[str, Any]] = [_shown(m, ratings.get(m.pk)) async for m in rows]
-    return JsonResponse(
-        {"id": str(found.pk), "title": found.title, "messages": messages}, headers=PRIVATE_HEADERS
-    )
+    return JsonResponse(body, headers=PRIVATE_HEADERS)
 
 
-def _shown(message: Message, rating: RatingBody | None) -> dict[str, Any]:
-    """A saved message as the page draws it; parts, reasoning and tool calls when it has them,
-    and an answer's rating."""
-    shown: dict[str, Any] = {
-        "id": str(message.pk),
-        "role": message.role,
-        "content": message.content,
-        "status": message.status,
-    }
-    for name in ("parts", "reasoning", "tool_calls", "tool_call_id"):
-        if value := getattr(message, name):
-            shown[name] = value
-    if rating is not None:
-        shown["rating"] = rating
-    if message.finish_reason == APPROVAL_REQUIRED and isinstance(message.metadata, dict):
-        shown[APPROVAL_REQUIRED] = message.metadata.get(APPROVAL_REQUIRED, [])
-    return shown
+@csrf_exempt  # checked in authenticate(), for requests identified by a session cookie
+async def branch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
+    """Switch the conversation to the branch through ``{"message_id"}``; answer with the new
+    transcript. The next turn continues that branch."""
+    try:
+        if request.method != "POST":
+            raise RequestError(
+                "method_not_allowed", "Switch branch with POST.", status=405, allow="POST"
+            )
+        owner = await _write_owner(request)
+        message_id = _json_body(request).get("message_id")
+        body = await database.run(library.switch, owner, conversation_id, message_id)
+    except RequestError as exc:
+        return error_response(exc)
+    return JsonResponse(body, headers=PRIVATE_HEADERS)
+
+
+async def _write_owner(request: HttpRequest) -> Owner:
+    """Who changes a conversation: the same doors as a chat turn, CSRF checked for a cookie;
+    a visitor without a session has nothing to change."""
+    owner, _ = await authenticate(request)
+    if owner.is_new:
+        raise library.not_found()
+    return owner
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise RequestError(
+            "unsupported_media_type",
+            "Send the body as JSON with the header Content-Type: application/json.",
+            status=415,
+        )
+    if len(request.body) > conf.CHATPROXY_MAX_BODY_BYTES:
+        raise RequestError("body_too_large", "The body is too large. Send less.", status=413)
+    data = decode_json(request.body)
+    if not isinstance(data, dict):
+        raise RequestError("invalid_request", "The body must be a JSON object.")
+    return data
 
 
 async def _read_owner(request: HttpRequest) -> Owner | None:

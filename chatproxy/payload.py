@@ -5,6 +5,7 @@ Pure: no database, no I/O. Each failure is a ``RequestError`` whose message says
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
 from typing import Any
@@ -16,7 +17,7 @@ from .content import PART_EXAMPLE, Tally, validate_parts
 from .exceptions import RequestError
 from .parameters import TOOL_NAME, validate_parameter
 
-FIELDS = ("messages", "conversation_id", "model", "approvals")
+FIELDS = ("messages", "conversation_id", "model", "approvals", "regenerate", "edit", "detach")
 EXAMPLE = '{"messages": [{"role": "user", "content": "Hi"}]}'
 MAX_ID = 100  # the length of Message.tool_call_id
 
@@ -29,6 +30,12 @@ class ChatRequest:
     conversation_id: uuid.UUID | None = None
     # The answers to calls waiting for approval: approved (True) or denied, by call id.
     approvals: dict[str, bool] = dataclasses.field(default_factory=dict)
+    # A new branch of the conversation: another answer beside this answer (``regenerate``),
+    # or the request's messages beside this user message (``edit``).
+    regenerate: uuid.UUID | None = None
+    edit: uuid.UUID | None = None
+    # The turn runs to its end when its client leaves (``detach``).
+    detach: bool = False
 
     @property
     def tool_results(self) -> list[str]:
@@ -66,8 +73,17 @@ def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
     # With CHATPROXY_STORE_CONTENT off the server keeps no history, so the client sends it.
     continuing = conversation_id is not None and conf.CHATPROXY_STORE_CONTENT
     approvals = _approvals(data.get("approvals"), continuing)
-    if approvals and not data.get("messages"):
-        messages: list[dict[str, Any]] = []  # approving is enough to go on
+    regenerate, edit = _branch(data, conversation_id)
+    if regenerate is not None:
+        if data.get("messages") or approvals:
+            raise RequestError(
+                "invalid_branch",
+                "regenerate asks again what the answer answered: leave out messages and "
+                "approvals (to change the question, send edit instead).",
+            )
+        messages: list[dict[str, Any]] = []
+    elif approvals and not data.get("messages") and edit is None:
+        messages = []  # approving is enough to go on
     else:
         messages = validate_messages(data.get("messages"), continuing=continuing)
     params = {
@@ -81,7 +97,57 @@ def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
         params=params,
         conversation_id=conversation_id,
         approvals=approvals,
+        regenerate=regenerate,
+        edit=edit,
+        detach=_detach(data.get("detach", False)),
     )
+
+
+def _detach(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError(
+            "invalid_request",
+            "detach must be true (the answer goes on if the client leaves) or false.",
+        )
+    return value
+
+
+def _branch(
+    data: dict[str, Any], conversation_id: uuid.UUID | None
+) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+    """The ``regenerate`` and ``edit`` message ids: at most one, with a conversation whose
+    history the server keeps."""
+    regenerate, edit = data.get("regenerate"), data.get("edit")
+    if regenerate is None and edit is None:
+        return None, None
+    if regenerate is not None and edit is not None:
+        raise RequestError(
+            "invalid_branch", "Send regenerate or edit, not both: each starts one new branch."
+        )
+    field = "regenerate" if regenerate is not None else "edit"
+    if conversation_id is None:
+        raise RequestError(
+            "invalid_branch",
+            f"{field} names a message of a saved conversation: send its conversation_id too.",
+        )
+    if not conf.CHATPROXY_STORE_CONTENT:
+        raise RequestError(
+            "invalid_branch",
+            f"{field} needs the server to keep the history (CHATPROXY_STORE_CONTENT is off): "
+            "send the whole conversation in messages instead.",
+        )
+    value = data[field]
+    message_id = None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            message_id = uuid.UUID(value)
+    if message_id is None:
+        raise RequestError(
+            "invalid_branch",
+            f"{field} must be a message id (a string), such as an answer's message_id from its "
+            "analyzing event.",
+        )
+    return (message_id, None) if field == "regenerate" else (None, message_id)
 
 
 APPROVALS_EXAMPLE = '[{"id": "call_abc123", "approved": true}]'

@@ -24,16 +24,24 @@ from .owners import Owner
 WORKER_LOST = "The server that was writing this answer stopped. Send your message again."
 
 
-async def latest_answer(owner: Owner, conversation_id: uuid.UUID) -> Message | None:
-    """The owner's last answer in a conversation, or None (unknown, or someone else's)."""
+async def latest_answer(
+    owner: Owner, conversation_id: uuid.UUID, message_id: uuid.UUID | None = None
+) -> Message | None:
+    """The owner's last answer in a conversation, on whichever branch (or the answer
+    ``message_id``), or None (unknown, or someone else's)."""
     if not await Conversation.objects.owned_by(owner).filter(pk=conversation_id).aexists():
         return None
-    return await last_answer(conversation_id)
+    return await last_answer(conversation_id, message_id)
 
 
-async def last_answer(conversation_id: uuid.UUID) -> Message | None:
-    """A conversation's last answer, whoever owns it (for staff), or None."""
+async def last_answer(
+    conversation_id: uuid.UUID, message_id: uuid.UUID | None = None
+) -> Message | None:
+    """A conversation's last answer (or the answer ``message_id``), whoever owns it (for
+    staff), or None."""
     answers = Message.objects.filter(conversation_id=conversation_id, role=Role.ASSISTANT)
+    if message_id is not None:
+        answers = answers.filter(pk=message_id)
     return await answers.exclude(status="").order_by("-position").afirst()
 
 

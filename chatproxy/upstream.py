@@ -17,6 +17,7 @@ from weakref import WeakKeyDictionary
 import aiohttp
 import httpx2
 import openai
+from openai.types.chat import ChatCompletion
 
 from . import metrics, tracing
 from .chunks import Chunk, SSEDecoder, SSEEvent, in_band_error, parse_chunk, parse_completion
@@ -411,6 +412,23 @@ async def _post(
             attempt += 1
             logger.info("Upstream %s; retry %d in %.2f s", type(exc).__name__, attempt, delay)
             await asyncio.sleep(delay)
+
+
+async def complete(model: str, messages: list[dict[str, Any]], max_tokens: int) -> str:
+    """One chat completion, not streamed and not retried (a side call, such as a title):
+    its text; an ``UpstreamError`` when it fails."""
+    try:
+        completion = await get_client().chat.completions.create(
+            model=model,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=max_tokens,
+            stream=False,
+        )
+    except openai.APIError as exc:
+        raise _map_error(exc) from None
+    if not isinstance(completion, ChatCompletion) or not completion.choices:
+        return ""
+    return completion.choices[0].message.content or ""
 
 
 def _retry_delay(exc: openai.APIError, attempt: int, cap: float) -> float | None:

@@ -16,4 +16,10 @@ urlpatterns = [
     path("health", health.health, name="health"),
     path("health/ready", health.ready, name="ready"),
     path("metrics", metrics.export, name="metrics"),
+    path(
+        "conversations/<uuid:conversation_id>/branches",
+        pages.branches,
+        name="conversation-branches",
+    ),
+    path("conversations/<uuid:conversation_id>/branch", pages.branch, name="conversation-branch"),
 ]

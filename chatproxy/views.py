@@ -18,6 +18,7 @@ from django.views.decorators.csrf import csrf_exempt
 from . import database, followers
 from .auth import authenticate, identify, open_session
 from .conf import conf
+from .detach import detached
 from .exceptions import DuplicateTurnError, RequestError
 from .feedback import Rating, read_rating
 from .interception import InterceptorSpec
@@ -89,7 +90,7 @@ class CompletionsView(View):
                     idempotency_key=key,
                     open_session=functools.partial(open_session, request),
                 )
-                lines = run_turn(turn)
+                lines = detached(run_turn(turn)) if chat.detach else run_turn(turn)
             except DuplicateTurnError as duplicate:  # the key's turn ran or runs: replay it
                 owner, _ = await authenticate(request)
                 lines = await open_replay(duplicate.answer, who=owner.key)
@@ -111,13 +112,14 @@ completions = CompletionsView.as_view()
 
 
 async def resume(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:
-    """Re-attach to a conversation's latest answer: the text so far, then the rest live from
-    whichever worker generates it, ending with the turn's own terminal event."""
+    """Re-attach to a conversation's latest answer (or ``?message_id=``'s, on any branch): the
+    text so far, then the rest live from whichever worker generates it, ending with the turn's
+    own terminal event."""
     if request.method != "GET":
         return error_response(_not_allowed("GET"))
     try:
         owner, _ = await authenticate(request)
-        answer = await _owned_answer(owner, conversation_id)
+        answer = await _owned_answer(owner, conversation_id, request)
         lines = await open_replay(answer, who=owner.key)
     except RequestError as exc:
         return error_response(exc)
@@ -126,12 +128,13 @@ async def resume(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
 
 @csrf_exempt  # checked in authenticate(), for requests identified by a session cookie
 async def cancel(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:
-    """Stop the conversation's running answer in whichever worker generates it."""
+    """Stop the conversation's running answer (or ``?message_id=``'s) in whichever worker
+    generates it."""
     if request.method != "POST":
         return error_response(_not_allowed("POST"))
     try:
         owner, _ = await authenticate(request)
-        answer = await _owned_answer(owner, conversation_id)
+        answer = await _owned_answer(owner, conversation_id, request)
         if answer.status != Status.STREAMING or not await followers.cancel(answer.pk):
             raise RequestError(
                 "not_streaming",
@@ -146,13 +149,15 @@ async def cancel(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
 
 
 async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponseBase:
-    """Follow any conversation's latest answer live: for staff who may view transcripts."""
+    """Follow any conversation's latest answer (or ``?message_id=``'s) live: for staff who may
+    view transcripts."""
     user = await request.auser()
     allowed = user.is_active and user.is_staff
     if allowed:
         allowed = await sync_to_async(user.has_perm)("chatproxy.view_conversation")
-    answer = await last_answer(conversation_id) if allowed else None
     try:
+        message_id = _message_id(request)
+        answer = await last_answer(conversation_id, message_id) if allowed else None
         if answer is None:
             raise _not_found()
         lines = await open_replay(answer, who=f"user:{user.pk}")
@@ -176,12 +181,24 @@ async def rate(request: HttpRequest, message_id: uuid.UUID) -> HttpResponseBase:
     return JsonResponse({"rating": rating.as_json()}, headers=PRIVATE_HEADERS)
 
 
-async def _owned_answer(owner: Owner, conversation_id: uuid.UUID) -> Message:
-    """The latest answer of the owner's conversation; 404 for anyone else's."""
-    answer = await latest_answer(owner, conversation_id)
+async def _owned_answer(owner: Owner, conversation_id: uuid.UUID, request: HttpRequest) -> Message:
+    """The latest answer of the owner's conversation, on any branch, or the one the query's
+    ``message_id`` names; 404 for anyone else's."""
+    answer = await latest_answer(owner, conversation_id, _message_id(request))
     if answer is None:
         raise _not_found()
     return answer
+
+
+def _message_id(request: HttpRequest) -> uuid.UUID | None:
+    """The query's ``message_id``: an answer on any branch; a malformed one finds nothing."""
+    raw = request.GET.get("message_id")
+    if raw is None:
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise _not_found() from None
 
 
 def _not_found() -> RequestError:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import fcntl
 import os
 import socket
 import struct
 import termios
+import unittest.mock
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.db import connections
+from django.db.backends.utils import CursorWrapper
 from django.test import AsyncClient
 
 from chatproxy.interception import Interceptor
@@ -417,3 +420,17 @@ class RawWebSocket:
         if not data:
             raise ConnectionError("the server closed the connection")
         self.buffer += data
+
+
+@contextlib.contextmanager
+def counted_queries() -> Iterator[list[str]]:
+    """Every SQL statement any thread runs, counted at Django's cursor."""
+    statements: list[str] = []
+    original = CursorWrapper._execute
+
+    def counting(self: CursorWrapper, sql: str, *args: Any, **kwargs: Any) -> Any:
+        statements.append(sql)
+        return original(self, sql, *args, **kwargs)
+
+    with unittest.mock.patch.object(CursorWrapper, "_execute", counting):
+        yield statements

@@ -314,3 +314,26 @@ def test_transcript_shows_each_step_of_a_server_tool_loop_with_its_timing(staff_
         "<strong>weather</strong> in 12 ms: <strong>failed</strong>"
     )
     assert step < result < html.index("Sorry, no weather today.")
+
+
+def test_the_transcript_shows_the_active_branch_with_its_siblings_reachable(
+    staff_client, conversation, user
+):
+    question = conversation.messages.get(role="user")
+    first = conversation.messages.get(role="assistant")
+    _, second = Conversation.objects.start_turn(
+        Owner(user_id=user.pk), conversation.pk, [], "gpt-test", parent=question.pk
+    )
+    Message.objects.filter(pk=second).update(content="Four.", status="completed")
+    url = f"/admin/chatproxy/conversation/{conversation.pk}/change/"
+
+    active = staff_client.get(url).content.decode()
+    other = staff_client.get(f"{url}?branch={first.pk}").content.decode()
+
+    section = active.split('id="chatproxy-branches"', 1)[1].split("</fieldset>", 1)[0]
+    assert "Branches (2)" in section and "Four." in section and "It is 4." not in section
+    assert f'href="?branch={first.pk}"' in section
+    elsewhere = other.split('id="chatproxy-branches"', 1)[1].split("</fieldset>", 1)[0]
+    assert "It is 4." in elsewhere and "Four." not in elsewhere
+    assert "Back to the active branch" in elsewhere
+    assert Conversation.objects.get(pk=conversation.pk).active_leaf_id == second

@@ -158,9 +158,7 @@ async def test_answer_grows_on_the_page_as_it_streams(page, upstream, transport)
     await expect(page.get_by_role("button", name=re.compile("^Hi"))).to_be_visible()
 
 
-@pytest.mark.parametrize(
-    ("transport", "code"), [("http", "client_disconnected"), ("websocket", "cancelled")]
-)
+@pytest.mark.parametrize(("transport", "code"), [("http", "cancelled"), ("websocket", "cancelled")])
 async def test_stop_ends_the_answer_and_it_is_saved_interrupted(page, upstream, transport, code):
     upstream.enqueue(Reply(tokens=[f"word{i} " for i in range(300)], delay=0.02))
     await use_transport(page, transport)
@@ -789,3 +787,139 @@ async def test_the_admin_transcript_and_dashboard_render_with_nothing_from_elsew
         )
         await shoot(page, "list", scheme)
     assert (DOCS / f"reviewing-dashboard-{scheme}.png").stat().st_size > 20_000
+
+
+# Steering a conversation (issue 21): regenerate, edit, switch branches, rename, delete, reload.
+
+
+def content_of(message: Any) -> Any:
+    return message.locator(".chatproxy-message__content")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_regenerate_adds_a_branch_and_the_switcher_moves_between_them(
+    page, upstream, transport
+):
+    upstream.enqueue(Reply(tokens=["Paris."]), Reply(tokens=["Paris, ", "surely."]))
+    await use_transport(page, transport)
+    first = await send(page, "Capital of France?")
+    await expect(first).to_have_attribute("data-status", "completed")
+
+    await first.get_by_role("button", name="Regenerate").click()
+
+    again = page.locator(".chatproxy-message--assistant")
+    await expect(again).to_have_count(1)
+    await expect(content_of(again)).to_have_text("Paris, surely.")
+    await expect(again.locator(".chatproxy-branch__count")).to_have_text("2 / 2")
+    assert upstream.requests[-1].json["messages"] == [
+        {"role": "user", "content": "Capital of France?"}
+    ]
+    await again.get_by_role("button", name="Previous branch").click()
+    await expect(content_of(page.locator(".chatproxy-message--assistant"))).to_have_text("Paris.")
+    await expect(page.locator(".chatproxy-branch__count")).to_have_text("1 / 2")
+    assert await Message.objects.filter(role="assistant").acount() == 2
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_edit_asks_the_new_question_on_a_branch_of_its_own(page, upstream, transport):
+    upstream.enqueue(Reply(tokens=["Hello!"]), Reply(tokens=["Bonjour !"]))
+    await use_transport(page, transport)
+    first = await send(page, "Say hi")
+    await expect(first).to_have_attribute("data-status", "completed")
+    question = page.locator(".chatproxy-message--user")
+
+    await question.get_by_role("button", name="Edit").click()
+    await page.get_by_label("Edit message").fill("Say hi in French")
+    await question.get_by_role("button", name="Save and send").click()
+
+    answer = page.locator(".chatproxy-message--assistant")
+    await expect(content_of(answer)).to_have_text("Bonjour !")
+    await expect(answer).to_have_attribute("data-status", "completed")
+    await expect(content_of(page.locator(".chatproxy-message--user"))).to_have_text(
+        "Say hi in French"
+    )
+    await expect(page.locator(".chatproxy-message--user .chatproxy-branch__count")).to_have_text(
+        "2 / 2"
+    )
+    assert upstream.requests[-1].json["messages"] == [
+        {"role": "user", "content": "Say hi in French"}
+    ]
+    await page.get_by_role("button", name="Previous branch").click()
+    await expect(page.locator(".chatproxy-message__content")).to_have_text(["Say hi", "Hello!"])
+
+
+async def test_rename_and_delete_from_the_list(page, upstream):
+    upstream.enqueue(Reply(tokens=["ok"]))
+    answer = await send(page, "Old title")
+    await expect(answer).to_have_attribute("data-status", "completed")
+
+    listed = page.locator(".chatproxy-conversations__item")
+    await listed.get_by_role("button", name="Rename", exact=True).click()
+    await page.get_by_label("New title").fill("New title")
+    await page.get_by_label("New title").press("Enter")
+    await expect(page.get_by_role("button", name=re.compile("^New title"))).to_be_visible()
+    await expect(page.locator("#chatproxy-title")).to_have_text("New title")
+    await listed.get_by_role("button", name="Delete", exact=True).click()
+    await listed.get_by_role("button", name="Really delete?").click()
+
+    await expect(page.locator(".chatproxy-conversation")).to_have_count(0)
+    await expect(page.locator("#chatproxy-title")).to_have_text("New chat")
+    assert await Conversation.objects.acount() == 0
+
+
+async def test_the_url_names_the_conversation_and_a_reload_opens_it(page, upstream):
+    upstream.enqueue(Reply(tokens=["Paris."]))
+    answer = await send(page, "Capital of France?")
+    await expect(answer).to_have_attribute("data-status", "completed")
+    conversation_id = str((await Conversation.objects.aget()).pk)
+    await expect(page).to_have_url(re.compile(f"\\?c={conversation_id}$"))
+
+    await page.reload()
+
+    await expect(page.locator(".chatproxy-message")).to_have_text(
+        [re.compile("Capital of France"), re.compile("Paris.")]
+    )
+    await expect(page.locator("#chatproxy-title")).to_have_text("Capital of France?")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_reload_mid_answer_keeps_it_streaming_to_the_end(page, upstream, transport):
+    words = [f"word{i} " for i in range(120)]
+    upstream.enqueue(Reply(tokens=words, delay=0.03))
+    await use_transport(page, transport)
+    answer = await send(page, "Tell me a long story")
+    await expect(content_of(answer)).to_contain_text("word5")
+    message_id = await answer.get_attribute("data-message-id")
+
+    await page.reload()
+
+    resumed = page.locator(".chatproxy-message--assistant")
+    await expect(resumed).to_have_attribute("data-message-id", message_id)
+    await expect(resumed).to_have_attribute("data-status", "streaming")
+    await expect(resumed).to_have_attribute("data-status", "completed", timeout=15_000)
+    await expect(content_of(resumed)).to_have_text("".join(words).strip())
+    row = await Message.objects.aget(pk=message_id)
+    assert (row.status, row.content) == ("completed", "".join(words))
+    assert len(upstream.requests) == 1  # followed, not asked again
+    renders = await page.evaluate("window.__renders")
+    assert any(r["status"] == "streaming" and "word" in r["text"] for r in renders), renders
+
+
+async def test_the_list_searches_and_pages_through_the_conversations(page, user):
+    rows = [Conversation(owner=user, title=f"Recipe {i}") for i in range(50)]
+    await Conversation.objects.abulk_create(
+        [Conversation(owner=user, title="Trip to Lisbon"), *rows]
+    )
+    await page.reload()
+    listed = page.locator(".chatproxy-conversation")
+    await expect(listed).to_have_count(50)
+
+    await page.get_by_role("button", name="More conversations").click()
+    await expect(listed).to_have_count(51)
+    await expect(page.get_by_role("button", name="More conversations")).to_be_hidden()
+    await page.get_by_label("Search conversations").fill("lisbon")
+
+    await expect(listed).to_have_count(1)
+    await expect(listed).to_contain_text("Trip to Lisbon")
+    await page.get_by_label("Search conversations").fill("nothing like it")
+    await expect(page.get_by_text("No conversation matches.")).to_be_visible()

@@ -57,6 +57,7 @@ def test_test_settings_pass_cleanly():
         ("CHATPROXY_REASONING_FIELD", "reasoning content", "chatproxy.E019"),
         ("CHATPROXY_REVIEW_FLAGS", ["needs review"], "chatproxy.E030"),
         ("CHATPROXY_REVIEW_FLAGS", {"needs review": "Needs review"}, "chatproxy.E030"),
+        ("CHATPROXY_DELETE", "archive", "chatproxy.E040"),
     ],
 )
 def test_bad_setting_is_an_error(settings, name, value, expected):

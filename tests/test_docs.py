@@ -119,3 +119,22 @@ def test_demo_server_tunes_the_garbage_collector_as_the_deployment_section_says(
     assert int(frozen) > 10_000  # Django, the SDK and the app, as loaded at start-up
     deployment = page("deployment.md")
     assert "gc.freeze()" in deployment and "gc.set_threshold(10_000, 10, 10)" in deployment
+
+
+def test_conversations_page_requests_are_what_the_server_accepts():
+    import orjson
+
+    from chatproxy.payload import validate_request
+
+    blocks = [
+        orjson.loads(b) for b in re.findall(r"```json\n(.*?)```", page("conversations.md"), re.S)
+    ]
+    requests = [b for b in blocks if "regenerate" in b or "edit" in b]
+    assert len(requests) == 2
+    parsed = [validate_request(b) for b in requests]
+    assert parsed[0].regenerate is not None and parsed[0].messages == []
+    assert parsed[1].edit is not None and parsed[1].messages[0]["role"] == "user"
+    transcript = next(b for b in blocks if "messages" in b and "active_leaf" in b)
+    assert transcript["messages"][-1]["id"] in transcript["messages"][-1]["siblings"]
+    listing = next(b for b in blocks if "branches" in b)
+    assert [b["active"] for b in listing["branches"]] == [False, True]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import unittest.mock
-
 import orjson
 import pytest
 from asgiref.testing import ApplicationCommunicator
@@ -19,6 +16,7 @@ from tests.conftest import (
     KEY,
     answer_text,
     chat,
+    counted_queries,
     http_scope,
     read_body,
     read_events,
@@ -228,22 +226,6 @@ async def test_partial_answer_saved_when_client_disconnects(user, upstream):
     )
     assert answer.content.startswith(delivered) and len(answer.content) >= len(delivered)
     assert len(answer.content) < len("".join(f"w{i} " for i in range(200)))
-
-
-@contextlib.contextmanager
-def counted_queries():
-    """Every SQL statement any thread runs, counted at Django's cursor."""
-    from django.db.backends.utils import CursorWrapper
-
-    statements: list[str] = []
-    original = CursorWrapper._execute
-
-    def counting(self, sql, *args, **kwargs):
-        statements.append(sql)
-        return original(self, sql, *args, **kwargs)
-
-    with unittest.mock.patch.object(CursorWrapper, "_execute", counting):
-        yield statements
 
 
 @db

@@ -279,8 +279,13 @@ async def test_matrix_admin_transcripts(people, who):
 
     listing = await sync_to_async(c.get)("/admin/chatproxy/conversation/")
     detail = await sync_to_async(c.get)(f"/admin/chatproxy/conversation/{conversation_id}/change/")
+    answer = await Message.objects.aget(conversation_id=conversation_id, role="assistant")
+    branch = await sync_to_async(c.get)(
+        f"/admin/chatproxy/conversation/{conversation_id}/change/?branch={answer.pk}"
+    )
 
-    assert listing.status_code == detail.status_code == ADMIN_LIST[who]
+    assert listing.status_code == detail.status_code == branch.status_code == ADMIN_LIST[who]
+    assert ('id="chatproxy-branches"' in branch.content.decode()) == (ADMIN_LIST[who] == 200)
 
 
 @db
@@ -1207,3 +1212,142 @@ async def test_matrix_anonymous_chat_resume_and_read_the_visitors_conversation(
     last = frames[-1]
     expected = "completed" if ANONYMOUS_READ[who] == 200 else "conversation_not_found"
     assert (last["event"] if last["event"] == "completed" else last["error"]["code"]) == expected
+
+
+# The doors of issue 21 (conversations users steer), on alice's conversation.
+
+STEER_ALICES = {"anonymous": 401, "alice": 200, "bob": 404, "staff": 404, "superuser": 404}
+
+
+async def alices_turn(people) -> tuple[str, str, str]:
+    """Alice's conversation, its answer's id and its question's id."""
+    events = await read_events(await chat(await client_for(people["alice"]), HI))
+    conversation_id, answer = events[0]["conversation_id"], events[0]["message_id"]
+    question = await Message.objects.aget(conversation_id=conversation_id, role="user")
+    return conversation_id, answer, str(question.pk)
+
+
+@db
+@pytest.mark.parametrize("who", STEER_ALICES)
+async def test_matrix_http_steer_alices_conversation(people, who):
+    conversation_id, answer, question = await alices_turn(people)
+    client = await client_for(people[who])
+    base = f"/conversations/{conversation_id}"
+    edit = {"edit": question, "messages": [{"role": "user", "content": "Hello"}]}
+
+    responses = {
+        "regenerate": await chat(
+            client, {"conversation_id": conversation_id, "regenerate": answer}
+        ),
+        "edit": await chat(client, {"conversation_id": conversation_id, **edit}),
+        "branches": await client.get(f"{base}/branches"),
+        "switch": await client.post(f"{base}/branch", {"message_id": answer}, "application/json"),
+        "rename": await client.patch(base, {"title": "Renamed"}, "application/json"),
+    }
+    for response in responses.values():
+        if response.status_code == 200 and response.streaming:
+            assert (await read_events(response))[-1]["event"] == "completed"
+    deleted = await client.delete(base)
+
+    assert {door: r.status_code for door, r in responses.items()} == dict.fromkeys(
+        responses, STEER_ALICES[who]
+    )
+    assert deleted.status_code == STEER_ALICES[who]
+    exists = await Conversation.objects.filter(pk=conversation_id).aexists()
+    assert exists == (STEER_ALICES[who] != 200)
+
+
+LIST_OF_ALICES = {"anonymous": 401, "alice": 1, "bob": 0, "staff": 0, "superuser": 0}
+
+
+@db
+@pytest.mark.parametrize("who", LIST_OF_ALICES)
+async def test_matrix_http_list_and_search_show_only_ones_own(people, who):
+    await alices_turn(people)
+    client = await client_for(people[who])
+
+    listed, searched = await client.get("/conversations"), await client.get("/conversations?q=Hi")
+
+    if LIST_OF_ALICES[who] == 401:
+        assert listed.status_code == searched.status_code == 401
+        return
+    assert len(listed.json()["conversations"]) == LIST_OF_ALICES[who]
+    assert len(searched.json()["conversations"]) == LIST_OF_ALICES[who]
+
+
+SOCKET_STEER = ("conversation", "rename", "switch", "branches", "delete")
+
+
+@db
+@pytest.mark.parametrize("who", ["alice", "bob", "staff", "superuser"])
+async def test_matrix_websocket_steer_alices_conversation(people, who):
+    conversation_id, answer, question = await alices_turn(people)
+    socket = await open_socket(await session_cookie(people[who]))
+    await socket.connect()
+    edit = {"type": "chat", "conversation_id": conversation_id, "edit": question, **HI}
+    await socket.send_json_to(edit)
+    edited = await frames_until_terminal(socket)
+    replies = {}
+    for kind in SOCKET_STEER:
+        frame = {"type": kind, "conversation_id": conversation_id}
+        frame |= {"title": "x", "message_id": answer}
+        await socket.send_json_to(frame)
+        replies[kind] = await socket.receive_json_from(timeout=5)
+    await socket.send_json_to({"type": "conversations"})
+    replies["conversations"] = await socket.receive_json_from(timeout=5)
+    await socket.disconnect()
+
+    if who == "alice":
+        assert [replies[k]["event"] for k in SOCKET_STEER] == [
+            "conversation", "renamed", "switched", "branches", "deleted"
+        ]  # fmt: skip
+        assert edited[-1]["event"] == "completed"
+        assert not await Conversation.objects.filter(pk=conversation_id).aexists()
+    else:
+        codes = {replies[k]["error"]["code"] for k in SOCKET_STEER}
+        assert codes == {"conversation_not_found"}
+        assert replies["conversations"]["conversations"] == []
+        assert edited[-1]["error"]["code"] == "conversation_not_found"
+        assert await Conversation.objects.filter(pk=conversation_id).aexists()
+
+
+# Each changes the visitor's (or alice's) conversation with a cookie: CSRF is checked.
+STEER_CSRF = {
+    "session_without_token": 403,
+    "session_with_token": 200,
+    "cookieless": 404,
+}
+
+
+@db
+@pytest.mark.parametrize("who", STEER_CSRF)
+async def test_matrix_anonymous_chat_rename_switch_and_delete_need_csrf_with_a_cookie(
+    people, settings, who
+):
+    settings.CHATPROXY_ALLOW_ANONYMOUS = True
+    visitor, conversation_id = await anonymous_visitor()
+    client, headers = await strict_client_for(who, people, visitor)
+    answer = await Message.objects.aget(conversation_id=conversation_id, role="assistant")
+    base = f"/conversations/{conversation_id}"
+
+    renamed = await client.patch(base, {"title": "x"}, "application/json", headers=headers)
+    switched = await client.post(
+        f"{base}/branch", {"message_id": str(answer.pk)}, "application/json", headers=headers
+    )
+    deleted = await client.delete(base, headers=headers)
+
+    assert [renamed.status_code, switched.status_code, deleted.status_code] == [STEER_CSRF[who]] * 3
+
+
+@db
+async def test_a_logged_in_rename_without_the_csrf_token_is_403(people):
+    conversation_id, _, _ = await alices_turn(people)
+    client = AsyncClient(enforce_csrf_checks=True)
+    await client.aforce_login(people["alice"])
+
+    response = await client.patch(
+        f"/conversations/{conversation_id}", {"title": "x"}, "application/json"
+    )
+
+    assert response.status_code == 403
+    assert orjson.loads(response.content)["error"]["code"] == "csrf_failed"

@@ -1,12 +1,23 @@
 /**
  * The chat page (chatproxy/chat.html): send, stop, stream the answer in as it grows, reopen and
- * continue a conversation, over the HTTP stream or the WebSocket.
+ * continue a conversation, over the HTTP stream or the WebSocket. Regenerate an answer, edit a
+ * question, switch between branches (`2 / 3`), rename and delete conversations. The URL names
+ * the open conversation (`?c=<id>`): a reload opens it again, and re-attaches to an answer
+ * still streaming (docs/conversations.md).
  *
  * Model output is untrusted. It is rendered by renderMarkdown below, which builds DOM nodes and
  * sets only text: no string from the model is ever parsed as HTML, so markup it writes shows as
  * text and nothing it writes can run.
  */
-import { ChatSocket, rateAnswer, readImagePart, streamChat, userContent } from "./client.js";
+import {
+  ChatSocket,
+  rateAnswer,
+  readCsrfToken,
+  readImagePart,
+  resumeChat,
+  streamChat,
+  userContent,
+} from "./client.js";
 
 function el(tag, className = "", text = "") {
   const node = document.createElement(tag);
@@ -213,6 +224,7 @@ class MessageView {
   finish(text, status, note = STATUS_NOTES[status]) {
     cancelAnimationFrame(this.frame);
     this.frame = 0;
+    this.text = text;
     this.draw(text);
     if (note) this.item.append(el("p", "chatproxy-message__note", note));
     this.item.dataset.status = status;
@@ -341,6 +353,22 @@ class MessageView {
     }
   }
 
+  /** Replace the message's buttons (regenerate, edit, the branch switcher) with `nodes`. */
+  setActions(nodes) {
+    this.actions?.remove();
+    const shown = nodes.filter(Boolean);
+    if (!shown.length) return;
+    this.actions = el("div", "chatproxy-message__actions");
+    this.actions.append(...shown);
+    this.item.append(this.actions);
+  }
+
+  /** This message and every one drawn after it: what a new branch from here replaces. */
+  removeFromHere() {
+    while (this.item.nextSibling) this.item.nextSibling.remove();
+    this.item.remove();
+  }
+
   /** Draw a message's images, in the order they were sent. */
   addImages(parts) {
     const images = parts.filter((part) => part.type === "image_url");
@@ -378,6 +406,9 @@ class ChatPage {
     this.title = part("title");
     this.conversationList = part("conversations");
     this.noConversations = part("no-conversations");
+    this.search = part("search");
+    this.moreButton = part("more");
+    this.nextPage = null;
     this.radios = [...root.querySelectorAll('input[name="transport"]')];
     this.urls = root.dataset;
     this.conversationId = null;
@@ -391,6 +422,7 @@ class ChatPage {
     this.maxImageBytes = Number(root.dataset.maxImageBytes || 0);
     this.tools = root.dataset.offerTools ? Object.values(PAGE_TOOLS).map((t) => t.definition) : [];
     this.pendingCalls = []; // the last answer's tool calls, answered with the next turn
+    this.running = null; // {conversationId, messageId} of the answer streaming in
   }
 
   start() {
@@ -421,6 +453,12 @@ class ChatPage {
       }
     });
     this.newButton.addEventListener("click", () => this.startNew());
+    let typing = 0;
+    this.search?.addEventListener("input", () => {
+      clearTimeout(typing);
+      typing = setTimeout(() => this.refreshConversations(), 250); // once typing pauses
+    });
+    this.moreButton?.addEventListener("click", () => this.refreshConversations({ more: true }));
     for (const radio of this.radios) {
       radio.addEventListener("change", () => radio.checked && this.useTransport(radio.value));
     }
@@ -430,7 +468,17 @@ class ChatPage {
       this.transport = saved.value;
     }
     this.refreshConversations();
+    const named = new URLSearchParams(location.search).get("c");
+    if (named) this.openConversation(named);
     this.prompt.focus();
+  }
+
+  /** Name the open conversation in the URL, so a reload or a link opens it again. */
+  nameInUrl(id) {
+    const url = new URL(location.href);
+    if (id) url.searchParams.set("c", id);
+    else url.searchParams.delete("c");
+    history.replaceState(null, "", url);
   }
 
   /** Check and read image files into parts waiting to be sent; refuse what the server would. */
@@ -475,14 +523,17 @@ class ChatPage {
   }
 
   /** Send the prompt (with its images), or with `toolsOnly` just the results of the last
-   * answer's tool calls, which this page runs itself. */
-  async send({ toolsOnly = false, round = 0, approvals = null } = {}) {
-    toolsOnly = toolsOnly || approvals !== null; // approving needs no new message
-    const text = toolsOnly ? "" : this.prompt.value.trim();
-    const images = toolsOnly ? [] : this.attachments.map((a) => a.part);
+   * answer's tool calls, which this page runs itself; with `regenerate` (an answer's id)
+   * another answer beside that one, with `edit` ({id, text}) a new question beside that one. */
+  async send({ toolsOnly = false, round = 0, approvals = null, regenerate = null, edit = null } = {}) {
+    toolsOnly = toolsOnly || approvals !== null || regenerate !== null; // no new message
+    const editing = edit !== null;
+    const text = editing ? edit.text : toolsOnly ? "" : this.prompt.value.trim();
+    const images = toolsOnly || editing ? [] : this.attachments.map((a) => a.part);
     if ((!text && !images.length && !toolsOnly) || this.controller) return;
     this.showError(null);
     this.empty.hidden = true;
+    if (regenerate || editing) this.pendingCalls = []; // the branch starts before any call
     const results = this.pendingCalls.map((call) => ({
       role: "tool",
       tool_call_id: call.id,
@@ -493,11 +544,14 @@ class ChatPage {
       new MessageView(this.messages, "tool", "completed").finish(result.content, "completed");
     }
     const messages = [...results];
+    let said = null;
     if (!toolsOnly) {
-      this.prompt.value = "";
-      this.attachments = [];
-      this.drawAttachments();
-      const said = new MessageView(this.messages, "user", "completed");
+      if (!editing) {
+        this.prompt.value = "";
+        this.attachments = [];
+        this.drawAttachments();
+      }
+      said = new MessageView(this.messages, "user", "completed");
       said.finish(text, "completed");
       said.addImages(images);
       messages.push({ role: "user", content: userContent(text, images) });
@@ -511,7 +565,10 @@ class ChatPage {
     const options = {
       messages,
       conversationId: this.conversationId,
+      regenerate,
+      edit: edit?.id ?? null,
       params: {
+        detach: true, // a reload re-attaches to the answer instead of stopping it
         ...(this.tools.length ? { tools: this.tools } : {}),
         ...(approvals ? { approvals } : {}),
       },
@@ -520,19 +577,17 @@ class ChatPage {
         if (event.event === "analyzing") {
           if (!this.conversationId) this.title.textContent = shortTitle(text);
           this.conversationId = event.conversation_id;
+          this.nameInUrl(this.conversationId);
+          this.running = { conversationId: event.conversation_id, messageId: event.message_id };
           answer.item.dataset.messageId = event.message_id;
           saved = true;
         } else if (event.event === "answering") {
           content += event.content ?? "";
           answer.update(content);
-        } else if (event.event === "reasoning") {
-          answer.addReasoning(event.content ?? "");
-        } else if (event.event === "tool_call") {
-          answer.addToolCall(event);
-        } else if (event.event === "tool_result") {
-          answer.addToolResult(event);
         } else if (event.event === "approval_required") {
           asked.push(event);
+        } else {
+          showPiece(answer, event);
         }
       },
     };
@@ -544,15 +599,22 @@ class ChatPage {
     } catch (error) {
       end = { event: "error", error: { code: "network_error", message: error.message } };
     }
-    this.controller = null;
+    this.controller = this.running = null;
     for (const call of end.tool_calls ?? []) answer.addToolCall(call);
     this.finishAnswer(answer, content, end);
     if (saved && answer.item.dataset.messageId) this.offerRating(answer, answer.item.dataset.messageId, null);
     const refused = !saved && end.event === "error" && end.error?.code !== "cancelled";
-    if (refused && !toolsOnly && !this.prompt.value) this.prompt.value = text; // retry
+    const branching = regenerate !== null || editing;
+    if (refused && !toolsOnly && !editing && !this.prompt.value) this.prompt.value = text; // retry
     this.setBusy(false);
     this.prompt.focus();
+    // A refused new branch leaves the old one: draw what the server has.
+    if (refused && branching && this.conversationId) {
+      await this.openConversation(this.conversationId);
+      this.showError(end.error); // drawing the transcript cleared it
+    }
     await this.refreshConversations();
+    if (saved) await this.decorateTurn(said, answer);
     if (end.event === "completed" && end.finish_reason === "approval_required") {
       this.pendingCalls = end.tool_calls ?? []; // sent with the approvals
       answer.askApproval(asked, (given) => this.send({ approvals: given }));
@@ -580,6 +642,15 @@ class ChatPage {
   }
 
   stop() {
+    if (this.running && this.transport !== "websocket") {
+      // The answer runs detached (or is followed): leaving would not stop it, the cancel
+      // endpoint does; its stream then ends with `cancelled`. Over the WebSocket, aborting
+      // sends the `cancel` frame.
+      const { conversationId, messageId } = this.running;
+      const url = `${this.urls.completionsUrl}/${encodeURIComponent(conversationId)}/cancel`;
+      this.sendJson("POST", `${url}?message_id=${encodeURIComponent(messageId)}`);
+      return;
+    }
     this.controller?.abort();
   }
 
@@ -599,6 +670,152 @@ class ChatPage {
       }
       return null;
     });
+  }
+
+  /** Re-attach to an answer still streaming (after a reload) and show the rest live. */
+  async resume(message) {
+    const answer = new MessageView(this.messages, "assistant", "streaming");
+    answer.item.dataset.messageId = message.id;
+    const controller = (this.controller = new AbortController());
+    this.running = { conversationId: this.conversationId, messageId: message.id };
+    this.setBusy(true);
+    let content = "";
+    const options = {
+      conversationId: this.conversationId,
+      messageId: message.id,
+      signal: controller.signal,
+      onEvent: (event) => {
+        if (event.event === "answering") {
+          content += event.content ?? "";
+          answer.update(content);
+        } else {
+          showPiece(answer, event);
+        }
+      },
+    };
+    let end;
+    try {
+      end = this.transport === "websocket"
+        ? await (await this.openSocket()).resume(options)
+        : await resumeChat({
+          ...options,
+          url: `${this.urls.completionsUrl}/${encodeURIComponent(this.conversationId)}/stream`,
+        });
+    } catch (error) {
+      end = { event: "error", error: { code: "network_error", message: error.message } };
+    }
+    this.controller = this.running = null;
+    for (const call of end.tool_calls ?? []) answer.addToolCall(call);
+    this.finishAnswer(answer, content, end);
+    this.setBusy(false);
+    await this.refreshConversations();
+    await this.decorateTurn(null, answer);
+  }
+
+  /** Give a finished turn's question and answer their buttons, from the saved transcript. */
+  async decorateTurn(said, answer) {
+    const data = await this.getJson(this.conversationUrl(this.conversationId));
+    if (!data || data.id !== this.conversationId) return;
+    const i = data.messages.findIndex((m) => m.id === answer.item.dataset.messageId);
+    if (i < 0) return;
+    this.decorateAnswer(answer, data.messages, i);
+    const question = data.messages[turnStart(data.messages, i) - 1];
+    if (said && question?.role === "user") this.decorateQuestion(said, question);
+  }
+
+  decorateAnswer(view, messages, i) {
+    const first = messages[turnStart(messages, i)];
+    view.item.dataset.messageId = messages[i].id;
+    const regenerate = this.action("Regenerate", () => {
+      view.removeFromHere();
+      this.send({ regenerate: messages[i].id });
+    });
+    view.setActions([regenerate, this.switcher(first)]);
+  }
+
+  decorateQuestion(view, message) {
+    view.item.dataset.messageId = message.id;
+    view.siblings = message.siblings;
+    const edit = this.action("Edit", () => this.editQuestion(view, message.id));
+    view.setActions([edit, this.switcher(message)]);
+  }
+
+  /** Let the person rewrite a question in place; saving asks it on a new branch. */
+  editQuestion(view, id) {
+    const box = el("textarea", "chatproxy-edit");
+    box.value = view.text ?? "";
+    box.setAttribute("aria-label", "Edit message");
+    const save = this.action("Save and send", () => {
+      const text = box.value.trim();
+      if (!text) return;
+      view.removeFromHere();
+      this.send({ edit: { id, text } });
+    });
+    const cancel = this.action("Cancel", () => {
+      box.remove();
+      view.content.hidden = false;
+      this.decorateQuestion(view, { id, siblings: view.siblings });
+    });
+    view.content.hidden = true;
+    view.content.after(box);
+    view.setActions([save, cancel]);
+    box.focus();
+  }
+
+  /** `‹ 2 / 3 ›` for a message with siblings: each arrow switches to that branch. */
+  switcher(message) {
+    const siblings = message?.siblings ?? [];
+    if (siblings.length < 2) return null;
+    const index = siblings.indexOf(message.id);
+    const nav = el("span", "chatproxy-branch");
+    const go = (to) => this.switchBranch(siblings[to]);
+    const previous = this.action("‹", () => go(index - 1), "Previous branch");
+    const next = this.action("›", () => go(index + 1), "Next branch");
+    // Kept disabled however busy the page is: there is no branch that way.
+    previous.dataset.inert = previous.disabled = index <= 0;
+    next.dataset.inert = next.disabled = index >= siblings.length - 1;
+    nav.append(previous, el("span", "chatproxy-branch__count", `${index + 1} / ${siblings.length}`), next);
+    return nav;
+  }
+
+  async switchBranch(messageId) {
+    if (this.controller) return;
+    const url = `${this.conversationUrl(this.conversationId)}/branch`;
+    const data = await this.sendJson("POST", url, { message_id: messageId });
+    if (data) this.drawTranscript(data);
+  }
+
+  action(label, onClick, name = "") {
+    const button = el("button", "chatproxy-action", label);
+    button.type = "button";
+    if (name) button.setAttribute("aria-label", name);
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  conversationUrl(id) {
+    return `${this.urls.conversationsUrl}/${encodeURIComponent(id)}`;
+  }
+
+  /** Send JSON with the CSRF token (rename, delete, switch, cancel); the answer, or null. */
+  async sendJson(method, url, body = undefined) {
+    try {
+      const headers = { Accept: "application/json", "X-CSRFToken": readCsrfToken() };
+      if (body !== undefined) headers["Content-Type"] = "application/json";
+      const response = await fetch(url, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+        credentials: "same-origin",
+        cache: "no-store",
+      });
+      const data = await response.json();
+      if (response.ok) return data;
+      this.showError(data.error);
+    } catch {
+      this.showError({ code: "network_error", message: "Could not reach the server. Try again." });
+    }
+    return null;
   }
 
   async openSocket() {
@@ -627,23 +844,33 @@ class ChatPage {
     this.empty.hidden = false;
     this.title.textContent = "New chat";
     this.showError(null);
+    this.nameInUrl(null);
     this.markCurrent();
     this.prompt.focus();
   }
 
   async openConversation(id) {
     if (this.controller) return;
-    const data = await this.getJson(`${this.urls.conversationsUrl}/${encodeURIComponent(id)}`);
-    if (!data) return;
+    const data = await this.getJson(this.conversationUrl(id));
+    if (data) this.drawTranscript(data);
+  }
+
+  /** Draw a transcript (the active branch); an answer still streaming is re-attached to. */
+  drawTranscript(data) {
     this.showError(null);
     this.conversationId = data.id;
+    this.nameInUrl(data.id);
     this.title.textContent = data.title || "Untitled";
     this.messages.replaceChildren();
     this.empty.hidden = data.messages.length > 0;
     this.pendingCalls = [];
-    for (const message of data.messages) {
+    const last = data.messages.at(-1);
+    const running = last?.role === "assistant" && last.status === "streaming" ? last : null;
+    data.messages.forEach((message, i) => {
+      if (message === running) return;
       const status = message.status || "completed";
       const view = new MessageView(this.messages, message.role, status);
+      view.siblings = message.siblings;
       for (const text of message.reasoning ? [message.reasoning] : []) view.addReasoning(text);
       view.finish(message.content, status);
       view.addImages(message.parts ?? []);
@@ -661,15 +888,30 @@ class ChatPage {
       if (message.role === "tool") {
         this.pendingCalls = this.pendingCalls.filter((c) => c.id !== message.tool_call_id);
       }
-    }
+      if (message.role === "user") this.decorateQuestion(view, message);
+      const next = data.messages[i + 1];
+      const answered = !next || !next.status || next.role === "user";
+      if (message.role === "assistant" && answered && next !== running) {
+        this.decorateAnswer(view, data.messages, i);
+      }
+    });
     this.messages.scrollTop = this.messages.scrollHeight;
     this.markCurrent();
     this.prompt.focus();
+    if (running) this.resume(running);
   }
 
-  async refreshConversations() {
-    const data = await this.getJson(this.urls.conversationsUrl);
+  /** List the conversations: the first page, or with `more` the next one after those shown;
+   * only those the search box's words find, when it has some. */
+  async refreshConversations({ more = false } = {}) {
+    const query = new URLSearchParams();
+    const words = this.search?.value.trim() ?? "";
+    if (words) query.set("q", words);
+    if (more) query.set("page", String(this.nextPage));
+    const data = await this.getJson(`${this.urls.conversationsUrl}?${query}`);
     if (!data) return;
+    this.nextPage = data.next_page;
+    if (this.moreButton) this.moreButton.hidden = !data.next_page;
     const items = data.conversations.map((c) => {
       const button = el("button", "chatproxy-conversation");
       button.type = "button";
@@ -680,13 +922,63 @@ class ChatPage {
       button.append(el("span", "chatproxy-conversation__title", c.title || "Untitled"));
       button.append(el("span", "chatproxy-conversation__meta", meta));
       button.addEventListener("click", () => this.openConversation(c.id));
-      const item = el("li");
-      item.append(button);
+      const item = el("li", "chatproxy-conversations__item");
+      const rename = this.listAction("Rename", c, () => this.renameConversation(item, button, c));
+      const remove = this.listAction("Delete", c, () => this.deleteConversation(remove, c));
+      item.append(button, rename, remove);
       return item;
     });
-    this.conversationList.replaceChildren(...items);
-    this.noConversations.hidden = items.length > 0;
+    if (more) this.conversationList.append(...items);
+    else this.conversationList.replaceChildren(...items);
+    const shown = this.conversationList.children.length > 0;
+    this.noConversations.hidden = shown;
+    this.noConversations.textContent = words ? "No conversation matches." : "No conversations yet.";
     this.markCurrent();
+  }
+
+  listAction(label, conversation, onClick) {
+    const button = el("button", "chatproxy-conversation-action chatproxy-action", label);
+    button.type = "button";
+    button.title = `${label} “${conversation.title || "Untitled"}”`;
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  /** Rename in place: Enter saves the new title, Escape keeps the old one. */
+  renameConversation(item, button, conversation) {
+    const input = el("input", "chatproxy-rename");
+    input.value = conversation.title;
+    input.maxLength = 80;
+    input.setAttribute("aria-label", "New title");
+    button.hidden = true;
+    item.prepend(input);
+    input.focus();
+    input.addEventListener("keydown", async (event) => {
+      if (event.key === "Escape") {
+        input.remove();
+        button.hidden = false;
+      } else if (event.key === "Enter") {
+        event.preventDefault();
+        const url = this.conversationUrl(conversation.id);
+        const saved = await this.sendJson("PATCH", url, { title: input.value });
+        if (!saved) return;
+        if (conversation.id === this.conversationId) this.title.textContent = saved.title;
+        await this.refreshConversations();
+      }
+    });
+  }
+
+  /** Delete after a second click on the same button, which asks first. */
+  async deleteConversation(button, conversation) {
+    if (button.dataset.confirming !== "true") {
+      button.dataset.confirming = "true";
+      button.textContent = "Really delete?";
+      return;
+    }
+    const done = await this.sendJson("DELETE", this.conversationUrl(conversation.id));
+    if (!done) return;
+    if (conversation.id === this.conversationId) this.startNew();
+    await this.refreshConversations();
   }
 
   async getJson(url) {
@@ -713,8 +1005,12 @@ class ChatPage {
     this.sendButton.disabled = busy;
     this.stopButton.disabled = !busy;
     this.newButton.disabled = busy;
-    for (const control of [...this.radios, ...this.conversationList.querySelectorAll("button")]) {
-      control.disabled = busy;
+    const buttons = [
+      ...this.conversationList.querySelectorAll("button"),
+      ...this.messages.querySelectorAll(".chatproxy-action"),
+    ];
+    for (const control of [...this.radios, ...buttons]) {
+      control.disabled = busy || control.dataset.inert === "true";
     }
     if (busy) this.announce("Answering…");
   }
@@ -730,6 +1026,21 @@ class ChatPage {
     this.errorBox.append(el("span", "", error.message || "Something went wrong."));
     if (error.code) this.errorBox.append(" ", el("code", "", error.code));
   }
+}
+
+/** Show an event beside the answer's text: reasoning, a tool call, a server tool's result. */
+function showPiece(answer, event) {
+  if (event.event === "reasoning") answer.addReasoning(event.content ?? "");
+  else if (event.event === "tool_call") answer.addToolCall(event);
+  else if (event.event === "tool_result") answer.addToolResult(event);
+}
+
+/** Where the turn that wrote `messages[i]` starts: past the rows the server wrote in it (its
+ * tool steps and results, which have a status), as the server finds it for a regenerate. */
+function turnStart(messages, i) {
+  let start = i;
+  while (start > 0 && messages[start - 1].status) start -= 1;
+  return start;
 }
 
 /** The conversation's title as the server makes it: the first words of the first message. */

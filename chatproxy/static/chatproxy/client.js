@@ -131,10 +131,13 @@ class Turn {
   }
 }
 
-function requestBody({ messages, conversationId, model, params }) {
-  const body = { ...params, messages };
+function requestBody({ messages, conversationId, model, params, regenerate, edit }) {
+  const body = { ...params };
+  if (!regenerate) body.messages = messages;
   if (conversationId) body.conversation_id = conversationId;
   if (model) body.model = model;
+  if (regenerate) body.regenerate = regenerate; // another answer beside this one
+  if (edit) body.edit = edit; // these messages beside this user message
   return body;
 }
 
@@ -148,28 +151,59 @@ export async function streamChat({
   conversationId = null,
   model = null,
   params = {},
+  regenerate = null,
+  edit = null,
   signal = undefined,
   onEvent = undefined,
   url = "/completions",
   csrfToken = readCsrfToken(),
   fetch: fetchImpl = globalThis.fetch.bind(globalThis),
 } = {}) {
+  const body = requestBody({ messages, conversationId, model, params, regenerate, edit });
+  return readTurn(onEvent, signal, () => fetchImpl(url, {
+    method: "POST",
+    headers: {
+      "Content-Type": "application/json",
+      Accept: "application/x-ndjson",
+      "X-CSRFToken": csrfToken,
+    },
+    body: JSON.stringify(body),
+    credentials: "same-origin",
+    cache: "no-store",
+    signal,
+  }));
+}
+
+/**
+ * Re-attach over HTTP to a conversation's latest answer (or `messageId`'s), on any branch:
+ * `onEvent` gets `analyzing` (with `resumed: true`), the text so far as one `answering` event,
+ * then the rest live, and the turn's own terminal event. `signal` only stops following: to
+ * stop the answer itself, POST its cancel URL.
+ */
+export async function resumeChat({
+  conversationId,
+  messageId = null,
+  signal = undefined,
+  onEvent = undefined,
+  url = `/completions/${encodeURIComponent(conversationId)}/stream`,
+  fetch: fetchImpl = globalThis.fetch.bind(globalThis),
+} = {}) {
+  const query = messageId ? `?message_id=${encodeURIComponent(messageId)}` : "";
+  return readTurn(onEvent, signal, () => fetchImpl(url + query, {
+    headers: { Accept: "application/x-ndjson" },
+    credentials: "same-origin",
+    cache: "no-store",
+    signal,
+  }));
+}
+
+/** Make the request `open()` sends and read its NDJSON events into one turn. */
+async function readTurn(onEvent, signal, open) {
   const turn = new Turn(onEvent);
   const lost = () => turn.fail(signal?.aborted ? "cancelled" : "network_error");
   let response;
   try {
-    response = await fetchImpl(url, {
-      method: "POST",
-      headers: {
-        "Content-Type": "application/json",
-        Accept: "application/x-ndjson",
-        "X-CSRFToken": csrfToken,
-      },
-      body: JSON.stringify(requestBody({ messages, conversationId, model, params })),
-      credentials: "same-origin",
-      cache: "no-store",
-      signal,
-    });
+    response = await open();
   } catch {
     return lost();
   }
@@ -261,9 +295,26 @@ export class ChatSocket {
     conversationId = null,
     model = null,
     params = {},
+    regenerate = null,
+    edit = null,
     signal = undefined,
     onEvent = undefined,
   } = {}) {
+    const body = requestBody({ messages, conversationId, model, params, regenerate, edit });
+    return this.#run({ type: "chat", ...body }, signal, onEvent);
+  }
+
+  /**
+   * Re-attach to a conversation's latest answer (or `messageId`'s), on any branch, as
+   * `resumeChat` does over HTTP; `signal` stops the answer itself (a `cancel` frame).
+   */
+  resume({ conversationId, messageId = null, signal = undefined, onEvent = undefined } = {}) {
+    const frame = { type: "resume", conversation_id: conversationId };
+    if (messageId) frame.message_id = messageId;
+    return this.#run(frame, signal, onEvent);
+  }
+
+  #run(frame, signal, onEvent) {
     return new Promise((resolve) => {
       const turn = new Turn(onEvent);
       if (this.#turn) {
@@ -285,8 +336,7 @@ export class ChatSocket {
       const cancel = () => this.isOpen && this.#socket.send(JSON.stringify({ type: "cancel" }));
       signal?.addEventListener("abort", cancel, { once: true });
       this.#turn = { requestId, turn, resolve, cancel, signal };
-      const body = requestBody({ messages, conversationId, model, params });
-      this.#socket.send(JSON.stringify({ type: "chat", request_id: requestId, ...body }));
+      this.#socket.send(JSON.stringify({ ...frame, request_id: requestId }));
     });
   }
 
