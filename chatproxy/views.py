@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.request import RawPostDataException
 from django.http.response import HttpResponseBase
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
-from . import followers
+from . import followers, sse
 from .auth import authenticate, identify, open_session
 from .conf import conf
 from .exceptions import DuplicateTurnError, RequestError
@@ -94,9 +94,7 @@ class CompletionsView(View):
                 lines = await open_replay(duplicate.answer, who=owner.key)
         except RequestError as exc:
             return error_response(exc)
-        return StreamingHttpResponse(
-            lines, content_type="application/x-ndjson", headers=STREAM_HEADERS
-        )
+        return stream_response(request, lines)
 
     async def http_method_not_allowed(  # type: ignore[override]
         self, request: HttpRequest, *args: Any, **kwargs: Any
@@ -117,10 +115,14 @@ async def resume(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
     try:
         owner, _ = await authenticate(request)
         answer = await _owned_answer(owner, conversation_id)
+        after = sse.Cursor.parse(request.headers.get("Last-Event-ID", ""))
+        if after is not None and after.ended and after.message_id == str(answer.pk):
+            # An EventSource that got the terminal event reconnects: 204 tells it to stop.
+            return HttpResponse(status=204, headers=PRIVATE_HEADERS)
         lines = await open_replay(answer, who=owner.key)
     except RequestError as exc:
         return error_response(exc)
-    return StreamingHttpResponse(lines, content_type="application/x-ndjson", headers=STREAM_HEADERS)
+    return stream_response(request, lines, after)
 
 
 @csrf_exempt  # checked in authenticate(), for requests identified by a session cookie
@@ -157,7 +159,20 @@ async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespons
         lines = await open_replay(answer, who=f"user:{user.pk}")
     except RequestError as exc:
         return error_response(exc)
-    return StreamingHttpResponse(lines, content_type="application/x-ndjson", headers=STREAM_HEADERS)
+    return stream_response(request, lines)
+
+
+def stream_response(
+    request: HttpRequest, lines: AsyncGenerator[bytes, None], after: sse.Cursor | None = None
+) -> StreamingHttpResponse:
+    """Stream a turn's lines as NDJSON, or as server-sent events when ``Accept`` asks for
+    ``text/event-stream`` (then skipping what the ``Last-Event-ID`` cursor ``after`` covers)."""
+    headers = {**STREAM_HEADERS, "Vary": "Cookie, Authorization, Accept"}
+    if sse.wants_sse(request.headers.get("Accept", "")):
+        return StreamingHttpResponse(
+            sse.encode(lines, after), content_type=sse.CONTENT_TYPE, headers=headers
+        )
+    return StreamingHttpResponse(lines, content_type="application/x-ndjson", headers=headers)
 
 
 async def _owned_answer(owner: Owner, conversation_id: uuid.UUID) -> Message:
