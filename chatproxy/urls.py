@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import pages, views
+from . import openai_views, pages, views
 
 app_name = "chatproxy"
 
@@ -11,5 +11,7 @@ urlpatterns = [
     path("completions/<uuid:conversation_id>/cancel", views.cancel, name="cancel"),
     path("completions/<uuid:conversation_id>/watch", views.watch, name="watch"),
     path("conversations", pages.conversations, name="conversations"),
+    path("v1/chat/completions", openai_views.chat_completions, name="openai_chat_completions"),
+    path("v1/models", openai_views.models, name="openai_models"),
     path("conversations/<uuid:conversation_id>", pages.conversation, name="conversation"),
 ]

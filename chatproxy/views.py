@@ -209,6 +209,11 @@ def idempotency_key(request: HttpRequest) -> str:
 
 def read_chat_request(request: HttpRequest) -> ChatRequest:
     """Check the body's size, type and content; the limits come from the settings."""
+    return validate_request(read_json(request))
+
+
+def read_json(request: HttpRequest) -> Any:
+    """The JSON body, once its size and content type are checked."""
     limit = conf.CHATPROXY_MAX_BODY_BYTES
     too_large = RequestError(
         "body_too_large", f"The body is larger than {limit} bytes. Send less.", status=413
@@ -227,4 +232,4 @@ def read_chat_request(request: HttpRequest) -> ChatRequest:
             "Send the body as JSON with the header Content-Type: application/json.",
             status=415,
         )
-    return validate_request(decode_json(body))
+    return decode_json(body)
