@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import openai_views, pages, views
+from . import openai_views, pages, ui_views, views
 
 app_name = "chatproxy"
 
@@ -13,5 +13,8 @@ urlpatterns = [
     path("conversations", pages.conversations, name="conversations"),
     path("v1/chat/completions", openai_views.chat_completions, name="openai_chat_completions"),
     path("v1/models", openai_views.models, name="openai_models"),
+    path("ui/chat", ui_views.chat, name="ui_chat"),
+    path("ui/chat/<str:chat_id>/stream", ui_views.resume, name="ui_resume"),
+    path("ui/chat/<str:chat_id>/cancel", ui_views.cancel, name="ui_cancel"),
     path("conversations/<uuid:conversation_id>", pages.conversation, name="conversation"),
 ]
