@@ -124,9 +124,11 @@ class ConversationManager(models.Manager["Conversation"]):
         messages: list[dict[str, Any]],
         model: str,
         idempotency_key: str = "",
+        new_id: uuid.UUID | None = None,
     ) -> tuple[uuid.UUID, uuid.UUID]:
         """Save the new messages (``Message`` fields, as ``message_fields`` gives them) and a
-        ``streaming`` answer; return (conversation, answer) ids.
+        ``streaming`` answer; return (conversation, answer) ids. A new conversation gets the
+        id ``new_id``, if given.
 
         An ``idempotency_key`` is claimed for the answer: the caller has checked that it names
         no live turn (``opening.open_turn`` does, before the limits), and a concurrent claim
@@ -138,6 +140,7 @@ class ConversationManager(models.Manager["Conversation"]):
             if conversation_id is None:
                 title = next((m["content"] for m in messages if m["role"] == Role.USER), "")
                 conversation = self.create(
+                    id=new_id or uuid.uuid4(),
                     owner_id=owner.user_id,
                     session_key="" if owner.user_id else owner.session_key or "",
                     title=" ".join(title.split())[:TITLE_LENGTH],

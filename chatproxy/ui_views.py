@@ -8,7 +8,6 @@ own (``uistream.conversation_for``). The turn is chatproxy's (``open_turn``, ``r
 from __future__ import annotations
 
 import functools
-import uuid
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ from . import database, followers, uistream
 from .auth import identify
 from .exceptions import DuplicateTurnError, RequestError
 from .interception import InterceptorSpec
-from .models import TITLE_LENGTH, Conversation, Status
+from .models import Status
 from .opening import open_turn
 from .owners import Owner
 from .payload import validate_request
@@ -62,22 +61,15 @@ class UIChatView(View):
         return csrf_exempt(super().as_view(**initkwargs))
 
     async def post(self, request: HttpRequest) -> HttpResponseBase:
-        created: uuid.UUID | None = None
         try:
             try:
                 key = idempotency_key(request)
-                data = read_json(request)
-                chat_id = uistream.check_chat_id(data.get("id") if isinstance(data, dict) else None)
+                chat_id, body = uistream.read_request(read_json(request))
+                # The server holds the chat's history (if it has the chat): see read_request.
+                chat = validate_request(body, continuing=True)
             except RequestError:
                 await database.run(identify_user, request)  # 401/403 before 400
                 raise
-            owner, _ = await database.run(identify_user, request)
-            conversation_id = uistream.conversation_for(owner.key, chat_id)
-            _, body = uistream.read_request(data)
-            chat = validate_request({**body, "conversation_id": str(conversation_id)})
-            mine = Conversation.objects.owned_by(owner).filter(pk=conversation_id)
-            if not await mine.aexists():
-                created = await _create(owner, conversation_id, chat.messages, chat.model)
             try:
                 turn = await open_turn(
                     functools.partial(identify_user, request),
@@ -85,14 +77,14 @@ class UIChatView(View):
                     interceptors=self.interceptors,
                     tools=self.tools,
                     idempotency_key=key,
+                    conversation_for=lambda owner: uistream.conversation_for(owner.key, chat_id),
                 )
                 lines, server_tools = run_turn(turn), turn.tools.keys()
             except DuplicateTurnError as duplicate:  # the key's turn ran or runs: replay it
+                owner, _ = await database.run(identify_user, request)
                 lines = await open_replay(duplicate.answer, who=owner.key)
                 server_tools = load_tools(self.tools).keys()
         except RequestError as exc:
-            if created is not None:  # refused: leave no empty conversation behind
-                await Conversation.objects.filter(pk=created, messages__isnull=True).adelete()
             return error_response(exc)
         return _stream(lines, server_tools)
 
@@ -105,18 +97,6 @@ class UIChatView(View):
 
 
 chat = UIChatView.as_view()
-
-
-async def _create(
-    owner: Owner, conversation_id: uuid.UUID, messages: list[dict[str, Any]], model: str
-) -> uuid.UUID | None:
-    """Create the chat's conversation, empty; None if a concurrent request just did."""
-    said = next((m["content"] for m in messages if m["role"] == "user"), "")
-    title = " ".join(said.split())[:TITLE_LENGTH] if isinstance(said, str) else ""
-    _, created = await Conversation.objects.aget_or_create(
-        pk=conversation_id, defaults={"owner_id": owner.user_id, "title": title, "model": model}
-    )
-    return conversation_id if created else None
 
 
 def _stream(lines: AsyncGenerator[bytes, None], server_tools: Any) -> StreamingHttpResponse:
