@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from .events import answering_json
 from .exceptions import ChatproxyError, RequestError
 from .payload import ChatRequest, validate_request
 
@@ -98,7 +99,8 @@ class Writer:
     """Build one answer's OpenAI objects from the turn's events."""
 
     __slots__ = (
-        "id", "model", "created", "usage_chunk", "text", "reasoning", "ids", "_head", "_step"
+        "id", "model", "created", "usage_chunk", "text", "reasoning", "ids", "said", "_head",
+        "_step",
     )  # fmt: skip
 
     def __init__(self, model: str, usage_chunk: bool = False) -> None:
@@ -108,13 +110,14 @@ class Writer:
         self.reasoning: list[str] = []
         self.ids: dict[str, str] = {}
         self._head = b""
+        self.said = False  # some answer text went out (on the stream's fast path, not in text)
         self._step = False  # a server tool ran since the last text
 
     def answer(self, text: str) -> str:
         """Record a delta; the first of a step after server tools is set off by a blank line."""
         if self._step:
             self._step = False
-            if self.text:
+            if self.text or self.said:
                 text = "\n\n" + text
         self.text.append(text)
         return text
@@ -134,13 +137,13 @@ class Writer:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return b"data: " + self._head + b"[" + orjson.dumps(choice) + b"]}\n\n"
 
-    def content(self, text: str) -> bytes:
-        """The per-delta chunk of answer text."""
+    def content(self, text_json: bytes) -> bytes:
+        """The per-delta chunk of answer text, given as its JSON string."""
         return (
             b"data: "
             + self._head
             + b'[{"index":0,"delta":{"content":'
-            + orjson.dumps(text)
+            + text_json
             + b'},"logprobs":null,"finish_reason":null}]}\n\n'
         )
 
@@ -237,10 +240,14 @@ async def stream(lines: AsyncGenerator[bytes, None], writer: Writer) -> AsyncGen
         async for item in lines:
             out: list[bytes] = []
             for line in item.splitlines():
+                if not writer._step and (content_json := answering_json(line)) is not None:
+                    writer.said = True  # the per-delta path: the text goes out as it came
+                    out.append(writer.content(content_json))
+                    continue
                 event = orjson.loads(line)
                 name = event["event"]
                 if name == "answering":
-                    out.append(writer.content(writer.answer(event["content"])))
+                    out.append(writer.content(orjson.dumps(writer.answer(event["content"]))))
                 elif name == "tool_result":
                     writer.tool_ran()
                 elif name == "reasoning":

@@ -17,7 +17,7 @@ from contextlib import aclosing
 
 import orjson
 
-from .events import TERMINAL_EVENTS
+from .events import TERMINAL_EVENTS, answering_json
 
 CONTENT_TYPE = "text/event-stream"
 # Sent once, first: how soon (ms) a dropped EventSource reconnects.
@@ -71,11 +71,20 @@ async def encode(
     sent = Cursor()
     skip = after
     first = True
+    message_id = b""
     async with aclosing(lines) as items:
         async for item in items:
             out: list[bytes] = [RETRY] if first else []
             first = False
             for line in item.splitlines():
+                if skip is None and (content_json := answering_json(line)) is not None:
+                    # The per-delta path: only the text's length is needed.
+                    sent.text += len(orjson.loads(content_json))
+                    out.append(
+                        b"event: answering\nid: %b:%d:%d:%d\ndata: %b\n\n"
+                        % (message_id, sent.text, sent.reasoning, sent.tools, line)
+                    )
+                    continue
                 if not line:
                     continue
                 event = orjson.loads(line)
@@ -85,6 +94,7 @@ async def encode(
                     continue
                 if name == "analyzing":
                     sent.message_id = str(event.get("message_id", ""))
+                    message_id = sent.message_id.encode()
                     if skip is not None and skip.message_id != sent.message_id:
                         skip = None  # the client held another answer: send this one whole
                     if skip is not None:

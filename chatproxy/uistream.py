@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from .events import answering_json
 from .exceptions import RequestError
 
 HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
@@ -169,8 +170,8 @@ class Writer:
             out.append(b'data: {"type":"finish-step"}\n\n')
             self.in_step = False
 
-    def delta(self, kind: str, text: str, out: list[bytes]) -> None:
-        """A text or reasoning delta: the per-delta path."""
+    def delta(self, kind: str, text_json: bytes, out: list[bytes]) -> None:
+        """A text or reasoning delta, given as its JSON string: the per-delta path."""
         if self.open != kind:
             self._close(out)
             self._step(out)
@@ -182,7 +183,7 @@ class Writer:
                 kind.encode(),
                 part_id.encode(),
             )
-        out.append(self._delta + orjson.dumps(text) + b"}\n\n")
+        out.append(self._delta + text_json + b"}\n\n")
 
     def event(self, event: dict[str, Any], out: list[bytes]) -> bool:
         """Write any other event; True once the stream is over."""
@@ -275,12 +276,15 @@ async def encode(lines: AsyncGenerator[bytes, None], writer: Writer) -> AsyncGen
         async for item in lines:
             out: list[bytes] = []
             for line in item.splitlines():
+                if (content_json := answering_json(line)) is not None:
+                    writer.delta("text", content_json, out)
+                    continue
                 event = orjson.loads(line)
                 name = event["event"]
                 if name == "answering":
-                    writer.delta("text", event["content"], out)
+                    writer.delta("text", orjson.dumps(event["content"]), out)
                 elif name == "reasoning":
-                    writer.delta("reasoning", event["content"], out)
+                    writer.delta("reasoning", orjson.dumps(event["content"]), out)
                 elif writer.event(event, out):
                     yield b"".join(out)
                     return
