@@ -6,6 +6,7 @@ import asyncio
 import base64
 import fcntl
 import os
+import re
 import socket
 import struct
 import termios
@@ -485,3 +486,16 @@ class CuttingProxy:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+def doc_blocks(page: str, section: str) -> list[str]:
+    """The fenced code blocks of the section ``## <section>`` of docs/<page>, in order."""
+    text = (Path(__file__).parent.parent / "docs" / page).read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("\n", 1)[1] for block in body.split("```")[1::2]]
+
+
+def without_ids(text: str) -> str:
+    """``text`` with its UUIDs and ``created`` times made the same in every run."""
+    text = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<id>", text)
+    return re.sub(r'"created": ?\d+', '"created":0', text).strip()

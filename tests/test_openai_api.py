@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,14 @@ from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
 from chatproxy.models import ApiKey, Conversation, Message
-from tests.conftest import asgi_application, run_node, shared_database_name
+from tests.conftest import (
+    asgi_application,
+    doc_blocks,
+    read_body,
+    run_node,
+    shared_database_name,
+    without_ids,
+)
 from tests.fake_upstream import Reply
 from tests.server import ServerProcess
 
@@ -337,3 +345,35 @@ async def test_the_node_sdk_completes_streams_and_calls_tools(
     served = await run_node("openai_client.mjs", f"{tools_server.url}/v1", key, "server-tools")
 
     assert served == {"content": "It is 5.", "finish_reason": "stop", "toolCalls": None}
+
+
+SECTION = "The OpenAI-compatible API"
+
+
+async def test_the_docs_transcripts_are_what_a_call_answers(key, upstream):
+    client, headers = AsyncClient(), {"Authorization": f"Bearer {key}"}
+    upstream.enqueue(Reply(tokens=["Hel", "lo", "."]), Reply(tokens=["Hel", "lo", "."]))
+    body = {"model": "gpt-test", "messages": HI}
+    _, _, streamed, whole = doc_blocks("protocols.md", SECTION)
+
+    stream = await client.post(
+        "/v1/chat/completions",
+        orjson.dumps({**body, "stream": True}),
+        "application/json",
+        headers=headers,
+    )
+    assert without_ids((await read_body(stream)).decode()) == without_ids(streamed)
+    answer = await client.post(
+        "/v1/chat/completions", orjson.dumps(body), "application/json", headers=headers
+    )
+    assert orjson.loads(without_ids(answer.content.decode())) == orjson.loads(without_ids(whole))
+
+
+@pytest.mark.server
+async def test_the_docs_python_example_runs_against_the_api(server, key, upstream):
+    example = doc_blocks("protocols.md", SECTION)[0]
+
+    code = example.replace("https://chat.example.com", server.url)
+    await asyncio.to_thread(exec, code, {"CHATPROXY_KEY": key})
+
+    assert len(upstream.requests) == 3

@@ -11,12 +11,23 @@ from asgiref.sync import sync_to_async
 
 from chatproxy.models import ApiKey
 from chatproxy.sse import Cursor, wants_sse
-from tests.conftest import CuttingProxy, chat, parse_sse, read_events, read_sse, run_node
+from tests.conftest import (
+    CuttingProxy,
+    chat,
+    doc_blocks,
+    parse_sse,
+    read_body,
+    read_events,
+    read_sse,
+    run_node,
+    without_ids,
+)
 from tests.fake_upstream import Reply
 
 db = pytest.mark.django_db(transaction=True)
 HI = {"messages": [{"role": "user", "content": "Hi"}]}
 SSE = {"Accept": "text/event-stream"}
+SECTION = "Server-sent events"
 
 
 def sent_events(stream: list[dict]) -> list[dict]:
@@ -235,3 +246,12 @@ def test_parse_sse_reads_comments_and_fields():
         {"comment": "ping"},
         {"event": "answering", "id": "x", "data": {"a": 1}},
     ]
+
+
+@db
+async def test_the_docs_transcript_is_what_a_turn_streams(client, upstream):
+    upstream.enqueue(Reply(tokens=["Hel", "lo", "."]))
+
+    body = await read_body(await chat(client, HI, headers=SSE))
+
+    assert without_ids(body.decode()) == without_ids(doc_blocks("protocols.md", SECTION)[0])

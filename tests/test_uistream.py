@@ -12,7 +12,7 @@ from django.test import AsyncClient
 from chatproxy.interception import Interceptor
 from chatproxy.models import ApiKey, Conversation, Message
 from chatproxy.uistream import conversation_for
-from tests.conftest import read_body, run_node, shared_database_name
+from tests.conftest import doc_blocks, read_body, run_node, shared_database_name, without_ids
 from tests.fake_upstream import Reply
 from tests.server import ServerProcess
 from tests.test_live_server import settled
@@ -354,3 +354,13 @@ async def test_the_ai_sdk_raises_a_refusal_with_chatproxys_message(server, node_
     result = await run_node("ui_chat.mjs", server.url, "", "refused", "chat-refused")
 
     assert "Log in" in result["error"]["message"]
+
+
+async def test_the_docs_transcript_is_what_a_turn_streams(client, upstream):
+    upstream.enqueue(Reply(tokens=["Hel", "lo", "."]))
+    body = {"id": "chat-1", "messages": [ui_user("Hi", "m1")]}
+
+    streamed = await read_body(await post_chat(client, body))
+
+    shown = doc_blocks("protocols.md", "The Vercel AI SDK's UI message stream")[1]
+    assert without_ids(streamed.decode()) == without_ids(shown)
