@@ -64,7 +64,7 @@ class UIChatView(View):
         try:
             try:
                 key = idempotency_key(request)
-                chat_id, body = uistream.read_request(read_json(request))
+                chat_id, body, continued = uistream.read_request(read_json(request))
                 # The server holds the chat's history (if it has the chat): see read_request.
                 chat = validate_request(body, continuing=True)
             except RequestError:
@@ -86,7 +86,7 @@ class UIChatView(View):
                 server_tools = load_tools(self.tools).keys()
         except RequestError as exc:
             return error_response(exc)
-        return _stream(lines, server_tools)
+        return _stream(lines, server_tools, continued)
 
     async def http_method_not_allowed(  # type: ignore[override]
         self, request: HttpRequest, *args: Any, **kwargs: Any
@@ -99,8 +99,10 @@ class UIChatView(View):
 chat = UIChatView.as_view()
 
 
-def _stream(lines: AsyncGenerator[bytes, None], server_tools: Any) -> StreamingHttpResponse:
-    writer = uistream.Writer(server_tools)
+def _stream(
+    lines: AsyncGenerator[bytes, None], server_tools: Any, continued: str | None = None
+) -> StreamingHttpResponse:
+    writer = uistream.Writer(server_tools, continued)
     return StreamingHttpResponse(
         uistream.encode(lines, writer),
         content_type="text/event-stream",

@@ -50,13 +50,15 @@ def check_chat_id(value: Any) -> str:
     return value
 
 
-def read_request(data: Any) -> tuple[str, dict[str, Any]]:
-    """The chat id and a chatproxy request body from the SDK's ``{id, messages, trigger}``.
+def read_request(data: Any) -> tuple[str, dict[str, Any], str | None]:
+    """The chat id and a chatproxy request body from the SDK's ``{id, messages, trigger}``,
+    and the id of the client's message the answer goes on, if it continues one.
 
     The server holds the chat's history (the SDK sends all of it every time), so only what
     follows the client's last assistant message is new; when nothing follows it, the results
     of the client's own tools and the approvals in it are (what ``sendAutomaticallyWhen``
-    sends). Other fields of the body (the transport's ``body``, e.g. ``model``) are kept."""
+    sends), and the answer continues that message. Other fields of the body (the transport's
+    ``body``, e.g. ``model``) are kept."""
     if not isinstance(data, dict):
         raise RequestError(
             "invalid_request", f"The body must be a JSON object, as in {BODY_EXAMPLE}."
@@ -78,13 +80,14 @@ def read_request(data: Any) -> tuple[str, dict[str, Any]]:
     new = messages[last + 1 :]
     if new or last < 0:
         body["messages"] = [chat_message(message) for message in new]
-        return chat_id, body
+        return chat_id, body, None
     results, approvals = client_answers(messages[last])
     if results:
         body["messages"] = results
     if approvals:
         body["approvals"] = approvals
-    return chat_id, body
+    continued = messages[last].get("id")
+    return chat_id, body, continued if isinstance(continued, str) else None
 
 
 def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -145,10 +148,12 @@ def _data(part: dict[str, Any]) -> bytes:
 class Writer:
     """Write one answer's UI message stream parts from the turn's events."""
 
-    __slots__ = ("server_tools", "open", "count", "in_step", "_delta")
+    __slots__ = ("server_tools", "message_id", "open", "count", "in_step", "_delta")
 
-    def __init__(self, server_tools: Iterable[str] = ()) -> None:
+    def __init__(self, server_tools: Iterable[str] = (), message_id: str | None = None) -> None:
         self.server_tools = frozenset(server_tools)
+        # The client's message the answer continues (the SDK appends to it), else the answer's.
+        self.message_id = message_id
         self.open = ""  # "text" or "reasoning": the part a delta goes on, if one is open
         self.count = 0
         self.in_step = False
@@ -194,7 +199,7 @@ class Writer:
                 _data(
                     {
                         "type": "start",
-                        "messageId": event.get("message_id"),
+                        "messageId": self.message_id or event.get("message_id"),
                         "messageMetadata": metadata,
                     }
                 )

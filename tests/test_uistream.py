@@ -272,7 +272,13 @@ async def test_the_ai_sdk_answers_a_client_tool_and_the_turn_goes_on(
         "tool_call_id": "call_1",
         "content": '{"found":1}',
     }
-    assert result["answered"]["message"]["parts"][-1]["text"] == "Found 1."
+    answered = result["answered"]
+    assert answered["errors"] == []
+    # The answer went on the same message, as useChat shows it: the call, its output, the text.
+    assert answered["message"]["id"] == asked["id"]
+    tool = next(p for p in answered["message"]["parts"] if p["type"] == "tool-lookup")
+    assert (tool["state"], tool["output"]) == ("output-available", {"found": 1})
+    assert answered["message"]["parts"][-1]["text"] == "Found 1."
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +286,7 @@ def tools_server(django_db_blocker: Any, upstream_server: Any):
     process = ServerProcess(
         shared_database_name(django_db_blocker),
         upstream_server.base_url,
-        {"CHATPROXY_TOOLS": ["tests.sample_tools.add"]},
+        {"CHATPROXY_TOOLS": ["tests.sample_tools.add", "tests.sample_tools.refund"]},
     )
     process.start()
     yield process
@@ -302,6 +308,25 @@ async def test_the_ai_sdk_shows_a_server_tools_output(tools_server, upstream, ke
         True,
     )
     assert parts[-1]["text"] == "5."
+
+
+@pytest.mark.server
+async def test_the_ai_sdk_asks_for_approval_and_its_answer_runs_the_tool(
+    tools_server, upstream, key, node_clients
+):
+    refund = {"id": "r", "name": "refund", "arguments": '{"amount": 5}'}
+    upstream.enqueue(Reply(tokens=["One moment."], tool_calls=[refund]), Reply(tokens=["Done."]))
+
+    result = await run_node("ui_chat.mjs", tools_server.url, key, "approval", "chat-refund")
+
+    asked = next(p for p in result["asked"]["message"]["parts"] if p["type"] == "tool-refund")
+    assert (asked["state"], asked["approval"]) == ("approval-requested", {"id": "r"})
+    assert "tool-approval-request" in result["asked"]["types"]
+    assert result["approved"]["errors"] == []
+    parts = result["approved"]["message"]["parts"]
+    done = next(p for p in parts if p["type"] == "tool-refund")
+    assert (done["state"], done["output"]) == ("output-available", "Refunded 5.")
+    assert parts[-1]["text"] == "Done."
 
 
 @pytest.mark.server

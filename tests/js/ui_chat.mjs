@@ -53,6 +53,15 @@ if (scenario === "chat") {
   part.output = { found: 1 };
   // What useChat sends once addToolOutput completes the last step (sendAutomaticallyWhen).
   out.answered = await read(await send([user("u1", "Look it up"), message], { body }), { message });
+} else if (scenario === "approval") {
+  const asked = await read(await send([user("u1", "Refund me")]));
+  out.asked = structuredClone(asked);
+  const message = asked.message;
+  const part = message.parts.find((p) => p.type === "tool-refund");
+  // What addToolApprovalResponse({id, approved: true}) leaves on the part.
+  part.state = "approval-responded";
+  part.approval = { ...part.approval, approved: true };
+  out.approved = await read(await send([user("u1", "Refund me"), message]), { message });
 } else if (scenario === "server-tool") {
   out.result = await read(await send([user("u1", "Add")]));
 } else if (scenario === "resume") {
