@@ -377,3 +377,28 @@ async def test_the_docs_python_example_runs_against_the_api(server, key, upstrea
     await asyncio.to_thread(exec, code, {"CHATPROXY_KEY": key})
 
     assert len(upstream.requests) == 3
+
+
+async def test_reasoning_comes_as_reasoning_content(sdk, upstream):
+    upstream.enqueue(Reply(tokens=["42."], reasoning=["Let me ", "think."]))
+    upstream.enqueue(Reply(tokens=["42."], reasoning=["Let me ", "think."]))
+
+    completion = await sdk.chat.completions.create(model="gpt-test", messages=HI)
+    stream = await sdk.chat.completions.create(model="gpt-test", messages=HI, stream=True)
+    deltas = [chunk.choices[0].delta async for chunk in stream if chunk.choices]
+
+    assert completion.choices[0].message.model_extra["reasoning_content"] == "Let me think."
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == (
+        "Let me think."
+    )
+
+
+async def test_a_retried_call_with_its_idempotency_key_replays_the_first(sdk, upstream):
+    headers = {"Idempotency-Key": "call-1"}
+    first = await sdk.chat.completions.create(model="gpt-test", messages=HI, extra_headers=headers)
+
+    again = await sdk.chat.completions.create(model="gpt-test", messages=HI, extra_headers=headers)
+
+    assert again.id == first.id
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert len(upstream.requests) == 1

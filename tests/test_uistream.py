@@ -389,3 +389,25 @@ async def test_the_docs_transcript_is_what_a_turn_streams(client, upstream):
 
     shown = doc_blocks("protocols.md", "The Vercel AI SDK's UI message stream")[1]
     assert without_ids(streamed.decode()) == without_ids(shown)
+
+
+async def test_image_file_parts_go_upstream_as_image_parts(client, upstream):
+    image = (
+        "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQ"
+        "DwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    )
+    parts = [
+        {"type": "text", "text": "What is it?"},
+        {"type": "file", "mediaType": "image/png", "url": image},
+    ]
+    body = {"id": "c", "messages": [{"id": "u", "role": "user", "parts": parts}]}
+
+    await read_parts(await post_chat(client, body))
+
+    assert upstream.requests[0].json["messages"][-1] == {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "What is it?"},
+            {"type": "image_url", "image_url": {"url": image}},
+        ],
+    }
