@@ -1090,3 +1090,30 @@ async def test_matrix_ui_resume_and_cancel_alices_streaming_chat(people, who, up
 
     assert (resumed.status_code, cancelled.status_code) == UI_STREAM[who]
     assert (b'"type":"abort"' in rest) == (cancelled.status_code == 202)
+
+
+@db
+@pytest.mark.parametrize(("reply", "code", "partial"), FAILURES)
+async def test_api_key_never_appears_in_the_other_protocols_answers(
+    people, upstream, caplog, reply, code, partial
+):
+    caplog.set_level(logging.INFO)
+    client, headers = await caller(people, "alice's key")
+    bodies = []
+    for path, data, extra in [
+        ("/completions", HI, SSE),
+        ("/v1/chat/completions", {**HI, "stream": True}, {}),
+        ("/v1/chat/completions", HI, {}),
+        ("/ui/chat", UI_HI, {}),
+    ]:
+        upstream.enqueue(reply)
+        response = await client.post(
+            path, orjson.dumps(data), "application/json", headers={**headers, **extra}
+        )
+        bodies.append((await read_body(response)) if response.streaming else response.content)
+
+    assert all(code.encode() in body for body in bodies[:3])  # the UI part carries the message
+    everything = b"".join(bodies).decode() + caplog.text
+    assert KEY not in everything
+    assert KEY[:12] not in everything
+    assert "upstream exploded" not in b"".join(bodies).decode()
