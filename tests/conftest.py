@@ -144,6 +144,12 @@ async def session_cookie(user: Any) -> str:
 
 
 CSRF_TOKEN = "t" * 32
+# Debian's Chromium, headless and offline, for the browser tests.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -450,12 +456,13 @@ async def run_node(script: str, *args: str, timeout: float = 30) -> Any:
 
 
 class CuttingProxy:
-    """A TCP proxy to ``port`` that drops its first connection right after forwarding the
-    first response bytes holding ``marker``: a network that fails mid-stream."""
+    """A TCP proxy to ``port`` that drops the first connection whose response bytes hold
+    ``marker``, right after forwarding them: a network that fails mid-stream, once."""
 
     def __init__(self, port: int, marker: bytes) -> None:
         self.target, self.marker = port, marker
         self.connections = 0
+        self.cut = False
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> int:
@@ -464,7 +471,6 @@ class CuttingProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        cut = self.connections == 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, watch: bool) -> None:
@@ -472,7 +478,8 @@ class CuttingProxy:
                 while data := await src.read(65536):
                     dst.write(data)
                     await dst.drain()
-                    if watch and cut and self.marker in data:
+                    if watch and not self.cut and self.marker in data:
+                        self.cut = True
                         break
             except (ConnectionError, asyncio.CancelledError):
                 pass

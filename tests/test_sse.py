@@ -12,6 +12,9 @@ from asgiref.sync import sync_to_async
 from chatproxy.models import ApiKey
 from chatproxy.sse import Cursor, wants_sse
 from tests.conftest import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    CSRF_TOKEN,
     CuttingProxy,
     chat,
     doc_blocks,
@@ -20,6 +23,7 @@ from tests.conftest import (
     read_events,
     read_sse,
     run_node,
+    session_cookie,
     without_ids,
 )
 from tests.fake_upstream import Reply
@@ -255,3 +259,61 @@ async def test_the_docs_transcript_is_what_a_turn_streams(client, upstream):
     body = await read_body(await chat(client, HI, headers=SSE))
 
     assert without_ids(body.decode()) == without_ids(doc_blocks("protocols.md", SECTION)[0])
+
+
+@pytest.mark.server
+@pytest.mark.browser
+@db
+async def test_chromiums_eventsource_follows_an_answer_across_a_dropped_connection(
+    server, upstream, user
+):
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's Chromium at /usr/bin/chromium: apt-get install chromium")
+    from playwright.async_api import async_playwright
+
+    tokens = [f"c{i} " for i in range(12)]
+    upstream.enqueue(Reply(tokens=tokens, delay=0.1))
+    cookie = await session_cookie(user)
+    headers = {"Cookie": cookie, "X-CSRFToken": CSRF_TOKEN, "Content-Type": "application/json"}
+    proxy = CuttingProxy(server.port, marker=b"event: answering")
+    base = f"http://127.0.0.1:{await proxy.start()}"
+    async with (
+        async_playwright() as playwright,
+        httpx2.AsyncClient(base_url=server.url, timeout=30) as http,
+        http.stream("POST", "/completions", content=orjson.dumps(HI), headers=headers) as posted,
+    ):
+        lines = posted.aiter_lines()
+        conversation_id = orjson.loads(await anext(lines))["conversation_id"]
+        reading = asyncio.ensure_future(_drain(lines))
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        context = await browser.new_context()
+        session = cookie.split(";")[0].split("=", 1)[1]
+        await context.add_cookies([{"name": "sessionid", "value": session, "url": base}])
+        page = await context.new_page()
+        await page.goto(f"{base}/static/chatproxy/chat.css")  # a page of the site's origin
+        events = await page.evaluate(FOLLOW, f"/completions/{conversation_id}/stream")
+        await browser.close()
+        await reading
+    await proxy.stop()
+
+    assert proxy.cut
+    assert "".join(e["content"] for e in events if e["event"] == "answering") == "".join(tokens)
+    assert [e["event"] for e in events].count("analyzing") == 1
+    assert events[-1]["event"] == "completed"
+
+
+# Follow a URL with the browser's own EventSource until the terminal event.
+FOLLOW = """url => new Promise((resolve, reject) => {
+  const events = [];
+  const source = new EventSource(url);
+  for (const name of ["analyzing", "answering", "completed", "error"]) {
+    source.addEventListener(name, (e) => {
+      if (e.data === undefined) return;  // the connection dropped: EventSource reconnects
+      events.push(JSON.parse(e.data));
+      if (name === "completed" || name === "error") { source.close(); resolve(events); }
+    });
+  }
+  setTimeout(() => reject(new Error("no terminal event: " + JSON.stringify(events))), 15000);
+})"""
