@@ -9,7 +9,11 @@ Two kinds of body:
 
 - ``"ndjson"``: chatproxy's stream. Each line is one event; ``answering`` contents are joined.
 - ``"sse"``: the upstream's OpenAI stream. ``data: {chunk}`` lines; the deltas' contents are
-  joined; ``data: [DONE]`` ends it.
+  joined; ``data: [DONE]`` ends it. ``"openai"``: chatproxy's OpenAI-compatible stream, read the
+  same way (the answer id from the chunks' ``chatcmpl-<id>``).
+- ``"events"``: chatproxy's stream as server-sent events: each ``data:`` line is an NDJSON event.
+- ``"ui"``: chatproxy's Vercel AI SDK UI message stream: ``text-delta`` parts are joined,
+  ``finish`` ends it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Literal, cast
 
 import orjson
 
-Mode = Literal["ndjson", "sse"]
+Mode = Literal["ndjson", "sse", "openai", "events", "ui"]
 
 
 @dataclass(slots=True)
@@ -162,7 +166,7 @@ class _Connection(asyncio.Protocol):
             return
         *complete, rest = bytes(self._lines).split(b"\n")
         self._lines[:] = rest
-        handle = self._ndjson_line if self.mode == "ndjson" else self._sse_line
+        handle = self._handler()
         for line in complete:
             handle(line, now)
 
@@ -172,7 +176,7 @@ class _Connection(asyncio.Protocol):
         if self._lines:  # a body without a final newline: a 4xx JSON error
             leftover, self._lines = bytes(self._lines), bytearray()
             if turn.status == 200:
-                (self._ndjson_line if self.mode == "ndjson" else self._sse_line)(leftover, now)
+                self._handler()(leftover, now)
             elif not turn.error:
                 turn.error = _error_code(leftover)
         if turn.status != 200 and not turn.error:
@@ -183,6 +187,39 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(None)
         if not self.keep_alive:
             self.close()
+
+    def _handler(self) -> Callable[[bytes, float], None]:
+        return {
+            "ndjson": self._ndjson_line,
+            "sse": self._sse_line,
+            "openai": self._sse_line,
+            "events": self._event_line,
+            "ui": self._ui_line,
+        }[self.mode]
+
+    def _event_line(self, line: bytes, now: float) -> None:
+        if line.startswith(b"data: "):
+            self._ndjson_line(line[6:], now)
+
+    def _ui_line(self, line: bytes, now: float) -> None:
+        turn = self._turn
+        assert turn is not None
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            return
+        if turn.ttfb is None:
+            turn.ttfb = now - turn.started
+        part = orjson.loads(line[6:])
+        kind = part["type"]
+        if kind == "text-delta":
+            if turn.ttft is None:
+                turn.ttft = now - turn.started
+            turn.parts.append(part["delta"])
+        elif kind == "start":
+            turn.message_id = part.get("messageId", "")
+        elif kind == "finish":
+            turn.terminal = "completed"
+        elif kind in ("error", "abort"):
+            turn.terminal, turn.error = "error", str(part.get("errorText", kind))
 
     def _ndjson_line(self, line: bytes, now: float) -> None:
         turn = self._turn
@@ -216,6 +253,8 @@ class _Connection(asyncio.Protocol):
             turn.terminal = "done"
             return
         chunk = orjson.loads(payload)
+        if self.mode == "openai" and not turn.message_id:
+            turn.message_id = str(chunk.get("id", "")).removeprefix("chatcmpl-")
         if "error" in chunk:
             turn.terminal, turn.error = "error", "upstream in-band error"
             return
@@ -250,7 +289,7 @@ def http_request(
 
 async def _worker(
     port: int,
-    request: bytes,
+    request: bytes | Callable[[int], bytes],
     mode: Mode,
     take: Callable[[], int | None],
     results: list[TurnResult],
@@ -270,7 +309,7 @@ async def _worker(
                         _, conn = await loop.create_connection(
                             lambda: _Connection(mode), host, port
                         )
-                    await conn.request(request, turn)
+                    await conn.request(request(index) if callable(request) else request, turn)
             except (OSError, TimeoutError) as exc:
                 turn.error = turn.error or f"client: {type(exc).__name__}: {exc}"
             if turn.error and conn is not None:  # start the next turn on a fresh connection
@@ -284,7 +323,7 @@ async def _worker(
 
 async def run_load(
     port: int,
-    request: bytes,
+    request: bytes | Callable[[int], bytes],
     mode: Mode,
     *,
     concurrency: int,
@@ -292,8 +331,9 @@ async def run_load(
     turn_timeout: float = 60.0,
     host: str = "127.0.0.1",
 ) -> tuple[list[TurnResult], float]:
-    """Send ``turns`` copies of ``request`` over ``concurrency`` connections, each keeping one
-    turn in flight. Return the results (in completion order) and the wall time in seconds."""
+    """Send ``turns`` copies of ``request`` (or ``request(i)`` for turn i) over ``concurrency``
+    connections, each keeping one turn in flight. Return the results (in completion order) and
+    the wall time in seconds."""
     counter = iter(range(turns))
     results: list[TurnResult] = []
 

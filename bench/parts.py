@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         templates = {}
         for name, tree in sides.items():
             template = tmp / f"template-{len(templates)}.sqlite3"
-            templates[name] = (template, prepare_template(template, tree))
+            templates[name] = (template, prepare_template(template, tree)[0])
         results: dict[str, dict[str, list[dict[str, Any]]]] = {
             n: {p: [] for p in parts} for n in sides
         }

@@ -1,13 +1,14 @@
 """Benchmark chatproxy's HTTP stream against the fake upstream it relays, read directly.
 
     python -m bench.run [--scenarios latency,throughput,hold] [--json bench/results/latest.json]
-                        [--coalesce] [--limits] [--turns N]
+                        [--coalesce] [--limits] [--turns N] [--formats]
 
 ``--coalesce`` sets CHATPROXY_COALESCE_DELTAS. One user drives all the load, so the per-user
 CHATPROXY_RATE_LIMIT and CHATPROXY_MAX_STREAMS are off unless ``--limits`` keeps their defaults;
 every other setting keeps the demo project's value, except those ``bench.settings`` names.
 ``--turns N`` runs every scenario with N turns instead of its own number (and at most N at
-once): a quick check that everything runs, whose figures are not the scenarios'.
+once): a quick check that everything runs, whose figures are not the scenarios'. ``--formats``
+also runs the throughput scenario's turns over each wire format, alternated (``bench.formats``).
 
 Per scenario, on a fresh copy of a migrated SQLite database (IMMEDIATE/WAL, as the demo project):
 
@@ -103,12 +104,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from bench import formats
 from bench.client import Mode, TurnResult, http_request, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CORE, CLIENT_CORE = 0, 1
 WARMUP_TURNS = 3
-SCENARIO_TIMEOUT = 120.0  # seconds for one scenario, start to finish
+SCENARIO_TIMEOUT = 300.0  # seconds for one scenario, start to finish (--formats included)
 TURN_TIMEOUT = 60.0
 START_TIMEOUT = 30.0
 PROMPT = b'{"messages":[{"role":"user","content":"Tell me something."}]}'
@@ -327,19 +329,22 @@ def prepare_database() -> None:
     from django.contrib.sessions.backends.db import SessionStore
     from django.core.management import call_command
 
+    from chatproxy.models import ApiKey
+
     call_command("migrate", verbosity=0, interactive=False)
     user = User.objects.create_user("bench", password=secrets.token_urlsafe(16))
+    _, api_key = ApiKey.objects.issue(user, "bench")
     session = SessionStore()
     session[SESSION_KEY] = str(user.pk)
     session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
     session[HASH_SESSION_KEY] = user.get_session_auth_hash()
     session.save()
-    print(json.dumps({"sessionid": session.session_key}))
+    print(json.dumps({"sessionid": session.session_key, "api_key": api_key}))
 
 
-def prepare_template(database: Path, tree: Path = ROOT) -> str:
+def prepare_template(database: Path, tree: Path = ROOT) -> tuple[str, str]:
     """Run ``prepare_database`` in a subprocess, with ``tree``'s code and migrations, into
-    ``database``; return the logged-in session's key."""
+    ``database``; return the logged-in session's key and the user's API key."""
     done = subprocess.run(
         [sys.executable, "-m", "bench.run", "--prepare"],
         cwd=tree, env=base_env() | {"BENCH_DB": str(database)},
@@ -347,7 +352,8 @@ def prepare_template(database: Path, tree: Path = ROOT) -> str:
     )  # fmt: skip
     if done.returncode:
         raise RuntimeError(f"preparing the database failed:\n{done.stdout}\n{done.stderr}")
-    return str(json.loads(done.stdout.strip().splitlines()[-1])["sessionid"])
+    prepared = json.loads(done.stdout.strip().splitlines()[-1])
+    return str(prepared["sessionid"]), str(prepared.get("api_key", ""))
 
 
 def copy_database(source: Path, target: Path) -> None:
@@ -480,6 +486,8 @@ class Context:
     coalesce: bool
     limits: bool
     uvicorn_args: tuple[str, ...]
+    api_key: str = ""
+    formats: bool = False
 
 
 async def preflight(port: int, ctx: Context, text: str) -> dict[str, Any]:
@@ -602,6 +610,12 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
             proxy_ids += extra_ids
         elif sc.floor == "after":
             out["django_floor_times"] = await measure_floor_times(srv_port, server.pid, ctx, sc)
+        if ctx.formats and sc.name == "throughput":
+            out["formats"], extra_ids = await formats.measure(
+                srv_port, lambda: cpu_seconds(server.pid), ctx.api_key, sc.concurrency,
+                sc.turns * formats.TURNS_FACTOR, sc.tokens, text, TURN_TIMEOUT,
+            )  # fmt: skip
+            proxy_ids += extra_ids
         proxy["added_first_line_ms"] = added(proxy, out["direct"], "first_line_ms")
         proxy["added_first_token_ms"] = added(proxy, out["direct"], "first_token_ms")
         proxy["added_total_ms"] = added(proxy, out["direct"], "total_ms")
@@ -831,12 +845,20 @@ def uvicorn_args() -> tuple[str, ...]:
 
 
 async def main_async(
-    names: list[str], coalesce: bool, limits: bool, tmp: Path, turns: int | None = None
+    names: list[str],
+    coalesce: bool,
+    limits: bool,
+    tmp: Path,
+    turns: int | None = None,
+    wire_formats: bool = False,
 ) -> list[dict[str, Any]]:
     template = tmp / "template.sqlite3"
-    sessionid = prepare_template(template)
+    sessionid, api_key = prepare_template(template)
     csrftoken = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(32))
-    ctx = Context(tmp, template, sessionid, csrftoken, coalesce, limits, uvicorn_args())
+    ctx = Context(
+        tmp, template, sessionid, csrftoken, coalesce, limits, uvicorn_args(), api_key,
+        wire_formats,
+    )  # fmt: skip
     results = []
     for name in names:
         sc = SCENARIOS[name]
@@ -873,6 +895,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--turns", type=int, metavar="N", help="N turns per scenario: a quick check, not figures"
     )
+    parser.add_argument(
+        "--formats",
+        action="store_true",
+        help="also run the throughput turns over each wire format (NDJSON, SSE, OpenAI, UI)",
+    )
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.prepare:
@@ -899,7 +926,9 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         runner = asyncio.Runner()
     with tempfile.TemporaryDirectory(prefix="chatproxy-bench-") as tmp, runner:
-        results = runner.run(main_async(names, args.coalesce, args.limits, Path(tmp), args.turns))
+        results = runner.run(
+            main_async(names, args.coalesce, args.limits, Path(tmp), args.turns, args.formats)
+        )
 
     print(table(results))
     for r in results:
@@ -931,6 +960,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"p99 {_f(first['p99'], 1)} ms, "
                 f"{_f(fl['server_cpu_ms_per_request'], 2)} ms of server CPU per request"
             )
+        if fmt := r.get("formats"):
+            print(f"\n{r['scenario']['name']}, {formats.summary(fmt)}")
         if (pre := r.get("preflight")) and not pre["auth_enforced"]:
             print(f"\n{r['scenario']['name']}: auth NOT enforced as expected: {pre}")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,15 @@ class Encoder:
 PING: Event = {"event": "ping"}
 
 
+def answering_json(line: bytes) -> bytes | None:
+    """The content of an ``answering`` line (without its newline) still as JSON, quotes and
+    escapes included, for an encoder that writes it into another format as it is; None for any
+    other line. Only for the lines of an ``Encoder`` without extra fields, as HTTP's are."""
+    if line.startswith(_ANSWERING_PREFIX) and line.endswith(b'"}'):
+        return line[len(_ANSWERING_PREFIX) : -1]
+    return None
+
+
 def error_event(code: str, message: str, **fields: Any) -> ErrorEvent:
     """Build the terminal ``error`` event."""
     event: ErrorEvent = {"event": "error", "error": {"code": code, "message": message}}

@@ -25,18 +25,23 @@ from .models import Message, Status
 from .owners import Owner
 
 
-def check_model(model: str, user: Any) -> None:
-    """Refuse a model outside CHATPROXY_MODELS and the user's CHATPROXY_GROUP_MODELS."""
+def allowed_models(user: Any) -> list[str]:
+    """CHATPROXY_MODELS and the models CHATPROXY_GROUP_MODELS gives the user's groups."""
     allowed = conf.CHATPROXY_MODELS
-    if model in allowed:
-        return
     group_models = conf.CHATPROXY_GROUP_MODELS
     if group_models and user is not None and user.is_authenticated:
-        names = list(user.groups.values_list("name", flat=True))
-        for name in names:
+        for name in user.groups.values_list("name", flat=True):
             allowed = [*allowed, *group_models.get(name, [])]
-        if model in allowed:
-            return
+    return allowed
+
+
+def check_model(model: str, user: Any) -> None:
+    """Refuse a model outside CHATPROXY_MODELS and the user's CHATPROXY_GROUP_MODELS."""
+    if model in conf.CHATPROXY_MODELS:
+        return
+    allowed = allowed_models(user)
+    if model in allowed:
+        return
     raise RequestError(
         "model_not_allowed",
         f"The model {model!r} is not allowed here. Use one of: {', '.join(allowed)}, "

@@ -203,11 +203,13 @@ class ConversationManager(models.Manager["Conversation"]):
         parent: uuid.UUID | None = None,
         *,
         root: bool = False,
+        new_id: uuid.UUID | None = None,
     ) -> tuple[uuid.UUID, uuid.UUID]:
         """Save the new messages (``Message`` fields, as ``message_fields`` gives them) and a
         ``streaming`` answer, each the child of the one before, the first of ``parent`` (a
         ``Thread``'s; by default the conversation's active leaf; with ``root``, none); the
-        answer becomes the conversation's active leaf. Return (conversation, answer) ids.
+        answer becomes the conversation's active leaf. A new conversation gets the id
+        ``new_id``, if given. Return (conversation, answer) ids.
 
         An ``idempotency_key`` is claimed for the answer: the caller has checked that it names
         no live turn (``opening.open_turn`` does, before the limits), and a concurrent claim
@@ -222,6 +224,7 @@ class ConversationManager(models.Manager["Conversation"]):
                 # The answer is written just after, in this transaction: the foreign key is
                 # checked at its end (Django declares them deferrable, initially deferred).
                 conversation = self.create(
+                    id=new_id or uuid.uuid4(),
                     owner_id=owner.user_id,
                     session_key="" if owner.user_id else owner.session_key or "",
                     title=" ".join(title.split())[:TITLE_LENGTH],

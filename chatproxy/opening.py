@@ -10,6 +10,8 @@ that: its checkpoints and its final state.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -25,12 +27,14 @@ from .models import Conversation, IdempotencyKey, Message, Thread, message_field
 from .owners import Owner
 from .payload import ChatRequest, check_approvals, check_tool_results, pending_tool_calls
 from .records import save
+from .rows import row_exists
 from .tools import Tool, ToolSpec, offer_tools
 from .tools import load as load_tools
 from .turns import Turn, TurnState
 
 Identify = Callable[[], tuple[Owner, Any]]
 OpenSession = Callable[[Owner], Owner]
+NameConversation = Callable[[Owner], uuid.UUID]
 
 # Tasks finishing the rows of turns whose client left while they opened; kept so they are not
 # garbage-collected before they end.
@@ -46,6 +50,7 @@ async def open_turn(
     tools: Sequence[ToolSpec] | None = None,
     idempotency_key: str = "",
     open_session: OpenSession | None = None,
+    conversation_for: NameConversation | None = None,
 ) -> Turn:
     """Open a turn in one trip to the database thread: who is asking (``identify()``,
     synchronous: e.g. ``auth.identify`` for a request, or the socket's known owner and user),
@@ -58,11 +63,23 @@ async def open_turn(
     ``open_session`` gives an owner that ``is_new`` (an anonymous visitor without a session)
     one, once the turn has passed every limit (e.g. ``auth.open_session`` for a request). If
     the caller is cancelled meanwhile (the client left), the turn's rows, once written, are
-    finalized as ``interrupted``.
+    finalized as ``interrupted``. ``conversation_for(owner)`` names the conversation the turn
+    belongs to (a client's own chat id, e.g.): continued if the owner has it, else created
+    under that id.
     """
     chain, offered = build_chain(interceptors), load_tools(tools)
     task = asyncio.ensure_future(
-        run(_open, identify, request, chain, offered, extra or {}, idempotency_key, open_session)
+        run(
+            _open,
+            identify,
+            request,
+            chain,
+            offered,
+            extra or {},
+            idempotency_key,
+            open_session,
+            conversation_for,
+        )
     )
     try:
         return await asyncio.shield(task)
@@ -89,6 +106,7 @@ def _open(
     extra: dict[str, Any],
     key: str,
     open_session: OpenSession | None,
+    conversation_for: NameConversation | None = None,
 ) -> Turn:
     try:
         owner, user = identify()
@@ -100,6 +118,9 @@ def _open(
             raise DuplicateTurnError(claimed)  # before the limits: a retry is not a new turn
         check_rate(owner)
         check_model(request.model, user)
+        new_id = None
+        if conversation_for is not None:
+            request, new_id = _named(owner, request, conversation_for(owner))
         history: list[dict[str, Any]] = []
         thread = None
         if request.conversation_id is not None:
@@ -149,16 +170,40 @@ def _open(
             turn.params["user"] = owner.upstream_user  # never the client's: it names the owner
         # Written before the first byte, so a limit (429) or a duplicate submission can
         # still be answered as such.
-        _begin(turn, open_session, thread)
+        _begin(turn, open_session, thread, new_id)
     except DuplicateTurnError as duplicate:  # the key's turn, or a race for it lost
         duplicate.answer = Message.objects.get(pk=duplicate.answer_id)
         raise
     return turn
 
 
-def _begin(turn: Turn, open_session: OpenSession | None, thread: Thread | None) -> None:
-    """Save the new messages and the ``streaming`` answer where ``thread`` says; fill in the
-    turn's ids. A new
+def _named(
+    owner: Owner, request: ChatRequest, named: uuid.UUID
+) -> tuple[ChatRequest, uuid.UUID | None]:
+    """The request as a continuation of the owner's conversation ``named``, or, if the owner
+    has none by that id, as its first turn (and the id to create it with)."""
+    if owner.user_id is not None:  # on every turn of a chat: one SELECT, not the ORM's
+        exists = row_exists(Conversation, named, owner=owner.user_id)
+    else:
+        exists = Conversation.objects.owned_by(owner).filter(pk=named).exists()
+    if exists:
+        return dataclasses.replace(request, conversation_id=named), None
+    if request.tool_results or request.approvals:
+        raise RequestError(
+            "tool_results_mismatch",
+            "This chat has no answer waiting for tool results or approvals: send a user message.",
+        )
+    return dataclasses.replace(request, conversation_id=None), named
+
+
+def _begin(
+    turn: Turn,
+    open_session: OpenSession | None,
+    thread: Thread | None,
+    new_id: uuid.UUID | None = None,
+) -> None:
+    """Save the new messages and the ``streaming`` answer where ``thread`` says, in a new
+    conversation of id ``new_id`` if given; fill in the turn's ids. A new
     anonymous visitor gets their session from ``open_session`` here, after the last limit, so
     a refused turn leaves no session behind."""
     if conf.CHATPROXY_STORE_CONTENT:
@@ -179,4 +224,5 @@ def _begin(turn: Turn, open_session: OpenSession | None, thread: Thread | None) 
             turn.idempotency_key,
             None if thread is None else thread.parent,
             root=thread is not None and thread.parent is None,
+            new_id=new_id,
         )

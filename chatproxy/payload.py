@@ -53,8 +53,12 @@ def decode_json(body: bytes | str) -> Any:
         ) from None
 
 
-def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
-    """Check a decoded request against the settings; ``ignore`` names transport-level keys."""
+def validate_request(
+    data: Any, *, ignore: tuple[str, ...] = (), continuing: bool | None = None
+) -> ChatRequest:
+    """Check a decoded request against the settings; ``ignore`` names transport-level keys.
+    ``continuing``: whether the server holds the history before the messages (by default,
+    when the request names a conversation and CHATPROXY_STORE_CONTENT is on)."""
     if not isinstance(data, dict):
         raise RequestError("invalid_request", f"The body must be a JSON object, such as {EXAMPLE}.")
     allowed = conf.CHATPROXY_PARAMETERS
@@ -71,7 +75,8 @@ def validate_request(data: Any, *, ignore: tuple[str, ...] = ()) -> ChatRequest:
             )
     conversation_id = _conversation_id(data.get("conversation_id"))
     # With CHATPROXY_STORE_CONTENT off the server keeps no history, so the client sends it.
-    continuing = conversation_id is not None and conf.CHATPROXY_STORE_CONTENT
+    if continuing is None:
+        continuing = conversation_id is not None and conf.CHATPROXY_STORE_CONTENT
     approvals = _approvals(data.get("approvals"), continuing)
     regenerate, edit = _branch(data, conversation_id)
     if regenerate is not None:

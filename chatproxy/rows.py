@@ -33,6 +33,20 @@ def update_row(
         cursor.execute(sql, params)
 
 
+def row_exists(model: type[models.Model], pk: Any, /, **only_if: Any) -> bool:
+    """Run what ``model.objects.filter(pk=pk, **only_if).exists()`` runs, one ``SELECT``,
+    without the ORM building a query for it (see ``update_row``)."""
+    quote = connection.ops.quote_name
+    conditions = [model._meta.pk, *(_field(model, name) for name in only_if)]
+    where = " AND ".join(f"{quote(str(f.column))} = %s" for f in conditions)
+    params = [model._meta.pk.get_db_prep_value(pk, connection)]
+    params += [f.get_db_prep_value(only_if[f.name], connection) for f in conditions[1:]]
+    sql = f"SELECT 1 FROM {quote(model._meta.db_table)} WHERE {where} LIMIT 1"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone() is not None
+
+
 def _field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
     return cast("models.Field[Any, Any]", model._meta.get_field(name))
 

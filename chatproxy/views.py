@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.request import RawPostDataException
 from django.http.response import HttpResponseBase
 from django.views import View
 from django.views.decorators.csrf import csrf_exempt
 
-from . import database, followers
+from . import database, followers, sse
 from .auth import authenticate, identify, open_session
 from .conf import conf
 from .detach import detached
@@ -96,9 +96,7 @@ class CompletionsView(View):
                 lines = await open_replay(duplicate.answer, who=owner.key)
         except RequestError as exc:
             return error_response(exc)
-        return StreamingHttpResponse(
-            lines, content_type="application/x-ndjson", headers=STREAM_HEADERS
-        )
+        return stream_response(request, lines)
 
     async def http_method_not_allowed(  # type: ignore[override]
         self, request: HttpRequest, *args: Any, **kwargs: Any
@@ -120,10 +118,14 @@ async def resume(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
     try:
         owner, _ = await authenticate(request)
         answer = await _owned_answer(owner, conversation_id, request)
+        after = sse.Cursor.parse(request.headers.get("Last-Event-ID", ""))
+        if after is not None and after.ended and after.message_id == str(answer.pk):
+            # An EventSource that got the terminal event reconnects: 204 tells it to stop.
+            return HttpResponse(status=204, headers=PRIVATE_HEADERS)
         lines = await open_replay(answer, who=owner.key)
     except RequestError as exc:
         return error_response(exc)
-    return StreamingHttpResponse(lines, content_type="application/x-ndjson", headers=STREAM_HEADERS)
+    return stream_response(request, lines, after)
 
 
 @csrf_exempt  # checked in authenticate(), for requests identified by a session cookie
@@ -163,7 +165,20 @@ async def watch(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespons
         lines = await open_replay(answer, who=f"user:{user.pk}")
     except RequestError as exc:
         return error_response(exc)
-    return StreamingHttpResponse(lines, content_type="application/x-ndjson", headers=STREAM_HEADERS)
+    return stream_response(request, lines)
+
+
+def stream_response(
+    request: HttpRequest, lines: AsyncGenerator[bytes, None], after: sse.Cursor | None = None
+) -> StreamingHttpResponse:
+    """Stream a turn's lines as NDJSON, or as server-sent events when ``Accept`` asks for
+    ``text/event-stream`` (then skipping what the ``Last-Event-ID`` cursor ``after`` covers)."""
+    headers = {**STREAM_HEADERS, "Vary": "Cookie, Authorization, Accept"}
+    if sse.wants_sse(request.headers.get("Accept", "")):
+        return StreamingHttpResponse(
+            sse.encode(lines, after), content_type=sse.CONTENT_TYPE, headers=headers
+        )
+    return StreamingHttpResponse(lines, content_type="application/x-ndjson", headers=headers)
 
 
 @csrf_exempt  # checked in authenticate(), for requests identified by a session cookie
@@ -174,7 +189,7 @@ async def rate(request: HttpRequest, message_id: uuid.UUID) -> HttpResponseBase:
         return error_response(_not_allowed("POST"))
     try:
         owner, _ = await authenticate(request)  # who asks is answered first: 401/403 before 400
-        value, comment = read_rating(decode_json(read_json_body(request)))
+        value, comment = read_rating(read_json(request))
         rating = await database.run(Rating.objects.rate, owner, message_id, value, comment)
     except RequestError as exc:
         return error_response(exc)
@@ -227,11 +242,11 @@ def idempotency_key(request: HttpRequest) -> str:
 
 def read_chat_request(request: HttpRequest) -> ChatRequest:
     """Check the body's size, type and content; the limits come from the settings."""
-    return validate_request(decode_json(read_json_body(request)))
+    return validate_request(read_json(request))
 
 
-def read_json_body(request: HttpRequest) -> bytes:
-    """The body, once checked to be JSON of at most CHATPROXY_MAX_BODY_BYTES."""
+def read_json(request: HttpRequest) -> Any:
+    """The JSON body, once its size and content type are checked."""
     limit = conf.CHATPROXY_MAX_BODY_BYTES
     too_large = RequestError(
         "body_too_large", f"The body is larger than {limit} bytes. Send less.", status=413
@@ -250,4 +265,4 @@ def read_json_body(request: HttpRequest) -> bytes:
             "Send the body as JSON with the header Content-Type: application/json.",
             status=415,
         )
-    return body
+    return decode_json(body)

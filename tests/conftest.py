@@ -7,6 +7,7 @@ import base64
 import contextlib
 import fcntl
 import os
+import re
 import socket
 import struct
 import termios
@@ -187,6 +188,12 @@ async def session_cookie(user: Any) -> str:
 
 
 CSRF_TOKEN = "t" * 32
+# Debian's Chromium, headless and offline, for the browser tests.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -434,3 +441,126 @@ def counted_queries() -> Iterator[list[str]]:
 
     with unittest.mock.patch.object(CursorWrapper, "_execute", counting):
         yield statements
+
+
+def parse_sse(body: bytes) -> list[dict[str, Any]]:
+    """Server-sent events as ``{"event", "id", "data"}`` dicts (``data`` decoded from JSON);
+    a comment is ``{"comment": text}`` and a bare ``retry:`` block ``{"retry": ms}``."""
+    events: list[dict[str, Any]] = []
+    for block in body.decode().split("\n\n"):
+        if not block:
+            continue
+        fields: dict[str, Any] = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "":
+                events.append({"comment": value})
+            elif name == "data":
+                fields["data"] = orjson.loads(value)
+            elif name == "retry":
+                fields["retry"] = int(value)
+            else:
+                fields[name] = value
+        if fields:
+            events.append(fields)
+    return events
+
+
+async def read_sse(response: Any) -> list[dict[str, Any]]:
+    assert response["Content-Type"] == "text/event-stream", response["Content-Type"]
+    return parse_sse(await read_body(response))
+
+
+JS = Path(__file__).parent / "js"
+
+
+@pytest.fixture(scope="session")
+def node_clients() -> Path:
+    """tests/js with its locked npm packages installed (``npm ci``, skipped when the installed
+    ones already match the lock); the test is skipped if Node is not installed."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("needs Node.js and npm (apt-get install nodejs npm) for the real JS clients")
+    lock = hashlib.sha256((JS / "package-lock.json").read_bytes()).hexdigest()
+    stamp = JS / "node_modules" / ".chatproxy-lock"
+    if not stamp.exists() or stamp.read_text() != lock:
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=JS,
+            check=True,
+            capture_output=True,
+        )
+        stamp.write_text(lock)
+    return JS
+
+
+async def run_node(script: str, *args: str, timeout: float = 30) -> Any:
+    """Run ``tests/js/<script>`` with ``args`` and return what it prints last, as JSON."""
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(JS / script),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return orjson.loads(out.splitlines()[-1])
+
+
+class CuttingProxy:
+    """A TCP proxy to ``port`` that drops the first connection whose response bytes hold
+    ``marker``, right after forwarding them: a network that fails mid-stream, once."""
+
+    def __init__(self, port: int, marker: bytes) -> None:
+        self.target, self.marker = port, marker
+        self.connections = 0
+        self.cut = False
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, watch: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+                    if watch and not self.cut and self.marker in data:
+                        self.cut = True
+                        break
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+                up_writer.close()
+
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def doc_blocks(page: str, section: str) -> list[str]:
+    """The fenced code blocks of the section ``## <section>`` of docs/<page>, in order."""
+    text = (Path(__file__).parent.parent / "docs" / page).read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("\n", 1)[1] for block in body.split("```")[1::2]]
+
+
+def without_ids(text: str) -> str:
+    """``text`` with its UUIDs and ``created`` times made the same in every run."""
+    text = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<id>", text)
+    return re.sub(r'"created": ?\d+', '"created":0', text).strip()

@@ -36,7 +36,7 @@ def test_parts_benchmark_measures_every_part_once(tmp_path):
 def test_benchmark_relays_every_token_and_measures_the_floors_in_each_scenario(tmp_path):
     output = tmp_path / "run.json"
 
-    stdout = run_benchmark("bench.run", "--turns", "8", "--json", str(output))
+    stdout = run_benchmark("bench.run", "--turns", "8", "--formats", "--json", str(output))
 
     scenarios = {s["scenario"]["name"]: s for s in json.loads(output.read_text())["scenarios"]}
     assert sorted(scenarios) == ["hold", "latency", "throughput", "tools"]
@@ -46,6 +46,9 @@ def test_benchmark_relays_every_token_and_measures_the_floors_in_each_scenario(t
         assert saved["ok"] == saved["expected"] > 8, name  # warm-up turns and floor slices too
         assert proxy["server_cpu_ms_per_1k_tokens"] > 0, name
     assert scenarios["throughput"]["django_floor"]["ok"] == {"floor": 8, "bare": 8, "turn": 8}
+    formats = scenarios["throughput"]["formats"]  # --formats: each format's turns alternated
+    assert formats["ok"] == {"ndjson": 10, "sse": 10, "openai": 10, "ui": 10}
+    assert all(formats["server_cpu_ms_per_1k_tokens"].values())
     for name in ("latency", "hold"):
         floors = scenarios[name]["django_floor_times"]
         assert {floor["ok"] for floor in floors.values()} == {8}, name

@@ -23,7 +23,7 @@ from asgiref.sync import sync_to_async
 
 from chatproxy.feedback import Rating
 from chatproxy.models import Conversation, Message
-from tests.conftest import CSRF_TOKEN, session_cookie, shared_database_name
+from tests.conftest import CHROMIUM_ARGS, CSRF_TOKEN, session_cookie, shared_database_name
 from tests.fake_upstream import Reply
 from tests.server import ServerProcess
 
@@ -39,10 +39,6 @@ from playwright.async_api import Browser, Page, async_playwright, expect  # noqa
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.django_db(transaction=True)]
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 # Installed before the page's own scripts: a snapshot of the last answer after every batch of
 # DOM changes, so a test can tell an answer that grew from one that appeared whole.
 RECORD_RENDERS = """

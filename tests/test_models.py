@@ -13,7 +13,7 @@ from django.test.utils import CaptureQueriesContext
 
 from chatproxy.models import Conversation, Message
 from chatproxy.owners import Owner
-from chatproxy.rows import insert_rows, update_row
+from chatproxy.rows import insert_rows, row_exists, update_row
 from chatproxy.turns import TurnOutcome
 
 pytestmark = pytest.mark.django_db
@@ -173,3 +173,16 @@ def test_history_sends_reasoning_back_only_under_the_field_the_setting_names(use
         None,
         "Read it out.",
     ]
+
+
+def test_row_exists_answers_as_the_orms_exists(user, other_user):
+    conversation = Conversation.objects.create(owner=user)
+
+    for pk, owner in [
+        (conversation.pk, user.pk),
+        (conversation.pk, other_user.pk),
+        (uuid.uuid4(), user.pk),
+    ]:
+        expected = Conversation.objects.filter(pk=pk, owner=owner).exists()
+        assert row_exists(Conversation, pk, owner=owner) is expected
+    assert row_exists(Conversation, conversation.pk, owner=user.pk)

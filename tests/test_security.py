@@ -1351,3 +1351,176 @@ async def test_a_logged_in_rename_without_the_csrf_token_is_403(people):
 
     assert response.status_code == 403
     assert orjson.loads(response.content)["error"]["code"] == "csrf_failed"
+
+
+# The other protocols' doors (docs/protocols.md): server-sent events, the OpenAI-compatible
+# API (API keys only) and the AI SDK's UI message stream (users only). "<name>'s key" sends
+# that user's API key and no cookie.
+SSE = {"Accept": "text/event-stream"}
+UI_PARTS = [{"type": "text", "text": "Hi"}]
+UI_HI = {"id": "chat-1", "messages": [{"id": "u", "role": "user", "parts": UI_PARTS}]}
+PROTOCOL_PEOPLE = ["anonymous", "alice", "bob", "staff", "superuser", "alice's key", "bob's key"]
+
+
+async def caller(people, who: str) -> tuple[AsyncClient, dict[str, str]]:
+    """A client for ``who``, and the headers its requests carry."""
+    if who.endswith("'s key"):
+        _, raw = await sync_to_async(ApiKey.objects.issue)(people[who.split("'")[0]], "door")
+        return AsyncClient(), {"Authorization": f"Bearer {raw}"}
+    return await client_for(people[who]), {}
+
+
+SSE_NEW_CHAT = {**NEW_CHAT, "alice's key": 200, "bob's key": 200}
+SSE_RESUME_ALICES = {**RESUME_ALICES, "alice's key": 200, "bob's key": 404}
+
+
+@db
+@pytest.mark.parametrize("who", PROTOCOL_PEOPLE)
+async def test_matrix_sse_new_conversation_and_resume_alices(people, who):
+    conversation_id = await alices_conversation(people)
+    client, headers = await caller(people, who)
+
+    new = await chat(client, HI, headers={**headers, **SSE})
+    resumed = await client.get(f"/completions/{conversation_id}/stream", headers={**headers, **SSE})
+
+    assert (new.status_code, resumed.status_code) == (SSE_NEW_CHAT[who], SSE_RESUME_ALICES[who])
+    for response in (new, resumed):
+        if response.status_code == 200:
+            assert response["Content-Type"] == "text/event-stream"
+            assert b"event: completed" in await read_body(response)
+
+
+# (a new call, a call continuing alice's conversation, the model list)
+OPENAI_API = {
+    "anonymous": (401, 401, 401),
+    "alice": (401, 401, 401),  # a session is no API key
+    "bob": (401, 401, 401),
+    "staff": (401, 401, 401),
+    "superuser": (401, 401, 401),
+    "alice's key": (200, 200, 200),
+    "bob's key": (200, 404, 200),
+}
+
+
+@db
+@pytest.mark.parametrize("who", PROTOCOL_PEOPLE)
+async def test_matrix_openai_api(people, who):
+    conversation_id = await alices_conversation(people)
+    client, headers = await caller(people, who)
+    body = {"model": "gpt-test", "messages": HI["messages"]}
+
+    def call(data: dict) -> object:
+        return client.post(
+            "/v1/chat/completions", orjson.dumps(data), "application/json", headers=headers
+        )
+
+    new = await call(body)
+    continued = await call({**body, "metadata": {"conversation_id": conversation_id}})
+    models = await client.get("/v1/models", headers=headers)
+
+    outcome = (new.status_code, continued.status_code, models.status_code)
+    assert outcome == OPENAI_API[who]
+    for response in (new, continued, models):
+        if response.status_code != 200:
+            assert set(orjson.loads(response.content)["error"]) == {
+                "message",
+                "type",
+                "param",
+                "code",
+            }
+
+
+# (a turn of alice's chat id "chat-1": whose conversation it lands in)
+UI_CHAT = {
+    "anonymous": 401,
+    "alice": "alice's",
+    "bob": "their own",
+    "staff": "their own",
+    "superuser": "their own",
+    "alice's key": "alice's",
+    "bob's key": "their own",
+}
+
+
+@db
+@pytest.mark.parametrize("who", PROTOCOL_PEOPLE)
+async def test_matrix_ui_chat_with_alices_chat_id(people, who, upstream):
+    alice = await client_for(people["alice"])
+    first = await alice.post("/ui/chat", orjson.dumps(UI_HI), "application/json")
+    alices = orjson.loads((await read_body(first)).split(b"\n\n")[0][6:])
+    client, headers = await caller(people, who)
+
+    response = await client.post(
+        "/ui/chat", orjson.dumps(UI_HI), "application/json", headers=headers
+    )
+
+    if response.status_code != 200:
+        assert response.status_code == UI_CHAT[who]
+        return
+    start = orjson.loads((await read_body(response)).split(b"\n\n")[0][6:])
+    same = start["messageMetadata"]["conversationId"] == alices["messageMetadata"]["conversationId"]
+    assert ("alice's" if same else "their own") == UI_CHAT[who]
+    if not same:  # nothing of alice's chat reached the model
+        assert upstream.requests[-1].json["messages"] == [{"role": "user", "content": "Hi"}]
+
+
+# (resuming alice's streaming chat "chat-1", stopping it)
+UI_STREAM = {
+    "anonymous": (401, 401),
+    "alice": (200, 202),
+    "bob": (204, 404),
+    "staff": (204, 404),
+    "superuser": (204, 404),
+    "alice's key": (200, 202),
+    "bob's key": (204, 404),
+}
+
+
+@db
+@pytest.mark.parametrize("who", PROTOCOL_PEOPLE)
+async def test_matrix_ui_resume_and_cancel_alices_streaming_chat(people, who, upstream):
+    upstream.enqueue(Reply(tokens=[f"w{i} " for i in range(200)], delay=0.02))
+    alice = await client_for(people["alice"])
+    running = await alice.post("/ui/chat", orjson.dumps(UI_HI), "application/json")
+    stream = aiter(running.streaming_content)
+    while b"text-delta" not in await anext(stream):
+        pass
+    client, headers = await caller(people, who)
+
+    resumed = await client.get("/ui/chat/chat-1/stream", headers=headers)
+    if resumed.status_code == 200:
+        reader = aiter(resumed.streaming_content)
+        assert b'"type":"start"' in await anext(reader)
+        await reader.aclose()
+    cancelled = await client.post("/ui/chat/chat-1/cancel", headers=headers)
+    rest = b"".join([chunk async for chunk in stream])
+
+    assert (resumed.status_code, cancelled.status_code) == UI_STREAM[who]
+    assert (b'"type":"abort"' in rest) == (cancelled.status_code == 202)
+
+
+@db
+@pytest.mark.parametrize(("reply", "code", "partial"), FAILURES)
+async def test_api_key_never_appears_in_the_other_protocols_answers(
+    people, upstream, caplog, reply, code, partial
+):
+    caplog.set_level(logging.INFO)
+    client, headers = await caller(people, "alice's key")
+    bodies = []
+    for path, data, extra in [
+        ("/completions", HI, SSE),
+        ("/v1/chat/completions", {**HI, "stream": True}, {}),
+        ("/v1/chat/completions", HI, {}),
+        ("/ui/chat", UI_HI, {}),
+    ]:
+        upstream.enqueue(reply)
+        response = await client.post(
+            path, orjson.dumps(data), "application/json", headers={**headers, **extra}
+        )
+        bodies.append((await read_body(response)) if response.streaming else response.content)
+
+    assert all(code.encode() in body for body in bodies[:3])  # the UI part carries the message
+    everything = b"".join(bodies).decode() + caplog.text
+    assert KEY not in everything
+    assert KEY[:12] not in everything
+    assert "upstream exploded" not in b"".join(bodies).decode()
