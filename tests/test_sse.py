@@ -227,8 +227,11 @@ async def test_a_real_eventsource_reconnects_after_a_drop_without_loss_or_repeat
     await proxy.stop()
 
     events = result["events"]
-    assert proxy.connections == 2
+    # At least the cut one and the reconnect; a loaded machine may see one more reconnect,
+    # each carrying the cursor of what arrived, so nothing is lost or repeated either way.
+    assert proxy.connections >= 2
     assert result["sentIds"][0] is None
+    assert all(sent for sent in result["sentIds"][1:])
     assert result["sentIds"][1].startswith(events[0]["data"]["message_id"])
     assert "".join(e["data"]["content"] for e in events if e["event"] == "answering") == "".join(
         tokens
