@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from django.db import transaction
 
+from .budgets import hold, reserve
 from .conf import conf
 from .database import run
 from .events import ToolCall
@@ -212,6 +213,7 @@ def _begin(
         messages = [{"role": m["role"], "content": ""} for m in turn.request.messages]
     with transaction.atomic():
         check_streams(turn.owner)
+        reserved = reserve(turn)  # the last limit
         if turn.owner.is_new:
             if open_session is None:
                 raise TypeError("An owner without a session needs open_session to start a turn.")
@@ -226,3 +228,5 @@ def _begin(
             root=thread is not None and thread.parent is None,
             new_id=new_id,
         )
+        if reserved is not None:
+            hold(turn, reserved)

@@ -1,0 +1,325 @@
+"""Budgets: quotas in tokens and/or cost per period, on a user, a group (its members
+together), anonymous visitors (together) and the whole site.
+
+CHATPROXY_BUDGETS gives the defaults; a ``Budget`` row in the admin replaces them for its
+target. Every applicable budget must hold, so the tightest one wins. A turn reserves its worst
+case (``Spend``) in the transaction that starts it, and ``settle`` turns the reservation into
+what the answer used once it ends. Synchronous: this runs on chatproxy's database thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import zlib
+from decimal import Decimal
+from typing import Any
+
+from django.contrib.auth.models import Group
+from django.db import connection
+from django.db.models import Min, Q, Sum
+from django.utils import timezone
+
+from .conf import conf
+from .exceptions import RequestError
+from .models import Budget, Period, Scope, Spend
+from .owners import Owner
+from .prices import price
+from .rows import update_row
+from .turns import Turn
+
+# A rough count of a prompt's tokens: characters per token, and what each message and each
+# image adds (OpenAI's price of one high-detail tile and its base).
+CHARS_PER_TOKEN = 4
+MESSAGE_TOKENS = 4
+IMAGE_TOKENS = 255
+CENT = Decimal("0.000001")
+LABELS = {Period.DAY: "daily", Period.WEEK: "weekly", Period.MONTH: "monthly"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limit:
+    """One budget that applies to a turn, from the settings or from a ``Budget`` row."""
+
+    scope: str
+    name: str  # the user's or group's name; "anonymous"; "site"
+    period: str
+    tokens: int | None = None
+    cost: Decimal | None = None
+    window: int | None = None  # seconds, for a rolling window
+    target: int | None = None  # the user's or group's id
+
+    def start(self, now: datetime.datetime) -> datetime.datetime:
+        """When the period that holds ``now`` began."""
+        if self.period == Period.ROLLING:
+            return now - datetime.timedelta(seconds=self.window or 0)
+        local = timezone.localtime(now).replace(hour=0, minute=0, second=0, microsecond=0)
+        if self.period == Period.WEEK:
+            return local - datetime.timedelta(days=local.weekday())
+        if self.period == Period.MONTH:
+            return local.replace(day=1)
+        return local
+
+    def resets(self, now: datetime.datetime, oldest: datetime.datetime | None) -> datetime.datetime:
+        """When the period ends; for a rolling window, when its oldest counted spend leaves."""
+        if self.period == Period.ROLLING:
+            return (oldest or now) + datetime.timedelta(seconds=self.window or 0)
+        start = self.start(now)
+        if self.period == Period.DAY:
+            following = start + datetime.timedelta(days=1)
+        elif self.period == Period.WEEK:
+            following = start + datetime.timedelta(days=7)
+        else:
+            following = (start + datetime.timedelta(days=32)).replace(day=1)
+        # Through the calendar, not the clock, so a daylight-saving change keeps midnight.
+        return timezone.make_aware(following.replace(tzinfo=None), start.tzinfo)
+
+    def spenders(self) -> Q:
+        """Whose spend counts against this budget."""
+        if self.scope == Scope.USER:
+            return Q(user_id=self.target)
+        if self.scope == Scope.GROUP:
+            members = Group.user_set.through.objects.filter(group_id=self.target or 0)
+            return Q(user_id__in=members.values("user_id"))
+        if self.scope == Scope.ANONYMOUS:
+            return Q(user__isnull=True)
+        return Q()
+
+    def label(self) -> str:
+        period = LABELS.get(self.period) or f"{self.window}-second"  # type: ignore[call-overload]
+        if self.scope == Scope.USER:
+            return f"Your {period} budget"
+        if self.scope == Scope.GROUP:
+            return f"The {period} budget of the group {self.name!r}"
+        if self.scope == Scope.ANONYMOUS:
+            return f"The {period} budget of visitors without an account"
+        return f"The site's {period} budget"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Standing:
+    """A budget with what has been spent against it in its current period."""
+
+    limit: Limit
+    tokens: int
+    cost: Decimal
+    resets_at: datetime.datetime
+
+    def fits(self, tokens: int, cost: Decimal) -> bool:
+        return (self.limit.tokens is None or self.tokens + tokens <= self.limit.tokens) and (
+            self.limit.cost is None or self.cost + cost <= self.limit.cost
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The budget as ``GET budgets`` shows it."""
+        shown: dict[str, Any] = {"scope": self.limit.scope, "name": self.limit.name}
+        shown["period"] = self.limit.period
+        if self.limit.window:
+            shown["window"] = self.limit.window
+        if self.limit.tokens is not None:
+            left = max(0, self.limit.tokens - self.tokens)
+            shown["tokens"] = {"limit": self.limit.tokens, "used": self.tokens, "remaining": left}
+        if self.limit.cost is not None:
+            left_cost = max(Decimal(0), self.limit.cost - self.cost)
+            shown["cost"] = {
+                "limit": _money(self.limit.cost),
+                "used": _money(self.cost),
+                "remaining": _money(left_cost),
+            }
+        shown["resets_at"] = self.resets_at.isoformat()
+        return shown
+
+
+def _money(value: Decimal) -> str:
+    return str(value.quantize(CENT))  # as the cost columns store it
+
+
+def _limits(entries: Any, scope: str, name: str, target: int | None = None) -> list[Limit]:
+    return [
+        Limit(
+            scope,
+            name,
+            entry["period"],
+            tokens=entry.get("tokens"),
+            cost=None if entry.get("cost") is None else Decimal(str(entry["cost"])),
+            window=entry.get("window"),
+            target=target,
+        )
+        for entry in entries or []
+    ]
+
+
+def applicable(owner: Owner, user: Any) -> list[Limit]:
+    """The budgets a turn of ``owner`` must fit: a statement for the user's groups (for a
+    user) and one for the admin's budgets."""
+    settings = conf.CHATPROXY_BUDGETS or {}
+    groups: dict[int, str] = {}
+    rows = Q(scope__in=[Scope.SITE, Scope.ANONYMOUS] if owner.user_id is None else [Scope.SITE])
+    if owner.user_id is not None:
+        groups = dict(Group.objects.filter(user=owner.user_id).values_list("id", "name"))
+        rows |= Q(user_id=owner.user_id) | Q(group_id__in=list(groups))
+    overrides: dict[tuple[str, int | None], list[Limit]] = {}
+    for row in Budget.objects.filter(rows):
+        target = row.user_id if row.scope == Scope.USER else row.group_id
+        name = groups.get(row.group_id or 0, "") if row.scope == Scope.GROUP else row.scope
+        if row.scope == Scope.USER:
+            name = str(user.get_username()) if user is not None else ""
+        limit = Limit(row.scope, name, row.period, row.tokens, row.cost, row.window, target)
+        overrides.setdefault((row.scope, target), []).append(limit)
+    wanted: list[tuple[str, str, int | None, Any]] = [(Scope.SITE, "site", None, "site")]
+    if owner.user_id is None:
+        wanted.append((Scope.ANONYMOUS, "anonymous", None, "anonymous"))
+    else:
+        username = str(user.get_username()) if user is not None else ""
+        wanted.append((Scope.USER, username, owner.user_id, "user"))
+        wanted += [(Scope.GROUP, name, pk, ("groups", name)) for pk, name in groups.items()]
+    limits: list[Limit] = []
+    for scope, name, target, key in wanted:
+        if (scope, target) in overrides:
+            limits += overrides[(scope, target)]
+        else:
+            if isinstance(key, str):
+                entries = settings.get(key)
+            else:
+                entries = (settings.get("groups") or {}).get(key[1])
+            limits += _limits(entries, scope, name, target)
+    return limits
+
+
+def standings(limits: list[Limit], now: datetime.datetime) -> list[Standing]:
+    """What has been spent against each budget: one statement however many there are."""
+    if not limits:
+        return []
+    sums: dict[str, Any] = {}
+    for i, limit in enumerate(limits):
+        counted = Q(created_at__gte=limit.start(now)) & limit.spenders()
+        sums[f"t{i}"] = Sum("tokens", filter=counted)
+        sums[f"c{i}"] = Sum("cost", filter=counted)
+        sums[f"o{i}"] = Min("created_at", filter=counted)
+    since = min(limit.start(now) for limit in limits)
+    spent = Spend.objects.filter(created_at__gte=since).aggregate(**sums)
+    return [
+        Standing(
+            limit,
+            int(spent[f"t{i}"] or 0),
+            Decimal(spent[f"c{i}"] or 0),
+            limit.resets(now, spent[f"o{i}"]),
+        )
+        for i, limit in enumerate(limits)
+    ]
+
+
+def estimate(turn: Turn) -> tuple[int, int]:
+    """The turn's prompt tokens, estimated from its messages, and its most completion tokens
+    (its ``max_tokens``, clamped; CHATPROXY_BUDGET_MAX_TOKENS, sent upstream, without one)."""
+    chars, images = 0, 0
+    for message in turn.messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                chars += len(part.get("text", "")) if part.get("type") == "text" else 0
+                images += part.get("type") == "image_url"
+        else:
+            chars += len(content or "")
+        calls: Any = message.get("tool_calls") or ()
+        for call in calls:
+            chars += len(call["function"]["name"]) + len(call["function"]["arguments"])
+    prompt = math.ceil(chars / CHARS_PER_TOKEN) + MESSAGE_TOKENS * len(turn.messages)
+    prompt += IMAGE_TOKENS * images
+    most = turn.params.get("max_completion_tokens") or turn.params.get("max_tokens")
+    if most is None:
+        most = turn.params["max_tokens"] = conf.CHATPROXY_BUDGET_MAX_TOKENS
+    return prompt, int(most)
+
+
+def _cost(model: str, prompt: int, completion: int) -> Decimal:
+    rates = conf.CHATPROXY_PRICES.get(model)
+    if not rates:
+        return Decimal(0)  # an unpriced model costs nothing, as the Cost interceptor says
+    return price(rates, {"prompt_tokens": prompt, "completion_tokens": completion})
+
+
+def reserve(turn: Turn) -> tuple[int, int, Decimal] | None:
+    """Check that the turn's worst case fits every budget; return it (the prompt estimate, the
+    tokens and the cost to hold), or None without budgets. Raises ``budget_exceeded``.
+
+    Called inside the transaction that starts the turn: on PostgreSQL it first takes a lock
+    per budget, held to the commit; on SQLite the transaction's IMMEDIATE write lock already
+    serializes every start. So concurrent turns cannot all slip under a budget."""
+    if conf.CHATPROXY_BUDGETS is None:
+        return None
+    limits = applicable(turn.owner, turn.user)
+    if not limits:
+        return None
+    if connection.vendor == "postgresql":
+        keys = sorted(
+            {zlib.crc32(f"chatproxy:budget:{x.scope}:{x.target}".encode()) for x in limits}
+        )
+        with connection.cursor() as cursor:
+            locks = ", ".join(["pg_advisory_xact_lock(%s)"] * len(keys))
+            cursor.execute(f"SELECT {locks}", keys)
+    prompt, completion = estimate(turn)
+    tokens, cost = prompt + completion, _cost(turn.model, prompt, completion)
+    now = timezone.now()
+    over = [s for s in standings(limits, now) if not s.fits(tokens, cost)]
+    if over:
+        raise _exceeded(over, tokens, cost, now)
+    return prompt, tokens, cost
+
+
+def hold(turn: Turn, reserved: tuple[int, int, Decimal]) -> None:
+    """Write the reservation of a turn whose answer row now exists."""
+    prompt, tokens, cost = reserved
+    spend = Spend.objects.create(
+        answer_id=turn.answer_id, user_id=turn.owner.user_id, tokens=tokens, cost=cost
+    )
+    turn.budget = (spend.pk, prompt)
+
+
+def settle(turn: Turn) -> None:
+    """Turn the reservation into what the answer used: its usage, priced as the ``Cost``
+    interceptor priced it (or by CHATPROXY_PRICES); without usage (an answer cut short), the
+    prompt as estimated and the text received."""
+    if turn.budget is None:
+        return
+    spend_id, prompt = turn.budget
+    usage: Any = turn.usage()
+    if usage is None:
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(turn.state.text) // 4}
+    tokens = usage["prompt_tokens"] + usage["completion_tokens"]
+    cost = turn.cost
+    if cost is None:
+        rates = conf.CHATPROXY_PRICES.get(turn.model)
+        cost = price(rates, usage) if rates else Decimal(0)
+    update_row(Spend, spend_id, {"tokens": tokens, "cost": cost, "settled": True}, settled=False)
+
+
+def _exceeded(
+    over: list[Standing], tokens: int, cost: Decimal, now: datetime.datetime
+) -> RequestError:
+    # The tightest: the one that frees last, since the turn needs every one of them.
+    tightest = max(over, key=lambda s: s.resets_at)
+    limit, left = tightest.limit, []
+    if limit.tokens is not None:
+        left.append(f"{max(0, limit.tokens - tightest.tokens)} of {limit.tokens} tokens")
+    if limit.cost is not None:
+        left.append(
+            f"{_money(max(Decimal(0), limit.cost - tightest.cost))} of {_money(limit.cost)} in cost"
+        )
+    retry = max(1, math.ceil((tightest.resets_at - now).total_seconds()))
+    return RequestError(
+        "budget_exceeded",
+        f"{limit.label()} has {' and '.join(left)} left; this request may use up to "
+        f"{tokens} tokens ({_money(cost)} in cost). It resets at {tightest.resets_at.isoformat()} "
+        f"(in {retry} seconds). Lower max_tokens or shorten the conversation, or try again then.",
+        status=429,
+        retry_after=retry,
+    )
+
+
+def report(owner: Owner, user: Any) -> list[dict[str, Any]]:
+    """The caller's budgets as ``GET budgets`` and the ``budgets`` frame show them."""
+    if conf.CHATPROXY_BUDGETS is None:
+        return []
+    return [s.describe() for s in standings(applicable(owner, user), timezone.now())]
