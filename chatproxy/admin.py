@@ -31,7 +31,7 @@ from .listfilters import (
     RatingFilter,
     ReviewStateFilter,
 )
-from .models import ApiKey, Conversation, Message, Role
+from .models import ApiKey, Budget, Conversation, Message, Role
 from .owners import owner_label
 from .review import REVIEW_PERMISSION, Annotation, ReviewForm
 from .transcript import transcript
@@ -381,3 +381,13 @@ class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 # The raw key an add request issued, from save_model to response_add of the same request.
 _new_keys: WeakKeyDictionary[HttpRequest, str] = WeakKeyDictionary()
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Budgets that replace CHATPROXY_BUDGETS for their target (docs/budgets.md)."""
+
+    list_display = ["__str__", "scope", "user", "group", "period", "window", "tokens", "cost"]
+    list_filter = ["scope", "period"]
+    search_fields = ["user__username", "group__name"]
+    raw_id_fields = ["user"]
