@@ -24,6 +24,7 @@ from django.contrib.auth.models import AnonymousUser
 from . import conversations as library
 from . import database, followers
 from .auth import scope_address_key, user_from_bearer
+from .budgets import report
 from .conf import conf
 from .detach import detached
 from .events import Encoder, RatedEvent, error_event
@@ -130,6 +131,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             await self.cancel()
         elif kind == "rate":  # quick, and not part of a turn: answered even while one runs
             await self.rate(content, request_id)
+        elif kind == "budgets":  # like rate: quick, answered even while a turn runs
+            body = await database.run(report, self.owner, self.user)
+            await self.flowing.wait()
+            self.send_event({"event": "budgets", "budgets": body}, _extra(request_id))
         elif kind in MANAGING:
             await self.manage(kind, content, request_id)
         elif kind in ("chat", "resume"):
@@ -148,6 +153,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             await self.send_error(
                 "invalid_request",
                 'Each frame needs "type": "chat" (with messages), "resume", "cancel", "rate", '
+                '"budgets", '
                 "or one of " + ", ".join(f'"{kind}"' for kind in MANAGING) + ".",
                 request_id,
             )
@@ -364,6 +370,10 @@ def _managed(kind: str, owner: Owner, content: dict[str, Any]) -> dict[str, Any]
     if kind == "switch":
         return library.switch(owner, conversation_id, content.get("message_id"))
     return library.branches(owner, conversation_id)
+
+
+def _extra(request_id: str | None) -> dict[str, Any]:
+    return {} if request_id is None else {"request_id": request_id}
 
 
 def _is_terminal(line: bytes) -> bool:

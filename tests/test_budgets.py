@@ -17,7 +17,14 @@ from django.utils import timezone
 
 from chatproxy.models import Budget, Conversation, Message, Period, Scope, Spend, Status
 from chatproxy.owners import Owner
-from tests.conftest import chat, counted_queries, read_body, read_events
+from tests.conftest import (
+    chat,
+    counted_queries,
+    open_socket,
+    read_body,
+    read_events,
+    session_cookie,
+)
 from tests.fake_upstream import Reply
 
 db = pytest.mark.django_db(transaction=True)
@@ -307,3 +314,32 @@ async def test_get_budgets_is_empty_when_budgets_are_off(client):
     response = await client.get("/budgets")
 
     assert (response.status_code, response.json()) == (200, {"budgets": []})
+
+
+@db
+async def test_a_budgets_frame_tells_the_socket_its_budgets(upstream, settings, user):
+    budgets(settings, site=[{"period": "week", "tokens": 5000}])
+    await spend_at(user, 40, timezone.now())
+    socket = await open_socket(await session_cookie(user))
+    await socket.connect()
+
+    await socket.send_json_to({"type": "budgets", "request_id": "b1"})
+    reply = await socket.receive_json_from()
+    await socket.disconnect()
+
+    assert reply["event"] == "budgets" and reply["request_id"] == "b1"
+    assert [(b["scope"], b["tokens"]) for b in reply["budgets"]] == [
+        ("site", {"limit": 5000, "used": 40, "remaining": 4960})
+    ]
+
+
+@db
+async def test_get_budgets_counts_only_what_counts_against_the_caller(
+    client, settings, user, other_user
+):
+    budgets(settings, user=[{"period": "day", "tokens": 100}])
+    await spend_at(other_user, 70, timezone.now())
+
+    [shown] = (await client.get("/budgets")).json()["budgets"]
+
+    assert shown["tokens"] == {"limit": 100, "used": 0, "remaining": 100}
