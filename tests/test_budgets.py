@@ -15,11 +15,13 @@ from django.db import connection
 from django.test import AsyncClient
 from django.utils import timezone
 
+from chatproxy.checks import check_settings
 from chatproxy.models import Budget, Conversation, Message, Period, Scope, Spend, Status
 from chatproxy.owners import Owner
 from tests.conftest import (
     chat,
     counted_queries,
+    doc_blocks,
     open_socket,
     read_body,
     read_events,
@@ -343,3 +345,29 @@ async def test_get_budgets_counts_only_what_counts_against_the_caller(
     [shown] = (await client.get("/budgets")).json()["budgets"]
 
     assert shown["tokens"] == {"limit": 100, "used": 0, "remaining": 100}
+
+
+def test_the_documented_settings_pass_the_checks(settings):
+    [example] = doc_blocks("budgets.md", "Settings")
+    names: dict[str, object] = {}
+    exec(example, names)  # the page's own block
+    settings.CHATPROXY_BUDGETS = names["CHATPROXY_BUDGETS"]
+
+    assert [m.id for m in check_settings()] == []
+
+
+@db
+async def test_the_documented_refusal_is_what_a_turn_over_budget_gets(client, settings, user):
+    budgets(settings, user=[{"period": "day", "tokens": 200_000}])
+    settings.CHATPROXY_PRICES = {"gpt-test": {"prompt": 0.15, "completion": 0.60}}
+    await spend_at(user, 199_880, timezone.now())
+
+    response = await chat(client, HELLO | {"max_tokens": 4096})
+
+    documented = doc_blocks("budgets.md", "The refusal")[0].split("\n\n", 1)[1]
+    error = orjson.loads(documented)["error"]
+    assert response.json()["error"]["code"] == error["code"]
+    assert (
+        response.json()["error"]["message"].split(" It resets")[0]
+        == (error["message"].split(" It resets")[0])
+    )
