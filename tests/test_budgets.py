@@ -7,6 +7,7 @@ import asyncio
 import datetime
 from decimal import Decimal
 
+import httpx2
 import orjson
 import pytest
 from asgiref.sync import sync_to_async
@@ -16,7 +17,7 @@ from django.test import AsyncClient
 from django.utils import timezone
 
 from chatproxy.checks import check_settings
-from chatproxy.models import Budget, Conversation, Message, Period, Scope, Spend, Status
+from chatproxy.models import ApiKey, Budget, Conversation, Message, Period, Scope, Spend, Status
 from chatproxy.owners import Owner
 from tests.conftest import (
     chat,
@@ -26,8 +27,10 @@ from tests.conftest import (
     read_body,
     read_events,
     session_cookie,
+    shared_database_name,
 )
 from tests.fake_upstream import Reply
+from tests.server import ServerProcess
 
 db = pytest.mark.django_db(transaction=True)
 HELLO = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}
@@ -371,3 +374,39 @@ async def test_the_documented_refusal_is_what_a_turn_over_budget_gets(client, se
         response.json()["error"]["message"].split(" It resets")[0]
         == (error["message"].split(" It resets")[0])
     )
+
+
+@db
+@pytest.mark.server
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the row locks are PostgreSQL's")
+async def test_two_workers_never_pass_the_budget_by_more_than_one_reservation(
+    upstream, user, django_db_blocker
+):
+    budget = 20 * HELLO_RESERVES
+    database = await sync_to_async(shared_database_name)(django_db_blocker)
+    settings = {
+        "CHATPROXY_BUDGETS": {"user": [{"period": "day", "tokens": budget}]},
+        "CHATPROXY_RATE_LIMIT": None,
+        "CHATPROXY_MAX_STREAMS": None,
+    }
+    workers = [ServerProcess(database, upstream.base_url, settings) for _ in range(2)]
+    _, raw = await sync_to_async(ApiKey.objects.issue)(user, "workers")
+    headers = {"Authorization": f"Bearer {raw}", "Content-Type": "application/json"}
+    # Answers that use their whole reservation, slowly enough that many are in flight at once.
+    upstream.enqueue(*[Reply(tokens=["x"] * 20, delay=0.005) for _ in range(200)])
+    await asyncio.gather(*(asyncio.to_thread(worker.start) for worker in workers))
+    try:
+        async with httpx2.AsyncClient(timeout=60) as http:
+
+            async def turn(i: int) -> int:
+                url = f"{workers[i % 2].url}/completions"
+                response = await http.post(url, content=orjson.dumps(HELLO), headers=headers)
+                return response.status_code
+
+            codes = await asyncio.gather(*(turn(i) for i in range(200)))
+    finally:
+        await asyncio.gather(*(asyncio.to_thread(worker.stop) for worker in workers))
+
+    spent = sum(s.tokens for s in await spends())
+    assert set(codes) == {200, 429} and codes.count(200) >= 20
+    assert spent <= budget + HELLO_RESERVES
