@@ -387,7 +387,7 @@ _new_keys: WeakKeyDictionary[HttpRequest, str] = WeakKeyDictionary()
 class BudgetAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     """Budgets that replace CHATPROXY_BUDGETS for their target (docs/budgets.md)."""
 
-    list_display = ["__str__", "scope", "user", "group", "period", "window", "tokens", "cost"]
+    list_display = ["__str__", "scope", "user", "group", "api_key", "period", "tokens", "cost"]
     list_filter = ["scope", "period"]
-    search_fields = ["user__username", "group__name"]
-    raw_id_fields = ["user"]
+    search_fields = ["user__username", "group__name", "api_key__name"]
+    raw_id_fields = ["user", "api_key"]

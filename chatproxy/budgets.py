@@ -1,5 +1,5 @@
 """Budgets: quotas in tokens and/or cost per period, on a user, a group (its members
-together), anonymous visitors (together) and the whole site.
+together), an API key, anonymous visitors (together) and the whole site.
 
 CHATPROXY_BUDGETS gives the defaults; a ``Budget`` row in the admin replaces them for its
 target. Every applicable budget must hold, so the tightest one wins. A turn reserves its worst
@@ -82,6 +82,8 @@ class Limit:
         if self.scope == Scope.GROUP:
             members = Group.user_set.through.objects.filter(group_id=self.target or 0)
             return Q(user_id__in=members.values("user_id"))
+        if self.scope == Scope.API_KEY:
+            return Q(api_key_id=self.target)
         if self.scope == Scope.ANONYMOUS:
             return Q(user__isnull=True)
         return Q()
@@ -92,6 +94,8 @@ class Limit:
             return f"Your {period} budget"
         if self.scope == Scope.GROUP:
             return f"The {period} budget of the group {self.name!r}"
+        if self.scope == Scope.API_KEY:
+            return f"The {period} budget of this API key"
         if self.scope == Scope.ANONYMOUS:
             return f"The {period} budget of visitors without an account"
         return f"The site's {period} budget"
@@ -159,12 +163,18 @@ def applicable(owner: Owner, user: Any) -> list[Limit]:
     if owner.user_id is not None:
         groups = dict(Group.objects.filter(user=owner.user_id).values_list("id", "name"))
         rows |= Q(user_id=owner.user_id) | Q(group_id__in=list(groups))
+    if owner.api_key_id is not None:
+        rows |= Q(api_key_id=owner.api_key_id)
     overrides: dict[tuple[str, int | None], list[Limit]] = {}
     for row in Budget.objects.filter(rows):
-        target = row.user_id if row.scope == Scope.USER else row.group_id
-        name = groups.get(row.group_id or 0, "") if row.scope == Scope.GROUP else row.scope
+        target: int | None = None
+        name = str(row.scope)
         if row.scope == Scope.USER:
-            name = str(user.get_username()) if user is not None else ""
+            target, name = row.user_id, str(user.get_username()) if user is not None else ""
+        elif row.scope == Scope.GROUP:
+            target, name = row.group_id, groups.get(row.group_id or 0, "")
+        elif row.scope == Scope.API_KEY:
+            target, name = row.api_key_id, "this key"
         limit = Limit(row.scope, name, row.period, row.tokens, row.cost, row.window, target)
         overrides.setdefault((row.scope, target), []).append(limit)
     wanted: list[tuple[str, str, int | None, Any]] = [(Scope.SITE, "site", None, "site")]
@@ -174,6 +184,8 @@ def applicable(owner: Owner, user: Any) -> list[Limit]:
         username = str(user.get_username()) if user is not None else ""
         wanted.append((Scope.USER, username, owner.user_id, "user"))
         wanted += [(Scope.GROUP, name, pk, ("groups", name)) for pk, name in groups.items()]
+    if owner.api_key_id is not None:
+        wanted.append((Scope.API_KEY, "this key", owner.api_key_id, "api_key"))
     limits: list[Limit] = []
     for scope, name, target, key in wanted:
         if (scope, target) in overrides:
@@ -272,7 +284,11 @@ def hold(turn: Turn, reserved: tuple[int, int, Decimal]) -> None:
     """Write the reservation of a turn whose answer row now exists."""
     prompt, tokens, cost = reserved
     spend = Spend.objects.create(
-        answer_id=turn.answer_id, user_id=turn.owner.user_id, tokens=tokens, cost=cost
+        answer_id=turn.answer_id,
+        user_id=turn.owner.user_id,
+        api_key_id=turn.owner.api_key_id,
+        tokens=tokens,
+        cost=cost,
     )
     turn.budget = (spend.pk, prompt)
 

@@ -110,14 +110,20 @@ def _budget_errors() -> list[CheckMessage]:
     if budgets is not None:
         lists: list[Any] = []
         problem = ""
-        if not isinstance(budgets, dict) or set(budgets) - {"user", "groups", "anonymous", "site"}:
-            problem = 'its keys are "user", "groups", "anonymous" and "site"'
+        if not isinstance(budgets, dict) or set(budgets) - {
+            "user",
+            "groups",
+            "api_key",
+            "anonymous",
+            "site",
+        }:
+            problem = 'its keys are "user", "groups", "api_key", "anonymous" and "site"'
         else:
             groups = budgets.get("groups", {})
             if not isinstance(groups, dict):
                 problem = '"groups" maps group names to lists of budgets'
             else:
-                lists = [budgets.get(k, []) for k in ("user", "anonymous", "site")]
+                lists = [budgets.get(k, []) for k in ("user", "api_key", "anonymous", "site")]
                 lists += list(groups.values())
         for entries in lists:
             if not isinstance(entries, list | tuple):

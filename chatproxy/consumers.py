@@ -23,7 +23,7 @@ from django.contrib.auth.models import AnonymousUser
 
 from . import conversations as library
 from . import database, followers
-from .auth import scope_address_key, user_from_bearer
+from .auth import key_from_bearer, scope_address_key
 from .budgets import report
 from .conf import conf
 from .detach import detached
@@ -74,12 +74,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         await self.accept()
         try:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
-            bearer = await database.run(user_from_bearer, authorization)
+            bearer = await database.run(key_from_bearer, authorization)
         except RequestError:  # a wrong key is refused, even where anonymous chat is allowed
             await self.refuse()
             return
         if bearer is not None:
-            self.user, self.owner = bearer, Owner(user_id=bearer.pk)
+            self.user = bearer.user
+            self.owner = Owner(user_id=bearer.user.pk, api_key_id=bearer.pk)
         elif user is not None and user.is_authenticated:
             self.owner = Owner(user_id=user.pk)
         elif conf.CHATPROXY_ALLOW_ANONYMOUS:

@@ -560,6 +560,11 @@ class ApiKeyManager(models.Manager["ApiKey"]):
 
     def user_for(self, raw: str) -> Any:
         """Return the active user a raw key belongs to, or None."""
+        key = self.key_for(raw)
+        return None if key is None else key.user
+
+    def key_for(self, raw: str) -> ApiKey | None:
+        """Return the key ``raw`` is, with its user, if it is live and its user active."""
         prefix = raw[len(KEY_PREFIX) : len(KEY_PREFIX) + 8]
         if not raw.startswith(KEY_PREFIX) or raw[len(KEY_PREFIX) + 8 : len(KEY_PREFIX) + 9] != "_":
             return None
@@ -571,7 +576,7 @@ class ApiKeyManager(models.Manager["ApiKey"]):
         now = timezone.now()
         if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
             self.filter(pk=key.pk).update(last_used_at=now)
-        return key.user
+        return key
 
 
 class ApiKey(models.Model):
@@ -649,6 +654,7 @@ class IdempotencyKey(models.Model):
 class Scope(models.TextChoices):
     USER = "user", _("a user")
     GROUP = "group", _("a group (its members together)")
+    API_KEY = "api_key", _("an API key")
     ANONYMOUS = "anonymous", _("anonymous visitors (together)")
     SITE = "site", _("the whole site")
 
@@ -681,6 +687,14 @@ class Budget(models.Model):
         related_name="chat_budgets",
         verbose_name=_("group"),
     )
+    api_key = models.ForeignKey(
+        ApiKey,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="budgets",
+        verbose_name=_("API key"),
+    )
     period = models.CharField(_("period"), max_length=16, choices=Period.choices)
     window = models.PositiveIntegerField(
         _("window (seconds)"), null=True, blank=True, help_text=_("For a rolling window only.")
@@ -703,7 +717,7 @@ class Budget(models.Model):
         ordering = ["scope", "period"]
 
     def __str__(self) -> str:
-        target = self.user or self.group or self.get_scope_display()
+        target = self.user or self.group or self.api_key or self.get_scope_display()
         return f"{target}: {self.tokens or '-'} tokens, {self.cost or '-'} per {self.period}"
 
     def clean(self) -> None:
@@ -711,6 +725,8 @@ class Budget(models.Model):
             raise ValidationError(_("A user budget names its user, and only it does."))
         if (self.scope == Scope.GROUP) != (self.group_id is not None):
             raise ValidationError(_("A group budget names its group, and only it does."))
+        if (self.scope == Scope.API_KEY) != (self.api_key_id is not None):
+            raise ValidationError(_("An API key's budget names its key, and only it does."))
         if (self.period == Period.ROLLING) != bool(self.window):
             raise ValidationError(_("A rolling window has a window in seconds; a period not."))
         if self.tokens is None and self.cost is None:
@@ -735,6 +751,13 @@ class Spend(models.Model):
         related_name="chat_spend",
         verbose_name=_("user"),
     )
+    api_key = models.ForeignKey(
+        ApiKey,
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="spend",
+        verbose_name=_("API key"),
+    )
     tokens = models.PositiveBigIntegerField(_("tokens"))
     cost = models.DecimalField(_("cost"), max_digits=12, decimal_places=6)
     settled = models.BooleanField(_("settled"), default=False)
@@ -747,6 +770,7 @@ class Spend(models.Model):
         indexes = [
             models.Index(fields=["created_at"], name="chatproxy_spend_created"),
             models.Index(fields=["user", "created_at"], name="chatproxy_spend_user"),
+            models.Index(fields=["api_key", "created_at"], name="chatproxy_spend_key"),
         ]
 
     def __str__(self) -> str:

@@ -410,3 +410,42 @@ async def test_two_workers_never_pass_the_budget_by_more_than_one_reservation(
     spent = sum(s.tokens for s in await spends())
     assert set(codes) == {200, 429} and codes.count(200) >= 20
     assert spent <= budget + HELLO_RESERVES
+
+
+def bearer(raw: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {raw}"}
+
+
+@db
+async def test_an_api_keys_budget_counts_only_what_that_key_spent(upstream, settings, user):
+    budgets(settings, api_key=[{"period": "day", "tokens": 30}])
+    _, raw = await sync_to_async(ApiKey.objects.issue)(user, "backend")
+    _, other = await sync_to_async(ApiKey.objects.issue)(user, "batch")
+    client = AsyncClient()
+    upstream.enqueue(Reply(tokens=["x"] * 20), Reply())
+
+    await read_body(await chat(client, HELLO, headers=bearer(raw)))  # 1 + 20 of its 30 tokens
+    refused = await refusal(await chat(client, HELLO, headers=bearer(raw)))
+    other_key = await chat(client, HELLO, headers=bearer(other))
+    await read_body(other_key)
+    [shown] = (await client.get("/budgets", headers=bearer(raw))).json()["budgets"]
+
+    assert refused[:2] == (429, "budget_exceeded")
+    assert refused[2].startswith("The daily budget of this API key has 9 of 30 tokens left;")
+    assert other_key.status_code == 200
+    assert (shown["scope"], shown["tokens"]) == (
+        "api_key",
+        {"limit": 30, "used": 21, "remaining": 9},
+    )
+
+
+@db
+async def test_an_admin_budget_on_a_key_replaces_the_settings_for_it(upstream, settings, user):
+    budgets(settings, api_key=[{"period": "day", "tokens": 10}])
+    key, raw = await sync_to_async(ApiKey.objects.issue)(user, "backend")
+    await Budget.objects.acreate(scope=Scope.API_KEY, api_key=key, period=Period.DAY, tokens=900)
+
+    response = await chat(AsyncClient(), HELLO, headers=bearer(raw))
+    await read_body(response)
+
+    assert response.status_code == 200
