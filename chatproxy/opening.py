@@ -17,7 +17,6 @@ from typing import Any, cast
 
 from django.db import transaction
 
-from .budgets import hold, reserve
 from .conf import conf
 from .database import run
 from .events import ToolCall
@@ -28,6 +27,7 @@ from .models import Conversation, IdempotencyKey, Message, Thread, message_field
 from .owners import Owner
 from .payload import ChatRequest, check_approvals, check_tool_results, pending_tool_calls
 from .records import save
+from .reservations import hold, reserve
 from .rows import row_exists
 from .tools import Tool, ToolSpec, offer_tools
 from .tools import load as load_tools

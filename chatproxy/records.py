@@ -16,10 +16,10 @@ from weakref import WeakKeyDictionary
 
 from django.utils import timezone
 
-from .budgets import settle
 from .conf import conf
 from .database import run
 from .models import Message, Status
+from .reservations import settle
 from .tools import ToolResult
 from .turns import Turn, TurnOutcome
 
