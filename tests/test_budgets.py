@@ -449,3 +449,13 @@ async def test_an_admin_budget_on_a_key_replaces_the_settings_for_it(upstream, s
     await read_body(response)
 
     assert response.status_code == 200
+
+
+@db
+def test_the_admin_lists_what_each_budget_has_spent_this_period(admin_client, user):
+    Budget.objects.create(scope=Scope.USER, user=user, period=Period.DAY, tokens=500)
+    Spend.objects.create(user=user, tokens=120, cost=0)
+
+    page = admin_client.get("/admin/chatproxy/budget/").content.decode()
+
+    assert "120 tokens" in page
