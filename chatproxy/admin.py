@@ -19,6 +19,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.text import smart_split, unescape_string_literal
 from django.utils.translation import gettext_lazy as _
 
+from .budgets import spent
 from .conversations import review
 from .dashboard import PERIODS, figures, period_days
 from .export import EXPORT_PERMISSION, export, response
@@ -31,7 +32,7 @@ from .listfilters import (
     RatingFilter,
     ReviewStateFilter,
 )
-from .models import ApiKey, Conversation, Message, Role
+from .models import ApiKey, Budget, Conversation, Message, Role
 from .owners import owner_label
 from .review import REVIEW_PERMISSION, Annotation, ReviewForm
 from .transcript import transcript
@@ -381,3 +382,23 @@ class ApiKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 # The raw key an add request issued, from save_model to response_add of the same request.
 _new_keys: WeakKeyDictionary[HttpRequest, str] = WeakKeyDictionary()
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Budgets that replace CHATPROXY_BUDGETS for their target (docs/budgets.md)."""
+
+    list_display = ["__str__", "scope", "user", "group", "api_key", "period", "tokens", "cost"]
+    list_display += ["spent"]
+    list_filter = ["scope", "period"]
+    search_fields = ["user__username", "group__name", "api_key__name"]
+    raw_id_fields = ["user", "api_key"]
+
+    @admin.display(description=_("spent this period"))
+    def spent(self, obj: Budget) -> str:
+        """What counts against the budget now (one query a row: a page lists a few)."""
+        standing = spent(obj)
+        parts = [f"{standing.tokens} tokens"] if obj.tokens is not None else []
+        if obj.cost is not None:
+            parts.append(f"{standing.cost} in cost")
+        return ", ".join(parts)

@@ -26,20 +26,20 @@ from .owners import Owner
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def user_from_bearer(authorization: str) -> Any | None:
-    """Return the user of an ``Authorization: Bearer <key>`` header; None if there is no
-    bearer header; raise ``invalid_api_key`` for a key that is unknown or revoked."""
-    scheme, _, key = authorization.partition(" ")
+def key_from_bearer(authorization: str) -> ApiKey | None:
+    """Return the key (with its user) of an ``Authorization: Bearer <key>`` header; None if
+    there is no bearer header; raise ``invalid_api_key`` for a key that is unknown or revoked."""
+    scheme, _, raw = authorization.partition(" ")
     if scheme.lower() != "bearer":
         return None
-    user = ApiKey.objects.user_for(key.strip())
-    if user is None:
+    key = ApiKey.objects.key_for(raw.strip())
+    if key is None:
         raise RequestError(
             "invalid_api_key",
             "The API key is unknown or revoked. Ask the site's staff for a new one.",
             status=401,
         )
-    return user
+    return key
 
 
 def identify(request: HttpRequest) -> tuple[Owner, Any]:
@@ -50,9 +50,9 @@ def identify(request: HttpRequest) -> tuple[Owner, Any]:
     ``Owner`` that ``is_new``: it owns nothing, and ``open_session`` gives it a session once
     a turn of theirs is accepted.
     """
-    bearer = user_from_bearer(request.headers.get("Authorization", ""))
-    if bearer is not None:
-        return Owner(user_id=bearer.pk), bearer  # no cookie, so no CSRF to check
+    bearer = key_from_bearer(request.headers.get("Authorization", ""))
+    if bearer is not None:  # no cookie, so no CSRF to check
+        return Owner(user_id=bearer.user.pk, api_key_id=bearer.pk), bearer.user
     user = request.user  # set by AuthenticationMiddleware, which loads the session
     if user.is_authenticated:
         _check_csrf(request)

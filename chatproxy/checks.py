@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import numbers
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.conf import settings
@@ -63,7 +64,89 @@ def _is_number(value: Any) -> bool:
 
 def check_settings(**kwargs: Any) -> list[CheckMessage]:
     """Validate every CHATPROXY_* setting and warn about setups that buffer the stream."""
-    return [*_errors(), *_review_errors(), *_conversation_errors(), *_warnings()]
+    return [
+        *_errors(),
+        *_review_errors(),
+        *_conversation_errors(),
+        *_budget_errors(),
+        *_warnings(),
+    ]
+
+
+_BUDGET_EXAMPLE = (
+    'For example {"user": [{"period": "day", "tokens": 200000}], "groups": {"staff": '
+    '[{"period": "month", "cost": "20.00"}]}, "anonymous": [{"period": "rolling", "window": '
+    '3600, "tokens": 50000}], "site": [{"period": "month", "cost": "500"}]}.'
+)
+
+
+def _budget_problem(entry: Any) -> str:
+    """What is wrong with one budget of CHATPROXY_BUDGETS, or ""."""
+    if not isinstance(entry, dict) or set(entry) - {"period", "window", "tokens", "cost"}:
+        return "each budget is a dict of period, window, tokens and cost"
+    if entry.get("period") not in ("day", "week", "month", "rolling"):
+        return 'period is "day", "week", "month" or "rolling"'
+    if (entry["period"] == "rolling") != ("window" in entry) or not _is_positive(
+        entry.get("window")
+    ):
+        return "a rolling budget, and only it, has a window: a positive number of seconds"
+    if "tokens" not in entry and "cost" not in entry:
+        return "a budget has tokens, a cost, or both"
+    if not _is_positive(entry.get("tokens")):
+        return "tokens is a positive integer"
+    cost = entry.get("cost")
+    if cost is not None:
+        try:
+            if isinstance(cost, bool) or Decimal(str(cost)) <= 0:
+                return 'cost is a positive number (a string such as "5.00" keeps it exact)'
+        except InvalidOperation:
+            return 'cost is a positive number (a string such as "5.00" keeps it exact)'
+    return ""
+
+
+def _budget_errors() -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    budgets = conf.raw("CHATPROXY_BUDGETS")
+    if budgets is not None:
+        lists: list[Any] = []
+        problem = ""
+        if not isinstance(budgets, dict) or set(budgets) - {
+            "user",
+            "groups",
+            "api_key",
+            "anonymous",
+            "site",
+        }:
+            problem = 'its keys are "user", "groups", "api_key", "anonymous" and "site"'
+        else:
+            groups = budgets.get("groups", {})
+            if not isinstance(groups, dict):
+                problem = '"groups" maps group names to lists of budgets'
+            else:
+                lists = [budgets.get(k, []) for k in ("user", "api_key", "anonymous", "site")]
+                lists += list(groups.values())
+        for entries in lists:
+            if not isinstance(entries, list | tuple):
+                problem = problem or "each scope has a list of budgets"
+                continue
+            problem = problem or next(filter(None, map(_budget_problem, entries)), "")
+        if problem:
+            errors.append(
+                Error(
+                    f"CHATPROXY_BUDGETS is invalid: {problem}.",
+                    hint=_BUDGET_EXAMPLE,
+                    id="chatproxy.E070",
+                )
+            )
+    if not _is_positive(conf.raw("CHATPROXY_BUDGET_MAX_TOKENS")):
+        errors.append(
+            Error(
+                "CHATPROXY_BUDGET_MAX_TOKENS must be a positive integer: the completion tokens a "
+                "turn without max_tokens reserves, and is limited to.",
+                id="chatproxy.E071",
+            )
+        )
+    return errors
 
 
 def _review_errors() -> list[CheckMessage]:

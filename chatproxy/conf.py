@@ -221,6 +221,15 @@ class Settings:
         return dict(getattr(settings, "CHATPROXY_PRICES", {}))
 
     @property
+    def CHATPROXY_BUDGETS(self) -> dict[str, Any] | None:
+        budgets = getattr(settings, "CHATPROXY_BUDGETS", None)
+        return None if budgets is None else dict(budgets)
+
+    @property
+    def CHATPROXY_BUDGET_MAX_TOKENS(self) -> int:
+        return int(getattr(settings, "CHATPROXY_BUDGET_MAX_TOKENS", 4096))
+
+    @property
     def CHATPROXY_GROUP_MODELS(self) -> dict[str, list[str]]:
         return dict(getattr(settings, "CHATPROXY_GROUP_MODELS", {}))
 

@@ -23,7 +23,8 @@ from django.contrib.auth.models import AnonymousUser
 
 from . import conversations as library
 from . import database, followers
-from .auth import scope_address_key, user_from_bearer
+from .auth import key_from_bearer, scope_address_key
+from .budgets import report
 from .conf import conf
 from .detach import detached
 from .events import Encoder, RatedEvent, error_event
@@ -73,12 +74,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         await self.accept()
         try:
             authorization = headers.get(b"authorization", b"").decode("latin-1")
-            bearer = await database.run(user_from_bearer, authorization)
+            bearer = await database.run(key_from_bearer, authorization)
         except RequestError:  # a wrong key is refused, even where anonymous chat is allowed
             await self.refuse()
             return
         if bearer is not None:
-            self.user, self.owner = bearer, Owner(user_id=bearer.pk)
+            self.user = bearer.user
+            self.owner = Owner(user_id=bearer.user.pk, api_key_id=bearer.pk)
         elif user is not None and user.is_authenticated:
             self.owner = Owner(user_id=user.pk)
         elif conf.CHATPROXY_ALLOW_ANONYMOUS:
@@ -130,6 +132,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             await self.cancel()
         elif kind == "rate":  # quick, and not part of a turn: answered even while one runs
             await self.rate(content, request_id)
+        elif kind == "budgets":  # like rate: quick, answered even while a turn runs
+            body = await database.run(report, self.owner, self.user)
+            await self.flowing.wait()
+            self.send_event({"event": "budgets", "budgets": body}, _extra(request_id))
         elif kind in MANAGING:
             await self.manage(kind, content, request_id)
         elif kind in ("chat", "resume"):
@@ -148,6 +154,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             await self.send_error(
                 "invalid_request",
                 'Each frame needs "type": "chat" (with messages), "resume", "cancel", "rate", '
+                '"budgets", '
                 "or one of " + ", ".join(f'"{kind}"' for kind in MANAGING) + ".",
                 request_id,
             )
@@ -364,6 +371,10 @@ def _managed(kind: str, owner: Owner, content: dict[str, Any]) -> dict[str, Any]
     if kind == "switch":
         return library.switch(owner, conversation_id, content.get("message_id"))
     return library.branches(owner, conversation_id)
+
+
+def _extra(request_id: str | None) -> dict[str, Any]:
+    return {} if request_id is None else {"request_id": request_id}
 
 
 def _is_terminal(line: bytes) -> bool:

@@ -72,6 +72,9 @@ ERROR_CODES: dict[str, str] = {
     "unsupported_media_type": "The body is not sent as application/json (415).",
     "body_too_large": "The body is larger than CHATPROXY_MAX_BODY_BYTES (413).",
     "rate_limited": "More requests than CHATPROXY_RATE_LIMIT allows; see Retry-After (429).",
+    "budget_exceeded": (
+        "The turn's worst case does not fit a budget; see the message and Retry-After (429)."
+    ),
     "too_many_streams": "More answers streaming at once than CHATPROXY_MAX_STREAMS (429).",
     "too_many_anonymous_streams": "More answers streaming to anonymous visitors than "
     "CHATPROXY_MAX_ANONYMOUS_STREAMS (429).",

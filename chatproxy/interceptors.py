@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.utils.module_loading import import_string
 
+from . import prices
 from .conf import conf
 from .exceptions import ContentBlockedError
 from .interception import Interceptor
@@ -189,12 +189,4 @@ class Cost(Interceptor):
         price = (self.options.get("prices") or conf.CHATPROXY_PRICES).get(turn.model)
         usage = turn.usage()  # every step of a tool loop
         if price and usage:
-            million = Decimal(1_000_000)
-            prompt = Decimal(usage["prompt_tokens"])
-            cost = Decimal(str(price["prompt"])) * prompt
-            if (cached_price := price.get("cached_prompt")) is not None:
-                cached = Decimal(min(usage.get("cached_tokens", 0), usage["prompt_tokens"]))
-                cost += (Decimal(str(cached_price)) - Decimal(str(price["prompt"]))) * cached
-            cost = (cost + Decimal(str(price["completion"])) * usage["completion_tokens"]) / million
-            # Rounded here, as the column stores it, so every database keeps the same value.
-            turn.cost = cost.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
+            turn.cost = prices.price(price, usage)

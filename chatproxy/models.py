@@ -11,6 +11,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -413,7 +414,12 @@ class MessageManager(models.Manager["Message"]):
         cutoff = timezone.now() - datetime.timedelta(seconds=older_than)
         stale = self.filter(status=Status.STREAMING, created_at__lt=cutoff)
         with transaction.atomic():
-            conversations = list(stale.values_list("conversation_id", flat=True))
+            rows = list(stale.values_list("pk", "conversation_id"))
+            conversations = [conversation for _pk, conversation in rows]
+            # Whoever knew what the answer used is gone: its reservation is released.
+            Spend.objects.filter(
+                answer__in=[pk for pk, _conversation in rows], settled=False
+            ).update(tokens=0, cost=0, settled=True)
             count = stale.update(
                 status=Status.INTERRUPTED, error_code="worker_lost", finished_at=timezone.now()
             )
@@ -554,6 +560,11 @@ class ApiKeyManager(models.Manager["ApiKey"]):
 
     def user_for(self, raw: str) -> Any:
         """Return the active user a raw key belongs to, or None."""
+        key = self.key_for(raw)
+        return None if key is None else key.user
+
+    def key_for(self, raw: str) -> ApiKey | None:
+        """Return the key ``raw`` is, with its user, if it is live and its user active."""
         prefix = raw[len(KEY_PREFIX) : len(KEY_PREFIX) + 8]
         if not raw.startswith(KEY_PREFIX) or raw[len(KEY_PREFIX) + 8 : len(KEY_PREFIX) + 9] != "_":
             return None
@@ -565,7 +576,7 @@ class ApiKeyManager(models.Manager["ApiKey"]):
         now = timezone.now()
         if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
             self.filter(pk=key.pk).update(last_used_at=now)
-        return key.user
+        return key
 
 
 class ApiKey(models.Model):
@@ -638,3 +649,129 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return self.key
+
+
+class Scope(models.TextChoices):
+    USER = "user", _("a user")
+    GROUP = "group", _("a group (its members together)")
+    API_KEY = "api_key", _("an API key")
+    ANONYMOUS = "anonymous", _("anonymous visitors (together)")
+    SITE = "site", _("the whole site")
+
+
+class Period(models.TextChoices):
+    DAY = "day", _("day")
+    WEEK = "week", _("week (from Monday)")
+    MONTH = "month", _("month")
+    ROLLING = "rolling", _("rolling window")
+
+
+class Budget(models.Model):
+    """A quota in tokens and/or cost per period, set in the admin. For its target (a user, a
+    group, anonymous visitors, the site) it replaces what CHATPROXY_BUDGETS says."""
+
+    scope = models.CharField(_("scope"), max_length=16, choices=Scope.choices)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="chat_budgets",
+        verbose_name=_("user"),
+    )
+    group = models.ForeignKey(
+        "auth.Group",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="chat_budgets",
+        verbose_name=_("group"),
+    )
+    api_key = models.ForeignKey(
+        ApiKey,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="budgets",
+        verbose_name=_("API key"),
+    )
+    period = models.CharField(_("period"), max_length=16, choices=Period.choices)
+    window = models.PositiveIntegerField(
+        _("window (seconds)"), null=True, blank=True, help_text=_("For a rolling window only.")
+    )
+    tokens = models.PositiveBigIntegerField(
+        _("tokens"), null=True, blank=True, help_text=_("Prompt and completion tokens.")
+    )
+    cost = models.DecimalField(
+        _("cost"),
+        max_digits=12,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        help_text=_("In the currency of CHATPROXY_PRICES."),
+    )
+
+    class Meta:
+        verbose_name = _("budget")
+        verbose_name_plural = _("budgets")
+        ordering = ["scope", "period"]
+
+    def __str__(self) -> str:
+        target = self.user or self.group or self.api_key or self.get_scope_display()
+        return f"{target}: {self.tokens or '-'} tokens, {self.cost or '-'} per {self.period}"
+
+    def clean(self) -> None:
+        if (self.scope == Scope.USER) != (self.user_id is not None):
+            raise ValidationError(_("A user budget names its user, and only it does."))
+        if (self.scope == Scope.GROUP) != (self.group_id is not None):
+            raise ValidationError(_("A group budget names its group, and only it does."))
+        if (self.scope == Scope.API_KEY) != (self.api_key_id is not None):
+            raise ValidationError(_("An API key's budget names its key, and only it does."))
+        if (self.period == Period.ROLLING) != bool(self.window):
+            raise ValidationError(_("A rolling window has a window in seconds; a period not."))
+        if self.tokens is None and self.cost is None:
+            raise ValidationError(_("Give the budget tokens, a cost, or both."))
+
+
+class Spend(models.Model):
+    """What one turn holds against the budgets: its worst case (reserved) until it ends, then
+    what it really used (settled)."""
+
+    answer = models.OneToOneField(
+        Message,
+        on_delete=models.SET_NULL,  # deleting a conversation must not give its spend back
+        null=True,
+        related_name="spend",
+        verbose_name=_("answer"),
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        related_name="chat_spend",
+        verbose_name=_("user"),
+    )
+    api_key = models.ForeignKey(
+        ApiKey,
+        on_delete=models.SET_NULL,
+        null=True,
+        related_name="spend",
+        verbose_name=_("API key"),
+    )
+    tokens = models.PositiveBigIntegerField(_("tokens"))
+    cost = models.DecimalField(_("cost"), max_digits=12, decimal_places=6)
+    settled = models.BooleanField(_("settled"), default=False)
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("spend")
+        verbose_name_plural = _("spend")
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["created_at"], name="chatproxy_spend_created"),
+            models.Index(fields=["user", "created_at"], name="chatproxy_spend_user"),
+            models.Index(fields=["api_key", "created_at"], name="chatproxy_spend_key"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tokens} tokens, {self.cost} ({'settled' if self.settled else 'reserved'})"

@@ -27,6 +27,7 @@ from .models import Conversation, IdempotencyKey, Message, Thread, message_field
 from .owners import Owner
 from .payload import ChatRequest, check_approvals, check_tool_results, pending_tool_calls
 from .records import save
+from .reservations import hold, reserve
 from .rows import row_exists
 from .tools import Tool, ToolSpec, offer_tools
 from .tools import load as load_tools
@@ -212,6 +213,7 @@ def _begin(
         messages = [{"role": m["role"], "content": ""} for m in turn.request.messages]
     with transaction.atomic():
         check_streams(turn.owner)
+        reserved = reserve(turn)  # the last limit
         if turn.owner.is_new:
             if open_session is None:
                 raise TypeError("An owner without a session needs open_session to start a turn.")
@@ -226,3 +228,5 @@ def _begin(
             root=thread is not None and thread.parent is None,
             new_id=new_id,
         )
+        if reserved is not None:
+            hold(turn, reserved)

@@ -22,6 +22,8 @@ class Owner:
     user_id: int | None = None
     session_key: str | None = None
     address: str = ""
+    # The API key a bearer request came with (budgets count per key); not part of who owns.
+    api_key_id: int | None = dataclasses.field(default=None, compare=False)
 
     @property
     def is_new(self) -> bool:

@@ -19,6 +19,7 @@ from django.utils import timezone
 from .conf import conf
 from .database import run
 from .models import Message, Status
+from .reservations import settle
 from .tools import ToolResult
 from .turns import Turn, TurnOutcome
 
@@ -102,6 +103,7 @@ def _finish(turn: Turn) -> None:
     if turn.dropped_messages:
         outcome.metadata = {**turn.metadata, "history": turn.history_cut()}
     Message.objects.finish_turn(turn.conversation_id, turn.answer_id, outcome)
+    settle(turn)
 
 
 def _save_step(turn: Turn, results: list[ToolResult], placement: str) -> None:

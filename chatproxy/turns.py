@@ -283,6 +283,8 @@ class Turn:
     approvals: list[tuple[ToolCall, bool]] = dataclasses.field(default_factory=list)
     results: list[Event] = dataclasses.field(default_factory=list)
     stopped: str | None = None
+    # The turn's reservation against the budgets (its Spend row, its prompt estimate).
+    budget: tuple[int, int] | None = None
     # Set by abort() from outside the turn (a cancel from another request, a shutdown).
     aborted: Exception | None = None
     stream: Any = None  # the turn's upstream.AnswerStream, once it is called

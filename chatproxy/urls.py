@@ -10,6 +10,7 @@ urlpatterns = [
     path("completions/<uuid:conversation_id>/stream", views.resume, name="resume"),
     path("completions/<uuid:conversation_id>/cancel", views.cancel, name="cancel"),
     path("completions/<uuid:conversation_id>/watch", views.watch, name="watch"),
+    path("budgets", views.budgets, name="budgets"),
     path("messages/<uuid:message_id>/rating", views.rate, name="rating"),
     path("conversations", pages.conversations, name="conversations"),
     path("v1/chat/completions", openai_views.chat_completions, name="openai_chat_completions"),

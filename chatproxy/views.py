@@ -17,6 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from . import database, followers, sse
 from .auth import authenticate, identify, open_session
+from .budgets import report
 from .conf import conf
 from .detach import detached
 from .exceptions import DuplicateTurnError, RequestError
@@ -179,6 +180,23 @@ def stream_response(
             sse.encode(lines, after), content_type=sse.CONTENT_TYPE, headers=headers
         )
     return StreamingHttpResponse(lines, content_type="application/x-ndjson", headers=headers)
+
+
+async def budgets(request: HttpRequest) -> HttpResponseBase:
+    """Tell the caller their budgets: each one's limits, what is used and left, and when it
+    resets (``[]`` when CHATPROXY_BUDGETS is off)."""
+    if request.method != "GET":
+        return error_response(_not_allowed("GET"))
+    try:
+        shown = await database.run(_budgets, request)
+    except RequestError as exc:
+        return error_response(exc)
+    return JsonResponse({"budgets": shown}, headers=PRIVATE_HEADERS)
+
+
+def _budgets(request: HttpRequest) -> list[dict[str, Any]]:
+    owner, user = identify(request)
+    return report(owner, user)
 
 
 @csrf_exempt  # checked in authenticate(), for requests identified by a session cookie

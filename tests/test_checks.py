@@ -58,12 +58,29 @@ def test_test_settings_pass_cleanly():
         ("CHATPROXY_REVIEW_FLAGS", ["needs review"], "chatproxy.E030"),
         ("CHATPROXY_REVIEW_FLAGS", {"needs review": "Needs review"}, "chatproxy.E030"),
         ("CHATPROXY_DELETE", "archive", "chatproxy.E040"),
+        ("CHATPROXY_BUDGETS", [{"period": "day", "tokens": 5}], "chatproxy.E070"),
+        ("CHATPROXY_BUDGETS", {"user": [{"period": "year", "tokens": 5}]}, "chatproxy.E070"),
+        ("CHATPROXY_BUDGETS", {"site": [{"period": "rolling", "tokens": 5}]}, "chatproxy.E070"),
+        ("CHATPROXY_BUDGETS", {"groups": {"staff": [{"period": "day"}]}}, "chatproxy.E070"),
+        ("CHATPROXY_BUDGETS", {"user": [{"period": "day", "cost": "lots"}]}, "chatproxy.E070"),
+        ("CHATPROXY_BUDGET_MAX_TOKENS", 0, "chatproxy.E071"),
     ],
 )
 def test_bad_setting_is_an_error(settings, name, value, expected):
     setattr(settings, name, value)
 
     assert ids() == [expected]
+
+
+def test_budgets_in_every_form_pass(settings):
+    settings.CHATPROXY_BUDGETS = {
+        "user": [{"period": "day", "tokens": 1000}, {"period": "month", "cost": "5.00"}],
+        "groups": {"staff": [{"period": "week", "tokens": 10, "cost": 1.5}]},
+        "anonymous": [{"period": "rolling", "window": 3600, "tokens": 100}],
+        "site": [],
+    }
+
+    assert ids() == []
 
 
 def test_typed_parameters_in_every_form_pass(settings):

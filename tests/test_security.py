@@ -325,6 +325,25 @@ def test_matrix_admin_ratings_and_review_marks(people, who, model):
     assert (listing.status_code, adding.status_code) == FEEDBACK_LISTS[who]
 
 
+# Budgets are set by those with the model's permissions (a superuser here); users only read
+# their own, over GET budgets.
+BUDGET_PAGES = {"anonymous": (302, 302), "alice": (302, 302), "staff": (403, 403)}
+BUDGET_PAGES["superuser"] = (200, 200)
+
+
+@db
+@pytest.mark.parametrize("who", BUDGET_PAGES)
+def test_matrix_admin_budgets(people, who):
+    c = Client()
+    if people[who] is not None:
+        c.force_login(people[who])
+
+    listing = c.get("/admin/chatproxy/budget/")
+    adding = c.get("/admin/chatproxy/budget/add/")
+
+    assert (listing.status_code, adding.status_code) == BUDGET_PAGES[who]
+
+
 # Staff review: reading needs the view permission; adding marks needs the review permission.
 REVIEW = {
     # who: (the change page offers the review form, a POSTed note is saved)
@@ -670,6 +689,10 @@ CACHING = [
     ("alice", "GET", "/", 200, PRIVATE),
     ("alice", "POST", "/messages/{id}/rating", 415, PRIVATE),
     ("alice", "GET", "/messages/{id}/rating", 405, PRIVATE),
+    ("alice", "GET", "/budgets", 200, PRIVATE),
+    ("alice's key", "GET", "/budgets", 200, PRIVATE),
+    ("anonymous", "GET", "/budgets", 401, PRIVATE),
+    ("alice", "POST", "/budgets", 405, PRIVATE),
 ]
 
 
