@@ -5,7 +5,9 @@ hundred rows for a period instead of aggregating every answer of it (1.6 s for 3
 1,000,000-message table on SQLite, 2.5 s for 90).
 
 Deleting a conversation does not take its answers out of the rollup: the dashboard says what
-was answered. ``rebuild`` recounts everything from the messages that are left.
+was answered. ``rebuild`` recounts everything from the messages that are left. On a database
+without ``INSERT ... ON CONFLICT (...) DO UPDATE`` (MySQL; SQLite and PostgreSQL have it) the
+rollup stays empty rather than fail a turn's final write.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ _compiled: dict[str, tuple[str, list[Any], Any]] = {}  # per vendor: SQL, params
 class DailyUsageManager(models.Manager["DailyUsage"]):
     def add(self, answers: models.QuerySet[Message]) -> None:
         """Count ``answers`` in, one statement."""
+        if not connection.features.supports_update_conflicts_with_target:
+            return
         sql, params = _cells(answers).query.sql_with_params()
         with connection.cursor() as cursor:
             cursor.execute(_upsert(sql), params)
@@ -95,6 +99,8 @@ class DailyUsageManager(models.Manager["DailyUsage"]):
     def add_answer(self, messages: models.QuerySet[Message], answer_id: uuid.UUID) -> None:
         """Count one finished answer in, one statement; its SQL is built once (on the path
         every turn takes, the ORM's compiler would cost more than the statement)."""
+        if not connection.features.supports_update_conflicts_with_target:
+            return
         if connection.vendor not in _compiled:
             sql, compiled = _cells(messages.filter(pk=_SENTINEL)).query.sql_with_params()
             mark = messages.model._meta.pk.get_db_prep_value(_SENTINEL, connection)
