@@ -24,6 +24,7 @@ from .feedback import Rating
 from .owners import Owner
 from .review import Annotation
 from .rows import insert_rows, update_row
+from .usage import DailyUsage
 
 if TYPE_CHECKING:  # turns imports this module
     from .turns import TurnOutcome
@@ -334,7 +335,8 @@ class MessageManager(models.Manager["Message"]):
         self, conversation_id: uuid.UUID, answer_id: uuid.UUID, outcome: TurnOutcome
     ) -> None:
         """Write the answer's final state and the conversation's last status in one
-        transaction: every field of the outcome (each is a ``Message`` field) that is set."""
+        transaction: every field of the outcome (each is a ``Message`` field) that is set;
+        and count the answer in the dashboard's daily rollup (``usage``)."""
         fields = {
             f.name: value
             for f in dataclasses.fields(outcome)
@@ -344,6 +346,7 @@ class MessageManager(models.Manager["Message"]):
         with transaction.atomic():
             update_row(Message, answer_id, {**fields, "finished_at": now})
             update_row(Conversation, conversation_id, {"status": outcome.status, "updated_at": now})
+            DailyUsage.objects.add_answer(self.all(), answer_id)  # the dashboard's rollup
 
     def save_step(
         self,
@@ -541,7 +544,15 @@ class Message(models.Model):
 
 
 # Registered with this app's models; defined in the modules of their concepts.
-__all__ = ["Annotation", "ApiKey", "Conversation", "IdempotencyKey", "Message", "Rating"]
+__all__ = [
+    "Annotation",
+    "ApiKey",
+    "Conversation",
+    "DailyUsage",
+    "IdempotencyKey",
+    "Message",
+    "Rating",
+]
 
 KEY_PREFIX = "cpx_"
 

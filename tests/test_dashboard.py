@@ -8,15 +8,19 @@ import re
 from decimal import Decimal
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
-from chatproxy.dashboard import figures
-from chatproxy.models import Conversation, Message
+from chatproxy.dashboard import answers, figures
+from chatproxy.models import Conversation, DailyUsage, Message
+from tests.conftest import chat, counted_queries, read_events
+from tests.fake_upstream import Reply
 
 pytestmark = pytest.mark.django_db
 URL = "/admin/chatproxy/conversation/dashboard/"
+HI = {"messages": [{"role": "user", "content": "Hi"}]}
 
 
 def answer(conversation, position, days_ago, **fields):
@@ -45,6 +49,7 @@ def history(user, other_user):
     answer(bobs, 1, 1, status="failed", error_code="upstream_timeout")
     answer(anonymous, 0, 1, total_tokens=20, status="failed", error_code="upstream_timeout")
     answer(alices, 2, 40, total_tokens=9999)  # outside the last 30 days
+    DailyUsage.objects.rebuild(answers())  # written around finish_turn, so counted here
     return today, yesterday
 
 
@@ -153,3 +158,35 @@ def test_generatetranscripts_fills_a_table_in_the_order_of_time(capsys):
     assert timezone.now() - oldest < datetime.timedelta(days=10)
     assert set(Message.objects.values_list("role", flat=True)) == {"user", "assistant"}
     assert figures(30)["totals"]["turns"] == 60
+
+
+def cells():
+    return sorted(DailyUsage.objects.values_list("day", "kind", "label", "turns", "tokens", "cost"))
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_finished_turn_is_on_the_dashboard_at_once(client, upstream, user):
+    upstream.enqueue(Reply(tokens=["Hel", "lo"]))
+    upstream.enqueue(Reply(status=500))
+    await read_events(await chat(client, HI))
+    await read_events(await chat(client, HI))
+
+    result = await sync_to_async(figures)(7)
+
+    assert result["totals"]["turns"] == 2 and result["totals"]["errors"] == 1
+    assert result["totals"]["tokens"] == 3  # the usage of the answer that finished
+    assert table(result, "Top users by tokens") == [["alice", 3, 2]]
+    assert len(table(result, "Time to first token, p95 per day (ms)")) == 1
+    counted = await sync_to_async(cells)()
+    await sync_to_async(DailyUsage.objects.rebuild)(answers())
+    assert await sync_to_async(cells)() == counted  # the same as recounting the messages
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_finishing_a_turn_counts_it_in_one_statement(client, upstream):
+    await read_events(await chat(client, HI))  # the rollup's SQL is built on the first
+    with counted_queries() as statements:
+        await read_events(await chat(client, HI))
+
+    upserts = [s for s in statements if "chatproxy_dailyusage" in s]
+    assert len(upserts) == 1 and upserts[0].startswith('INSERT INTO "chatproxy_dailyusage"')

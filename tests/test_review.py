@@ -357,3 +357,33 @@ def test_a_search_hides_the_date_hierarchy_and_keeps_a_date_already_chosen(reade
     assert "toplinks" not in searched.content.decode()  # the date hierarchy
     assert "toplinks" in reader.get(LIST).content.decode()
     assert in_2025.context["cl"].result_count == 1
+
+
+def test_a_search_pages_through_every_match_in_the_lists_order(reader, user):
+    made = [
+        make_conversation(user, title=f"Trip {i}", rows=[{"role": "user", "content": "x"}])
+        for i in range(250)
+    ]
+    make_conversation(user, title="Other")
+    newest_first = [str(c) for c in reversed(made)]
+
+    pages = [reader.get(LIST, {"q": "trip", "p": str(p)}).context["cl"] for p in (1, 2, 3)]
+    past_the_end = reader.get(LIST, {"q": "trip", "p": "4"})
+
+    assert [cl.result_count for cl in pages] == [250, 250, 250]
+    assert [len(cl.result_list) for cl in pages] == [100, 100, 50]
+    assert [str(c) for cl in pages for c in cl.result_list] == newest_first
+    assert pages[0].result_list[0].message_total == 1  # the list's totals are still there
+    assert past_the_end.status_code == 302  # the admin's own answer: back to the first page
+
+
+def test_a_search_scans_the_messages_once_for_the_page_and_its_count(reader, conversation):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as queries:
+        response = reader.get(LIST, {"q": "brief"})
+
+    assert response.context["cl"].result_count == 1
+    scans = [q["sql"] for q in queries if "LIKE" in q["sql"] and "chatproxy_message" in q["sql"]]
+    assert len(scans) == 1 and "OVER ()" in scans[0]

@@ -15,8 +15,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import models, transaction
 from django.utils import timezone
 
+from chatproxy.dashboard import answers
 from chatproxy.feedback import Rating
-from chatproxy.models import Conversation, Message
+from chatproxy.models import Conversation, DailyUsage, Message
 from chatproxy.review import Annotation
 
 MODELS = ["gpt-4o-mini", "gpt-4o", "o3-mini", "llama-3.1-70b"]
@@ -93,6 +94,8 @@ class Command(BaseCommand):
                 with transaction.atomic():
                     self.batch(rng, users, starts, options["messages"])
                 made += count
+        # Written around finish_turn, the rows are counted into the dashboard's rollup here.
+        DailyUsage.objects.rebuild(answers())
         self.stdout.write(
             f"Created {made} conversations with {made * options['messages']} messages."
         )
