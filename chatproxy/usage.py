@@ -66,7 +66,10 @@ def _cells(answers: models.QuerySet[Message]) -> models.QuerySet[Any, Any]:
         .values_list("day", "kind", "label", "turns", "tokens", "cost")
         for kind, (label, excluded) in labels.items()
     ]
-    return parts[0].union(*parts[1:], all=True)
+    # No ORDER BY: on Django 6.1 the union otherwise carries one that its grouped rows do not
+    # satisfy (SQLite refuses it: "ORDER BY term does not match any column"); an insert
+    # needs no order.
+    return parts[0].union(*parts[1:], all=True).order_by()
 
 
 def _upsert(select: str) -> str:
