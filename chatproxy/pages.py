@@ -24,8 +24,7 @@ from .auth import authenticate
 from .conf import conf
 from .exceptions import RequestError
 from .owners import Owner
-from .payload import decode_json
-from .views import PRIVATE_HEADERS, error_response
+from .views import PRIVATE_HEADERS, error_response, read_json
 
 # Where chatproxy.routing mounts the consumer; not reversible, since Django's URL resolver does
 # not know WebSocket routes, and importing routing here would make channels a requirement.
@@ -153,15 +152,7 @@ async def _write_owner(request: HttpRequest) -> Owner:
 
 
 def _json_body(request: HttpRequest) -> dict[str, Any]:
-    if request.content_type != "application/json":
-        raise RequestError(
-            "unsupported_media_type",
-            "Send the body as JSON with the header Content-Type: application/json.",
-            status=415,
-        )
-    if len(request.body) > conf.CHATPROXY_MAX_BODY_BYTES:
-        raise RequestError("body_too_large", "The body is too large. Send less.", status=413)
-    data = decode_json(request.body)
+    data = read_json(request)
     if not isinstance(data, dict):
         raise RequestError("invalid_request", "The body must be a JSON object.")
     return data
