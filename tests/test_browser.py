@@ -172,6 +172,53 @@ async def test_stop_ends_the_answer_and_it_is_saved_interrupted(page, upstream, 
     await expect(page.get_by_role("button", name="Send")).to_be_enabled()
 
 
+# Installed before the page's scripts: notes, one task after the page has read the JSON body of a
+# response marked ``X-Held`` (so once whatever the page does with it has run), that it did.
+RECORD_HELD_READ = """
+window.__heldRead = false;
+const readJson = Response.prototype.json;
+Response.prototype.json = function () {
+  return readJson.call(this).then((body) => {
+    if (this.headers.get("x-held")) setTimeout(() => { window.__heldRead = true; });
+    return body;
+  });
+};
+"""
+
+
+async def test_a_slow_transcript_does_not_erase_a_newer_turn(page, upstream):
+    upstream.enqueue(Reply(tokens=["Par", "is."]), Reply(tokens=["About ", "two ", "million."]))
+    first = await send(page, "Capital of France?")
+    await expect(first.get_by_role("button", name="Regenerate")).to_be_visible()  # all fetched
+    await page.add_init_script(RECORD_HELD_READ)
+    release = asyncio.Event()
+    transcripts = 0
+
+    async def hold_the_first_transcript(route: Any) -> None:
+        nonlocal transcripts
+        transcripts += 1
+        if transcripts > 1:
+            return await route.continue_()
+        response = await route.fetch()  # the transcript as it is now, delivered late
+        body = await response.body()
+        await release.wait()
+        headers = {**response.headers, "x-held": "1"}
+        await route.fulfill(response=response, body=body, headers=headers)
+
+    await page.route(re.compile(r"/conversations/[0-9a-f-]{36}$"), hold_the_first_transcript)
+    await page.reload()  # opens ?c=<id> again: that transcript is the held one
+    await page.get_by_role("button", name=re.compile("^Capital of France")).click()
+    await expect(page.locator(".chatproxy-message")).to_have_count(2)
+    follow_up = await send(page, "How many people live there?")
+    await expect(follow_up).to_have_attribute("data-status", "completed")
+
+    release.set()
+    await page.wait_for_function("window.__heldRead")
+    await expect(page.locator(".chatproxy-message")).to_have_text(
+        [re.compile("Capital"), re.compile("Paris."), re.compile("How many"), re.compile("million")]
+    )
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_reload_and_continue_a_conversation(page, upstream, transport):
     upstream.enqueue(Reply(tokens=["Par", "is."]), Reply(tokens=["About ", "two ", "million."]))

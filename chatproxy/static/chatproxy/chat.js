@@ -394,6 +394,7 @@ class ChatPage {
   constructor(root) {
     const part = (name) => document.getElementById(`chatproxy-${name}`);
     this.root = root;
+    this.drawings = 0; // counts what redraws the log, so a slow transcript cannot erase a newer one
     this.messages = part("messages");
     this.empty = part("empty");
     this.form = part("form");
@@ -531,6 +532,7 @@ class ChatPage {
     const text = editing ? edit.text : toolsOnly ? "" : this.prompt.value.trim();
     const images = toolsOnly || editing ? [] : this.attachments.map((a) => a.part);
     if ((!text && !images.length && !toolsOnly) || this.controller) return;
+    this.drawings += 1;
     this.showError(null);
     this.empty.hidden = true;
     if (regenerate || editing) this.pendingCalls = []; // the branch starts before any call
@@ -838,6 +840,7 @@ class ChatPage {
 
   startNew() {
     if (this.controller) return;
+    this.drawings += 1;
     this.conversationId = null;
     this.pendingCalls = [];
     this.messages.replaceChildren();
@@ -851,8 +854,10 @@ class ChatPage {
 
   async openConversation(id) {
     if (this.controller) return;
+    const drawing = (this.drawings += 1);
     const data = await this.getJson(this.conversationUrl(id));
-    if (data) this.drawTranscript(data);
+    // A later open, a new chat or a message sent while this one was fetched wins.
+    if (data && drawing === this.drawings) this.drawTranscript(data);
   }
 
   /** Draw a transcript (the active branch); an answer still streaming is re-attached to. */
