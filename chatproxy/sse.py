@@ -28,8 +28,23 @@ TOOL_EVENTS = frozenset({"tool_call", "tool_result"})
 
 
 def wants_sse(accept: str) -> bool:
-    """Whether an ``Accept`` header names ``text/event-stream`` (``*/*`` does not)."""
-    return any(kind.split(";")[0].strip() == CONTENT_TYPE for kind in accept.split(","))
+    """Whether an ``Accept`` header prefers ``text/event-stream`` to NDJSON: it names it (``*/*``
+    does not), with a higher ``q`` than ``application/x-ndjson`` if it names that too. NDJSON
+    stays the answer to a client that takes either, as the seed's clients do."""
+    weights: dict[str, float] = {}
+    for entry in accept.split(","):
+        kind, *params = (piece.strip() for piece in entry.split(";"))
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[kind.lower()] = max(weight, weights.get(kind.lower(), 0.0))
+    sse = weights.get(CONTENT_TYPE, 0.0)
+    return sse > 0 and sse > weights.get("application/x-ndjson", 0.0)
 
 
 @dataclasses.dataclass(slots=True)

@@ -66,18 +66,27 @@ async def test_post_with_accept_event_stream_streams_the_ndjson_events_as_sse(cl
 
 
 @db
-async def test_accept_any_or_ndjson_keeps_ndjson(client, upstream):
-    response = await chat(client, HI, headers={"Accept": "*/*"})
+@pytest.mark.parametrize(
+    "accept", ["*/*", "application/x-ndjson", "text/event-stream, application/x-ndjson, */*"]
+)
+async def test_accept_any_or_ndjson_keeps_ndjson(client, upstream, accept):
+    response = await chat(client, HI, headers={"Accept": accept})
 
     assert response["Content-Type"] == "application/x-ndjson"
     assert (await read_events(response))[-1]["event"] == "completed"
 
 
-def test_wants_sse_only_when_event_stream_is_named():
+def test_wants_sse_only_when_event_stream_is_named_and_preferred():
     assert wants_sse("text/event-stream")
     assert wants_sse("application/json, text/event-stream;q=0.9")
+    assert wants_sse("application/x-ndjson;q=0.5, text/event-stream")
     assert not wants_sse("*/*")
     assert not wants_sse("")
+    assert not wants_sse("text/event-stream;q=0")
+    # A client that takes both gets the native NDJSON, whatever the order.
+    assert not wants_sse("text/event-stream, application/x-ndjson, */*")
+    assert not wants_sse("application/x-ndjson, text/event-stream")
+    assert not wants_sse("text/event-stream;q=0.8, application/x-ndjson;q=0.9")
 
 
 @db
