@@ -69,15 +69,15 @@ class Middleware(list[str]):
             return False
 
 
-# Django's usual seven; five of them from project/middleware.py, which subclasses Django's own
-# and runs their hooks on the event loop instead of a thread hop each (docs/deployment.md).
+# Django's usual seven, from project/middleware.py, which subclasses Django's own and runs
+# their hooks on the event loop instead of a thread hop each (docs/deployment.md).
 MIDDLEWARE = Middleware([
     "project.middleware.SecurityMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
+    "project.middleware.SessionMiddleware",
     "project.middleware.CommonMiddleware",
     "project.middleware.CsrfViewMiddleware",
     "project.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    "project.middleware.MessageMiddleware",
     "project.middleware.XFrameOptionsMiddleware",
 ])  # fmt: skip
 

@@ -1,8 +1,10 @@
-"""The demo project's middleware: five of Django's, with their hooks run on the event loop, and
-seen as Django's own by Django's deploy checks."""
+"""The demo project's middleware: seven of Django's, with their hooks run on the event loop
+(the session's and the messages' hop when they may reach the database), and seen as Django's
+own by Django's deploy checks."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
@@ -13,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.contrib import messages
+from django.contrib.sessions.models import Session
 from django.http import HttpRequest, HttpResponse
 from django.test import AsyncClient, RequestFactory
 from django.utils.deprecation import MiddlewareMixin
 
 from project import settings as project_settings
-from project.middleware import OnTheLoop
+from project.middleware import CsrfViewMiddleware, MessageMiddleware, OnTheLoop, SessionMiddleware
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -71,6 +75,77 @@ async def test_hooks_run_on_the_event_loops_thread_where_django_hops_to_another(
     assert len(djangos.threads) == 2 and here not in djangos.threads
 
 
+class ResponseThreads:
+    """Notes the thread each ``process_response`` runs on."""
+
+    threads: list[int]
+
+    def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
+        self.threads.append(threading.get_ident())
+        return super().process_response(request, response)  # type: ignore[misc]
+
+
+class SeenSession(ResponseThreads, SessionMiddleware):
+    threads: list[int] = []
+
+
+class SeenMessages(ResponseThreads, MessageMiddleware):
+    threads: list[int] = []
+
+
+async def test_session_hops_to_be_saved_only_when_it_changed():
+    async def view(request: HttpRequest) -> HttpResponse:
+        if "write" in request.GET:
+            await request.session.aset("seen", True)
+        return HttpResponse("ok")
+
+    middleware, here = SeenSession(view), threading.get_ident()
+    middleware.threads = []
+    await middleware(RequestFactory().get("/"))
+    saved = await middleware(RequestFactory().get("/?write"))
+
+    assert middleware.threads[0] == here
+    assert middleware.threads[1] != here
+    key = saved.cookies["sessionid"].value
+    assert (await Session.objects.aget(pk=key)).get_decoded() == {"seen": True}
+
+
+async def test_messages_hop_to_be_stored_only_when_added_or_read():
+    async def view(request: HttpRequest) -> HttpResponse:
+        if "add" in request.GET:
+            messages.info(request, "Saved.")
+        if "read" in request.GET:
+            return HttpResponse(" ".join(str(m) for m in messages.get_messages(request)))
+        return HttpResponse("ok")
+
+    async def request(path: str, cookies: Any = None) -> HttpResponse:
+        made = RequestFactory().get(path)
+        made.COOKIES = {name: morsel.value for name, morsel in (cookies or {}).items()}
+        made.session = SessionMiddleware(view).SessionStore()
+        return await middleware(made)
+
+    middleware, here = SeenMessages(view), threading.get_ident()
+    middleware.threads = []
+    await request("/")
+    stored = await request("/?add")
+    read = await request("/?read", stored.cookies)
+
+    assert middleware.threads[0] == here
+    assert here not in middleware.threads[1:]
+    assert read.content == b"Saved."
+
+
+async def test_csrf_view_hook_is_a_coroutine_under_asgi_and_refuses_without_a_token():
+    async def view(request: HttpRequest) -> HttpResponse:
+        return HttpResponse("ok")
+
+    middleware = CsrfViewMiddleware(view)
+    assert asyncio.iscoroutinefunction(middleware.process_view)
+
+    refused = await middleware.process_view(RequestFactory().post("/"), view, (), {})
+    assert refused is not None and refused.status_code == 403
+
+
 async def test_demo_stack_keeps_djangos_headers_redirects_csrf_and_login(demo_stack, staff):
     client = AsyncClient(enforce_csrf_checks=True)
 
@@ -107,15 +182,17 @@ async def test_csrf_kept_in_the_session_keeps_djangos_thread_hops(demo_stack, st
     assert logged_in.status_code == 302
 
 
-def test_demo_takes_five_of_djangos_middleware_from_project_middleware_as_the_readme_says():
+def test_demo_takes_its_seven_middleware_from_project_middleware_as_the_docs_say():
     from django.utils.module_loading import import_string
 
     ours = [path for path in project_settings.MIDDLEWARE if path.startswith("project.")]
     djangos = {
         "SecurityMiddleware": "django.middleware.security",
+        "SessionMiddleware": "django.contrib.sessions.middleware",
         "CommonMiddleware": "django.middleware.common",
         "CsrfViewMiddleware": "django.middleware.csrf",
         "AuthenticationMiddleware": "django.contrib.auth.middleware",
+        "MessageMiddleware": "django.contrib.messages.middleware",
         "XFrameOptionsMiddleware": "django.middleware.clickjacking",
     }
     assert [path.rsplit(".", 1)[1] for path in ours] == list(djangos)
