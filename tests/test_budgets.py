@@ -20,14 +20,17 @@ from chatproxy.checks import check_settings
 from chatproxy.models import ApiKey, Budget, Conversation, Message, Period, Scope, Spend, Status
 from chatproxy.owners import Owner
 from tests.conftest import (
+    assert_no_leaks,
     chat,
     counted_queries,
     doc_blocks,
+    frames_until_terminal,
     open_socket,
     read_body,
     read_events,
     session_cookie,
     shared_database_name,
+    snapshot,
 )
 from tests.fake_upstream import Reply
 from tests.server import ServerProcess
@@ -263,6 +266,122 @@ def test_the_stale_answer_sweep_releases_a_dead_workers_reservation(user):
 
     spend = Spend.objects.get()
     assert (spend.settled, spend.tokens, spend.cost) == (True, 0, 0)
+
+
+# A server that ignores max_tokens: HELLO reserves 20 completion tokens, this sends 200 of
+# four characters each, slowly enough to be stopped long before it ends.
+RUNAWAY = Reply(tokens=["abcd"] * 200, delay=0.005)
+# The error event docs/budgets.md shows, whose message is HELLO's.
+[DOCUMENTED_STOP] = doc_blocks("budgets.md", "An answer past its reservation")
+PAST_RESERVATION = orjson.loads(DOCUMENTED_STOP)["error"]["message"]
+
+
+async def assert_stopped_saved_and_settled(upstream, answer_id: str, delivered: str) -> None:
+    """The upstream was hung up on, the answer saved ``failed`` with what the client got, and
+    its spend settled to the prompt's estimate and the text received (a token per 4 chars)."""
+    assert await upstream.requests[-1].wait_closed_by_client()
+    answer = await Message.objects.aget(pk=answer_id)
+    assert (answer.status, answer.error_code) == (Status.FAILED, "reservation_exceeded")
+    assert answer.error_message == PAST_RESERVATION
+    assert answer.content == delivered
+    assert len(delivered) > 20 * 4 and delivered == "abcd" * (len(delivered) // 4)
+    spend = await Spend.objects.aget(answer_id=answer_id)
+    assert (spend.settled, spend.tokens) == (True, 5 + len(delivered) // 4)
+
+
+@db
+async def test_an_answer_past_its_reservation_is_stopped_saved_and_charged(
+    client, upstream, settings
+):
+    budgets(settings, user=[{"period": "day", "tokens": 100_000}])
+    await read_body(await chat(client, HELLO))  # warm the pooled upstream connection
+    before = await snapshot()
+    upstream.enqueue(RUNAWAY)
+
+    events = await read_events(await chat(client, HELLO))
+
+    assert events[-1] == orjson.loads(DOCUMENTED_STOP) | {
+        "conversation_id": events[0]["conversation_id"],
+        "message_id": events[0]["message_id"],
+    }
+    delivered = "".join(e["content"] for e in events if e["event"] == "answering")
+    await assert_stopped_saved_and_settled(upstream, events[0]["message_id"], delivered)
+    await assert_no_leaks(before)
+
+
+@db
+async def test_a_socket_answer_past_its_reservation_is_stopped_saved_and_charged(
+    upstream, settings, user
+):
+    budgets(settings, user=[{"period": "day", "tokens": 100_000}])
+    upstream.enqueue(RUNAWAY)
+    socket = await open_socket(await session_cookie(user))
+    await socket.connect()
+
+    await socket.send_json_to({"type": "chat", **HELLO, "request_id": "r1"})
+    frames = await frames_until_terminal(socket)
+    await socket.disconnect()
+
+    assert frames[-1]["event"] == "error" and frames[-1]["request_id"] == "r1"
+    assert frames[-1]["error"] == {"code": "reservation_exceeded", "message": PAST_RESERVATION}
+    delivered = "".join(f["content"] for f in frames if f["event"] == "answering")
+    await assert_stopped_saved_and_settled(upstream, frames[0]["message_id"], delivered)
+
+
+@db
+async def test_a_usage_past_the_reservation_stops_the_answer_though_its_text_is_short(
+    client, upstream, settings
+):
+    budgets(settings, user=[{"period": "day", "tokens": 100_000}])
+    # 30 one-character tokens: 8 by the estimate, but the usage chunk counts 30 of them.
+    upstream.enqueue(Reply(tokens=["x"] * 30))
+
+    events = await read_events(await chat(client, HELLO))
+
+    assert events[-1]["error"]["code"] == "reservation_exceeded"
+    answer = await Message.objects.aget(pk=events[0]["message_id"])
+    spend = await Spend.objects.aget(answer=answer)
+    assert (answer.status, answer.content, answer.completion_tokens) == (
+        Status.FAILED,
+        "x" * 30,
+        30,
+    )
+    assert (spend.settled, spend.tokens) == (True, answer.prompt_tokens + 30)
+
+
+@db
+async def test_an_answer_within_its_reservation_is_not_stopped(client, upstream, settings):
+    budgets(settings, user=[{"period": "day", "tokens": 100_000}])
+    # Exactly its 20 tokens, by the usage chunk and by the estimate (80 characters).
+    upstream.enqueue(Reply(tokens=["abcd"] * 20))
+
+    events = await read_events(await chat(client, HELLO))
+
+    assert events[-1]["event"] == "completed"
+    assert events[-1]["usage"]["completion_tokens"] == 20
+
+
+@db
+async def test_the_openai_api_answers_a_stopped_answer_with_a_502(upstream, settings, user):
+    budgets(settings, user=[{"period": "day", "tokens": 100_000}])
+    _, raw = await sync_to_async(ApiKey.objects.issue)(user, "sdk")
+    upstream.enqueue(RUNAWAY)
+
+    response = await AsyncClient().post(
+        "/v1/chat/completions",
+        orjson.dumps({"model": "gpt-test", **HELLO}),
+        "application/json",
+        headers=bearer(raw),
+    )
+
+    assert response.status_code == 502
+    assert response.json()["error"] == {
+        "message": PAST_RESERVATION,
+        "type": "server_error",
+        "param": None,
+        "code": "reservation_exceeded",
+    }
+    assert await upstream.requests[0].wait_closed_by_client()
 
 
 # What budgets add to a turn: the user's groups, the admin's budgets, the spend so far (one
