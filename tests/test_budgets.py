@@ -578,3 +578,74 @@ def test_the_admin_lists_what_each_budget_has_spent_this_period(admin_client, us
     page = admin_client.get("/admin/chatproxy/budget/").content.decode()
 
     assert "120 tokens" in page
+
+
+def spend_now(user, tokens: int, cost: str = "0", when: datetime.datetime | None = None) -> None:
+    Spend.objects.create(
+        user=user,
+        tokens=tokens,
+        cost=Decimal(cost),
+        settled=True,
+        created_at=when or timezone.now(),
+    )
+
+
+def spenders(page, table: str) -> list[tuple[str, int, Decimal, list[str]]]:
+    return [(s.name, s.tokens, s.cost, s.limits) for s in page.context_data["summary"][table]]
+
+
+@db
+def test_the_admin_sums_spend_per_user_and_group_beside_their_budgets(
+    admin_client, settings, user, other_user
+):
+    budgets(settings, user=[{"period": "day", "tokens": 500}])
+    settings.CHATPROXY_BUDGETS["groups"] = {"staff": [{"period": "week", "cost": "2"}]}
+    Budget.objects.create(scope=Scope.USER, user=other_user, period=Period.MONTH, tokens=1000)
+    staff = Group.objects.create(name="staff")
+    staff.user_set.add(user, other_user)
+    month = timezone.localtime().replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    spend_now(user, 400, "0.5", when=month - datetime.timedelta(days=8))  # in no period shown
+    spend_now(user, 120, "0.01")
+    spend_now(user, 30)
+    spend_now(other_user, 70, "0.02")
+
+    page = admin_client.get("/admin/chatproxy/spend/")
+
+    assert page.status_code == 200
+    assert spenders(page, "users") == [
+        ("alice", 150, Decimal("0.01"), ["daily: 150 of 500 tokens"]),
+        ("bob", 70, Decimal("0.02"), ["monthly: 70 of 1000 tokens"]),
+    ]
+    assert spenders(page, "groups") == [
+        ("staff", 220, Decimal("0.03"), ["weekly: 0.030000 of 2.000000 in cost"]),
+    ]
+    html = page.content.decode()
+    assert "Spend per user, today" in html
+    assert '<th scope="row">staff</th><td>220</td>' in html
+
+
+@db
+def test_the_admin_sums_spend_over_the_chosen_period(admin_client, settings, user):
+    budgets(settings, user=[{"period": "day", "tokens": 500}])
+    month = timezone.localtime().replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    spend_now(user, 400, when=month - datetime.timedelta(seconds=1))
+    spend_now(user, 25, when=month)
+    spend_now(user, 30)
+
+    this_month = admin_client.get("/admin/chatproxy/spend/?period=month")
+
+    # The daily budget counts its own period: the spend at the month's start only on the 1st.
+    today = 55 if timezone.localtime().day == 1 else 30
+    assert spenders(this_month, "users") == [
+        ("alice", 55, Decimal(0), [f"daily: {today} of 500 tokens"])
+    ]
+    assert "Spend per user, this month" in this_month.content.decode()
+
+
+@db
+def test_the_admin_lists_spend_without_limits_when_budgets_are_off(admin_client, user):
+    spend_now(user, 30)
+
+    page = admin_client.get("/admin/chatproxy/spend/")
+
+    assert spenders(page, "users") == [("alice", 30, Decimal(0), [])]
