@@ -105,6 +105,7 @@ class Standing:
     def describe(self) -> dict[str, Any]:
         """The budget as ``GET budgets`` shows it."""
         shown: dict[str, Any] = {"scope": self.limit.scope, "name": self.limit.name}
+        shown["label"] = self.limit.label()
         shown["period"] = self.limit.period
         if self.limit.window:
             shown["window"] = self.limit.window

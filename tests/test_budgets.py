@@ -424,6 +424,7 @@ async def test_get_budgets_tells_the_caller_what_is_used_left_and_when_it_resets
             {
                 "scope": "user",
                 "name": "alice",
+                "label": "Your daily budget",
                 "period": "day",
                 "tokens": {"limit": 100, "used": 30, "remaining": 70},
                 "cost": {"limit": "1.500000", "used": "0.000000", "remaining": "1.500000"},
