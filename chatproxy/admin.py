@@ -33,10 +33,11 @@ from .listfilters import (
     RatingFilter,
     ReviewStateFilter,
 )
-from .models import ApiKey, Budget, Conversation, Message, Role
+from .models import ApiKey, Budget, Conversation, Message, Role, Spend
 from .owners import owner_label
 from .pagination import OneScanPaginator, page_number
 from .review import REVIEW_PERMISSION, Annotation, ReviewForm
+from .spending import PeriodFilter, summary
 from .transcript import transcript
 
 
@@ -416,6 +417,7 @@ class BudgetAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_filter = ["scope", "period"]
     search_fields = ["user__username", "group__name", "api_key__name"]
     raw_id_fields = ["user", "api_key"]
+    change_list_template = "admin/chatproxy/budget/change_list.html"  # a link to the spend
 
     @admin.display(description=_("spent this period"))
     def spent(self, obj: Budget) -> str:
@@ -425,3 +427,29 @@ class BudgetAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         if obj.cost is not None:
             parts.append(f"{standing.cost} in cost")
         return ", ".join(parts)
+
+
+@admin.register(Spend)
+class SpendAdmin(ReadOnlyMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+    """What each turn spent against the budgets, read-only; above the list, the spend per user
+    and per group in the chosen period, beside their budgets (docs/budgets.md)."""
+
+    list_display = ["created_at", "user", "api_key", "tokens", "cost", "settled"]
+    list_filter = [PeriodFilter, "settled"]
+    search_fields = ["user__username"]
+    list_select_related = ["user", "api_key"]
+    change_list_template = "admin/chatproxy/spend/change_list.html"
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # the budgets count it: deleting a row would give its spend back
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None)
+        if context is not None and "cl" in context:  # not a redirect after a bad lookup
+            changelist = context["cl"]
+            [period] = [f for f in changelist.filter_specs if isinstance(f, PeriodFilter)]
+            context["summary"] = summary(changelist.queryset, period.value())
+        return response

@@ -105,6 +105,7 @@ class Standing:
     def describe(self) -> dict[str, Any]:
         """The budget as ``GET budgets`` shows it."""
         shown: dict[str, Any] = {"scope": self.limit.scope, "name": self.limit.name}
+        shown["label"] = self.limit.label()
         shown["period"] = self.limit.period
         if self.limit.window:
             shown["window"] = self.limit.window
@@ -184,6 +185,26 @@ def applicable(owner: Owner, user: Any) -> list[Limit]:
                 entries = (settings.get("groups") or {}).get(key[1])
             limits += _limits(entries, scope, name, target)
     return limits
+
+
+def limits_of(scope: str, names: dict[int, str]) -> dict[int, list[Limit]]:
+    """The budgets of each user or group in ``names`` (id to name; ``scope`` says which),
+    the admin's rows replacing the settings: one statement however many there are."""
+    settings = conf.CHATPROXY_BUDGETS
+    if settings is None or not names:
+        return {}
+    field = "user_id" if scope == Scope.USER else "group_id"
+    found: dict[int, list[Limit]] = {}
+    for row in Budget.objects.filter(scope=scope, **{f"{field}__in": list(names)}):
+        target = getattr(row, field)
+        limit = Limit(scope, names[target], row.period, row.tokens, row.cost, row.window, target)
+        found.setdefault(target, []).append(limit)
+    groups = settings.get("groups") or {}
+    for target, name in names.items():
+        if target not in found:
+            entries = settings.get("user") if scope == Scope.USER else groups.get(name)
+            found[target] = _limits(entries, scope, name, target)
+    return found
 
 
 def standings(limits: list[Limit], now: datetime.datetime) -> list[Standing]:

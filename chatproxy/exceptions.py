@@ -8,7 +8,8 @@
         ├── ServerShutdownError  the server stopped before the answer could finish
         ├── TurnCancelledError   a client stopped the answer
         ├── TurnRejectedError  an interceptor refused the turn on purpose
-        └── ContentBlockedError  a guardrail stopped the answer mid-stream
+        ├── ContentBlockedError  a guardrail stopped the answer mid-stream
+        └── ReservationExceededError  an answer went past what its turn reserved (budgets)
 
 Messages are written for the person reading the error: they say what happened and what to do,
 and never carry an API key, an upstream body or a traceback.
@@ -93,6 +94,9 @@ ERROR_CODES: dict[str, str] = {
     "interceptor changed it to one no upstream serves): a server fix.",
     "internal_error": "chatproxy itself failed; the traceback is in the server log.",
     "interceptor_failed": "An interceptor raised an unexpected exception (logged with traceback).",
+    "reservation_exceeded": "The answer went past the completion tokens its turn reserved "
+    "against the budgets (the upstream ignored max_tokens): stopped, saved `failed` and "
+    "charged what it used.",
     "too_many_tool_steps": "The model called server tools CHATPROXY_MAX_TOOL_STEPS times in a "
     "row without answering (saved `failed`).",
     "turn_rejected": "An interceptor refused the turn (saved `blocked`); it may use its own code.",
@@ -179,6 +183,13 @@ class ContentBlockedError(TurnError):
 
     code = "content_blocked"
     status = "blocked"
+
+
+class ReservationExceededError(TurnError):
+    """Raised when an answer passes the completion tokens its turn reserved against the
+    budgets: an upstream that ignores ``max_tokens``. The answer so far is saved ``failed``."""
+
+    code = "reservation_exceeded"
 
 
 class DuplicateTurnError(Exception):

@@ -46,6 +46,7 @@ TURN_STATUS = {
     "turn_rejected": 400,
     "content_blocked": 400,
     "too_many_tool_steps": 500,
+    "reservation_exceeded": 502,
     "cancelled": 409,
     "server_shutdown": 503,
     "worker_lost": 503,

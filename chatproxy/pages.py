@@ -51,6 +51,8 @@ async def chat_page(request: HttpRequest) -> HttpResponse:
         "max_image_bytes": conf.CHATPROXY_MAX_IMAGE_BYTES,
         # The page offers the tools it runs itself (the browser's clock) where tools are allowed.
         "offer_tools": "tools" in conf.CHATPROXY_PARAMETERS,
+        # The page shows the caller's budgets (GET budgets) only where budgets are on.
+        "budgets_on": conf.CHATPROXY_BUDGETS is not None,
     }
     response = render(request, "chatproxy/chat.html", context)
     for name, value in PRIVATE_HEADERS.items():  # it names the user, and sets their CSRF cookie

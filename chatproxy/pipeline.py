@@ -21,6 +21,7 @@ from .events import PING, Encoder, Event, ToolCall, error_event
 from .exceptions import TurnError
 from .followers import TurnChannel
 from .models import APPROVAL_REQUIRED, Message, Status
+from .reservations import Meter
 from .signals import turn_finished
 from .turns import Pieces, Turn
 from .upstream import AnswerStream
@@ -53,6 +54,8 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
             return encoder.event(event)
 
         heartbeat = conf.CHATPROXY_HEARTBEAT or None
+        # Only a turn holding a reservation is metered: the stream of any other pays nothing.
+        meter = None if turn.budget is None else Meter(turn.budget)
         try:
             if chain.before:
                 stage = _while_emitting(turn, chain.before_upstream(turn), heartbeat)
@@ -72,7 +75,7 @@ async def run_turn(turn: Turn) -> AsyncGenerator[bytes, None]:
             while True:
                 state = turn.state
                 async with aclosing(
-                    _stream_step(turn, encoder, channel, event_line, heartbeat)
+                    _stream_step(turn, encoder, channel, event_line, heartbeat, meter)
                 ) as lines:
                     async for line in lines:
                         yield line
@@ -159,11 +162,15 @@ async def _stream_step(
     channel: TurnChannel,
     event_line: Callable[[Event], bytes],
     heartbeat: float | None,
+    meter: Meter | None,
 ) -> AsyncGenerator[bytes, None]:
-    """Stream one upstream call of the turn into ``turn.state``, yielding its lines."""
+    """Stream one upstream call of the turn into ``turn.state``, yielding its lines; with a
+    ``meter``, stop it once the turn uses more than it reserved."""
     state, chain = turn.state, turn.chain
     stream: AnswerStream | None = None
     call_span, error = None, ""
+    if meter is not None:
+        meter.next_step()
     try:
         if turn.aborted is not None:
             raise turn.aborted
@@ -200,6 +207,8 @@ async def _stream_step(
                     lines.extend(event_line(event) for event in _take(turn))
             if lines:
                 yield lines[0] if len(lines) == 1 else b"".join(lines)
+            if meter is not None:  # after the lines: the client gets what is saved
+                meter.check(batch)
             if turn.stopped:
                 state.finish_reason = turn.stopped
                 break

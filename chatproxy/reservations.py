@@ -1,6 +1,8 @@
 """A turn's reservation against its budgets: its worst case, held in the transaction that
-starts it (``reserve``, ``hold``), then settled to what the answer used (``settle``).
-Synchronous: this runs on chatproxy's database thread, in the trips that write the turn.
+starts it (``reserve``, ``hold``), watched while the answer streams (``Meter``), then settled
+to what the answer used (``settle``). Apart from ``Meter``, which runs on the event loop and
+touches no database, this is synchronous: it runs on chatproxy's database thread, in the trips
+that write the turn.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from django.db import connection
 from django.utils import timezone
 
 from .budgets import Standing, applicable, money, standings
+from .chunks import Chunk
 from .conf import conf
-from .exceptions import RequestError
+from .exceptions import RequestError, ReservationExceededError
 from .models import Spend
 from .prices import price
 from .rows import update_row
-from .turns import Turn
+from .turns import Reservation, Turn, TurnState
 
 # A rough count of a prompt's tokens: characters per token, and what each message and each
 # image adds (OpenAI's price of one high-detail tile and its base).
@@ -97,19 +100,70 @@ def hold(turn: Turn, reserved: tuple[int, int, Decimal]) -> None:
         tokens=tokens,
         cost=cost,
     )
-    turn.budget = (spend.pk, prompt)
+    turn.budget = Reservation(spend.pk, prompt, tokens - prompt)
+
+
+def completion_estimate(chars: int) -> int:
+    """The completion tokens of ``chars`` characters received, counted as ``estimate`` counts
+    a prompt's."""
+    return math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def _received(state: TurnState) -> int:
+    """The characters of an answer the upstream sent: its text, reasoning and call arguments."""
+    calls = sum(len(call["arguments"]) for call in state.tool_calls)
+    return len(state.raw_text) + sum(map(len, state.raw_reasoning)) + calls
+
+
+class Meter:
+    """The completion tokens of a turn that holds a reservation, counted as its chunks arrive:
+    the usage chunk's count once one arrives, until then an estimate from the characters
+    received. Steps of a tool loop share the turn's one reservation. Only a turn with a
+    reservation gets one, so the stream of any other costs nothing."""
+
+    __slots__ = ("reserved", "before", "chars", "counted")
+
+    def __init__(self, reservation: Reservation) -> None:
+        self.reserved = reservation.completion
+        self.before = 0  # what the turn's earlier steps used
+        self.chars = 0
+        self.counted: int | None = None
+
+    def next_step(self) -> None:
+        """Another upstream call of the turn starts: what the last one used is kept."""
+        self.before, self.chars, self.counted = self.used, 0, None
+
+    @property
+    def used(self) -> int:
+        now = completion_estimate(self.chars) if self.counted is None else self.counted
+        return self.before + now
+
+    def check(self, batch: list[Chunk]) -> None:
+        """Count a batch of chunks. Raises ``reservation_exceeded`` once the turn has used
+        more than it reserved."""
+        for text, reasoning, calls, _, usage, _ in batch:
+            if usage is not None:
+                self.counted = usage["completion_tokens"]
+            self.chars += len(text) + len(reasoning) + sum(len(call.arguments) for call in calls)
+        if self.used > self.reserved:
+            raise ReservationExceededError(
+                f"The answer went past the {self.reserved} tokens reserved for it against the "
+                "budgets, so it was stopped: the model server did not keep to max_tokens. What "
+                "it used so far counts against the budgets."
+            )
 
 
 def settle(turn: Turn) -> None:
     """Turn the reservation into what the answer used: its usage, priced as the ``Cost``
     interceptor priced it (or by CHATPROXY_PRICES); without usage (an answer cut short), the
-    prompt as estimated and the text received."""
+    prompt as estimated and what was received, counted as ``Meter`` counts it."""
     if turn.budget is None:
         return
-    spend_id, prompt = turn.budget
+    spend_id, prompt, _ = turn.budget
     usage: Any = turn.usage()
     if usage is None:
-        usage = {"prompt_tokens": prompt, "completion_tokens": len(turn.state.text) // 4}
+        received = completion_estimate(_received(turn.state))
+        usage = {"prompt_tokens": prompt, "completion_tokens": received}
     tokens = usage["prompt_tokens"] + usage["completion_tokens"]
     cost = turn.cost
     if cost is None:

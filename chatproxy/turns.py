@@ -47,6 +47,15 @@ class TurnOutcome:
     upstream_model: str | None = None
 
 
+class Reservation(NamedTuple):
+    """What a turn holds against its budgets: its ``Spend`` row, its prompt as estimated, and
+    the completion tokens it reserved (its clamped ``max_tokens``)."""
+
+    spend_id: int
+    prompt: int
+    completion: int
+
+
 class Pieces(NamedTuple):
     """What one chunk carried beyond plain answer text, in the order it goes out."""
 
@@ -283,8 +292,8 @@ class Turn:
     approvals: list[tuple[ToolCall, bool]] = dataclasses.field(default_factory=list)
     results: list[Event] = dataclasses.field(default_factory=list)
     stopped: str | None = None
-    # The turn's reservation against the budgets (its Spend row, its prompt estimate).
-    budget: tuple[int, int] | None = None
+    # The turn's reservation against the budgets, while budgets are on.
+    budget: Reservation | None = None
     # Set by abort() from outside the turn (a cancel from another request, a shutdown).
     aborted: Exception | None = None
     stream: Any = None  # the turn's upstream.AnswerStream, once it is called

@@ -11,7 +11,9 @@ import re
 import socket
 import struct
 import termios
+import threading
 import unittest.mock
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,12 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.db import connections
+from django.db.backends.signals import connection_created
 from django.db.backends.utils import CursorWrapper
 from django.test import AsyncClient
 
+from chatproxy import followers
+from chatproxy.database import THREAD_PREFIX
 from chatproxy.interception import Interceptor
 from chatproxy.signals import turn_finished
 from chatproxy.upstream import close_clients
@@ -564,3 +569,41 @@ def without_ids(text: str) -> str:
     """``text`` with its UUIDs and ``created`` times made the same in every run."""
     text = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<id>", text)
     return re.sub(r'"created": ?\d+', '"created":0', text).strip()
+
+
+# Every database connection Django opens, in any thread, to count those still open.
+_opened: weakref.WeakSet[Any] = weakref.WeakSet()
+connection_created.connect(lambda sender, connection, **kw: _opened.add(connection), weak=False)
+
+
+def open_connections() -> int:
+    # chatproxy's SQLite database thread keeps one connection open on purpose (chatproxy.database).
+    writers = {t.ident for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)}
+    return sum(1 for c in _opened if c.connection is not None and c._thread_ident not in writers)
+
+
+def open_sockets() -> int:
+    """Open sockets (pipes and files vary with SQLite's own bookkeeping)."""
+    sockets = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            sockets += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return sockets
+
+
+async def snapshot() -> tuple[int, int]:
+    # The test's own queries open a connection on asgiref's shared thread: close it first, so
+    # only what the app leaves open is counted.
+    await sync_to_async(connections.close_all)()
+    return open_sockets(), open_connections()
+
+
+async def assert_no_leaks(before: tuple[int, int]) -> None:
+    sockets, connections_open = await snapshot()
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    # A cancelled channel-layer listener may still finish its Redis read (chatproxy.followers).
+    assert [t for t in tasks if t not in followers.lingering] == []
+    # A finished upstream stream leaves its connection in the pool (both ends of that loopback
+    # connection live in this process), and the Redis channel layer keeps one connection.
+    assert sockets <= before[0] + 3
+    assert connections_open <= before[1]

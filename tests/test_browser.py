@@ -22,7 +22,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chatproxy.feedback import Rating
-from chatproxy.models import Conversation, Message
+from chatproxy.models import Budget, Conversation, Message, Period, Scope, Spend
 from tests.conftest import CHROMIUM_ARGS, CSRF_TOKEN, session_cookie, shared_database_name
 from tests.fake_upstream import Reply
 from tests.server import ServerProcess
@@ -966,3 +966,74 @@ async def test_the_list_searches_and_pages_through_the_conversations(page, user)
     await expect(listed).to_contain_text("Trip to Lisbon")
     await page.get_by_label("Search conversations").fill("nothing like it")
     await expect(page.get_by_text("No conversation matches.")).to_be_visible()
+
+
+@pytest.fixture(scope="module")
+def budgets_server(django_db_setup: Any, django_db_blocker: Any, upstream_server: Any) -> Any:
+    """A server with budgets on but none by default: each test gives its user theirs."""
+    process = ServerProcess(
+        shared_database_name(django_db_blocker),
+        upstream_server.base_url,
+        {"CHATPROXY_BUDGETS": {}, "CHATPROXY_RATE_LIMIT": None},
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+def budgets_region(page: Page) -> Any:
+    return page.get_by_role("region", name="Budgets", include_hidden=True)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_the_sidebar_shows_the_callers_budgets_and_refreshes_them_after_a_turn(
+    browser, budgets_server, upstream, user, transport
+):
+    # The page sends no max_tokens: a turn reserves CHATPROXY_BUDGET_MAX_TOKENS (4096) and more.
+    await Budget.objects.acreate(scope=Scope.USER, user=user, period=Period.DAY, tokens=10_000)
+    async with open_page(browser, budgets_server, user) as page:
+        region = budgets_region(page)
+        await expect(region).to_be_visible()
+        await expect(region.get_by_role("listitem")).to_have_count(1)
+        await expect(region).to_contain_text("Your daily budget")
+        await expect(region).to_contain_text("10000 of 10000 tokens left")
+        resets = region.locator("time")
+        await expect(resets).to_have_attribute("datetime", re.compile(r"^\d{4}-\d\d-\d\dT00:00"))
+        await use_transport(page, transport)
+
+        answer = await send(page, "Hi")
+
+        await expect(answer).to_have_attribute("data-status", "completed")
+        spend = await Spend.objects.aget()
+        await expect(region).to_contain_text(f"{10_000 - spend.tokens} of 10000 tokens left")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_refusal_over_budget_is_shown_with_what_the_budget_has_left(
+    browser, budgets_server, upstream, user, transport
+):
+    await Budget.objects.acreate(scope=Scope.USER, user=user, period=Period.DAY, tokens=100)
+    async with open_page(browser, budgets_server, user) as page:
+        await expect(budgets_region(page)).to_contain_text("100 of 100 tokens left")
+        await use_transport(page, transport)
+
+        await send(page, "Hi")
+
+        await expect(page.get_by_role("alert")).to_contain_text(
+            "Your daily budget has 100 of 100 tokens left; this request may use up to"
+        )
+        await expect(page.get_by_role("alert")).to_contain_text("budget_exceeded")
+        await expect(page.get_by_label("Message", exact=True)).to_have_value("Hi")
+    assert upstream.requests == []
+
+
+async def test_the_budgets_region_is_hidden_while_none_applies(browser, budgets_server, user):
+    async with open_page(browser, budgets_server, user) as page:
+        await page.wait_for_load_state("networkidle")  # GET budgets answered
+
+        await expect(budgets_region(page)).to_be_hidden()
+        await expect(budgets_region(page).get_by_role("listitem")).to_have_count(0)
+
+
+async def test_the_page_has_no_budgets_region_with_budgets_off(page):
+    await expect(budgets_region(page)).to_have_count(0)

@@ -20,14 +20,17 @@ from chatproxy.checks import check_settings
 from chatproxy.models import ApiKey, Budget, Conversation, Message, Period, Scope, Spend, Status
 from chatproxy.owners import Owner
 from tests.conftest import (
+    assert_no_leaks,
     chat,
     counted_queries,
     doc_blocks,
+    frames_until_terminal,
     open_socket,
     read_body,
     read_events,
     session_cookie,
     shared_database_name,
+    snapshot,
 )
 from tests.fake_upstream import Reply
 from tests.server import ServerProcess
@@ -265,6 +268,122 @@ def test_the_stale_answer_sweep_releases_a_dead_workers_reservation(user):
     assert (spend.settled, spend.tokens, spend.cost) == (True, 0, 0)
 
 
+# A server that ignores max_tokens: HELLO reserves 20 completion tokens, this sends 200 of
+# four characters each, slowly enough to be stopped long before it ends.
+RUNAWAY = Reply(tokens=["abcd"] * 200, delay=0.005)
+# The error event docs/budgets.md shows, whose message is HELLO's.
+[DOCUMENTED_STOP] = doc_blocks("budgets.md", "An answer past its reservation")
+PAST_RESERVATION = orjson.loads(DOCUMENTED_STOP)["error"]["message"]
+
+
+async def assert_stopped_saved_and_settled(upstream, answer_id: str, delivered: str) -> None:
+    """The upstream was hung up on, the answer saved ``failed`` with what the client got, and
+    its spend settled to the prompt's estimate and the text received (a token per 4 chars)."""
+    assert await upstream.requests[-1].wait_closed_by_client()
+    answer = await Message.objects.aget(pk=answer_id)
+    assert (answer.status, answer.error_code) == (Status.FAILED, "reservation_exceeded")
+    assert answer.error_message == PAST_RESERVATION
+    assert answer.content == delivered
+    assert len(delivered) > 20 * 4 and delivered == "abcd" * (len(delivered) // 4)
+    spend = await Spend.objects.aget(answer_id=answer_id)
+    assert (spend.settled, spend.tokens) == (True, 5 + len(delivered) // 4)
+
+
+@db
+async def test_an_answer_past_its_reservation_is_stopped_saved_and_charged(
+    client, upstream, settings
+):
+    budgets(settings, user=[{"period": "day", "tokens": 100_000}])
+    await read_body(await chat(client, HELLO))  # warm the pooled upstream connection
+    before = await snapshot()
+    upstream.enqueue(RUNAWAY)
+
+    events = await read_events(await chat(client, HELLO))
+
+    assert events[-1] == orjson.loads(DOCUMENTED_STOP) | {
+        "conversation_id": events[0]["conversation_id"],
+        "message_id": events[0]["message_id"],
+    }
+    delivered = "".join(e["content"] for e in events if e["event"] == "answering")
+    await assert_stopped_saved_and_settled(upstream, events[0]["message_id"], delivered)
+    await assert_no_leaks(before)
+
+
+@db
+async def test_a_socket_answer_past_its_reservation_is_stopped_saved_and_charged(
+    upstream, settings, user
+):
+    budgets(settings, user=[{"period": "day", "tokens": 100_000}])
+    upstream.enqueue(RUNAWAY)
+    socket = await open_socket(await session_cookie(user))
+    await socket.connect()
+
+    await socket.send_json_to({"type": "chat", **HELLO, "request_id": "r1"})
+    frames = await frames_until_terminal(socket)
+    await socket.disconnect()
+
+    assert frames[-1]["event"] == "error" and frames[-1]["request_id"] == "r1"
+    assert frames[-1]["error"] == {"code": "reservation_exceeded", "message": PAST_RESERVATION}
+    delivered = "".join(f["content"] for f in frames if f["event"] == "answering")
+    await assert_stopped_saved_and_settled(upstream, frames[0]["message_id"], delivered)
+
+
+@db
+async def test_a_usage_past_the_reservation_stops_the_answer_though_its_text_is_short(
+    client, upstream, settings
+):
+    budgets(settings, user=[{"period": "day", "tokens": 100_000}])
+    # 30 one-character tokens: 8 by the estimate, but the usage chunk counts 30 of them.
+    upstream.enqueue(Reply(tokens=["x"] * 30))
+
+    events = await read_events(await chat(client, HELLO))
+
+    assert events[-1]["error"]["code"] == "reservation_exceeded"
+    answer = await Message.objects.aget(pk=events[0]["message_id"])
+    spend = await Spend.objects.aget(answer=answer)
+    assert (answer.status, answer.content, answer.completion_tokens) == (
+        Status.FAILED,
+        "x" * 30,
+        30,
+    )
+    assert (spend.settled, spend.tokens) == (True, answer.prompt_tokens + 30)
+
+
+@db
+async def test_an_answer_within_its_reservation_is_not_stopped(client, upstream, settings):
+    budgets(settings, user=[{"period": "day", "tokens": 100_000}])
+    # Exactly its 20 tokens, by the usage chunk and by the estimate (80 characters).
+    upstream.enqueue(Reply(tokens=["abcd"] * 20))
+
+    events = await read_events(await chat(client, HELLO))
+
+    assert events[-1]["event"] == "completed"
+    assert events[-1]["usage"]["completion_tokens"] == 20
+
+
+@db
+async def test_the_openai_api_answers_a_stopped_answer_with_a_502(upstream, settings, user):
+    budgets(settings, user=[{"period": "day", "tokens": 100_000}])
+    _, raw = await sync_to_async(ApiKey.objects.issue)(user, "sdk")
+    upstream.enqueue(RUNAWAY)
+
+    response = await AsyncClient().post(
+        "/v1/chat/completions",
+        orjson.dumps({"model": "gpt-test", **HELLO}),
+        "application/json",
+        headers=bearer(raw),
+    )
+
+    assert response.status_code == 502
+    assert response.json()["error"] == {
+        "message": PAST_RESERVATION,
+        "type": "server_error",
+        "param": None,
+        "code": "reservation_exceeded",
+    }
+    assert await upstream.requests[0].wait_closed_by_client()
+
+
 # What budgets add to a turn: the user's groups, the admin's budgets, the spend so far (one
 # statement for all of them), the reservation, its settlement; and the locks on PostgreSQL.
 BUDGET_STATEMENTS = {"sqlite": 5, "postgresql": 6}
@@ -305,6 +424,7 @@ async def test_get_budgets_tells_the_caller_what_is_used_left_and_when_it_resets
             {
                 "scope": "user",
                 "name": "alice",
+                "label": "Your daily budget",
                 "period": "day",
                 "tokens": {"limit": 100, "used": 30, "remaining": 70},
                 "cost": {"limit": "1.500000", "used": "0.000000", "remaining": "1.500000"},
@@ -459,3 +579,74 @@ def test_the_admin_lists_what_each_budget_has_spent_this_period(admin_client, us
     page = admin_client.get("/admin/chatproxy/budget/").content.decode()
 
     assert "120 tokens" in page
+
+
+def spend_now(user, tokens: int, cost: str = "0", when: datetime.datetime | None = None) -> None:
+    Spend.objects.create(
+        user=user,
+        tokens=tokens,
+        cost=Decimal(cost),
+        settled=True,
+        created_at=when or timezone.now(),
+    )
+
+
+def spenders(page, table: str) -> list[tuple[str, int, Decimal, list[str]]]:
+    return [(s.name, s.tokens, s.cost, s.limits) for s in page.context_data["summary"][table]]
+
+
+@db
+def test_the_admin_sums_spend_per_user_and_group_beside_their_budgets(
+    admin_client, settings, user, other_user
+):
+    budgets(settings, user=[{"period": "day", "tokens": 500}])
+    settings.CHATPROXY_BUDGETS["groups"] = {"staff": [{"period": "week", "cost": "2"}]}
+    Budget.objects.create(scope=Scope.USER, user=other_user, period=Period.MONTH, tokens=1000)
+    staff = Group.objects.create(name="staff")
+    staff.user_set.add(user, other_user)
+    month = timezone.localtime().replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    spend_now(user, 400, "0.5", when=month - datetime.timedelta(days=8))  # in no period shown
+    spend_now(user, 120, "0.01")
+    spend_now(user, 30)
+    spend_now(other_user, 70, "0.02")
+
+    page = admin_client.get("/admin/chatproxy/spend/")
+
+    assert page.status_code == 200
+    assert spenders(page, "users") == [
+        ("alice", 150, Decimal("0.01"), ["daily: 150 of 500 tokens"]),
+        ("bob", 70, Decimal("0.02"), ["monthly: 70 of 1000 tokens"]),
+    ]
+    assert spenders(page, "groups") == [
+        ("staff", 220, Decimal("0.03"), ["weekly: 0.030000 of 2.000000 in cost"]),
+    ]
+    html = page.content.decode()
+    assert "Spend per user, today" in html
+    assert '<th scope="row">staff</th><td>220</td>' in html
+
+
+@db
+def test_the_admin_sums_spend_over_the_chosen_period(admin_client, settings, user):
+    budgets(settings, user=[{"period": "day", "tokens": 500}])
+    month = timezone.localtime().replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    spend_now(user, 400, when=month - datetime.timedelta(seconds=1))
+    spend_now(user, 25, when=month)
+    spend_now(user, 30)
+
+    this_month = admin_client.get("/admin/chatproxy/spend/?period=month")
+
+    # The daily budget counts its own period: the spend at the month's start only on the 1st.
+    today = 55 if timezone.localtime().day == 1 else 30
+    assert spenders(this_month, "users") == [
+        ("alice", 55, Decimal(0), [f"daily: {today} of 500 tokens"])
+    ]
+    assert "Spend per user, this month" in this_month.content.decode()
+
+
+@db
+def test_the_admin_lists_spend_without_limits_when_budgets_are_off(admin_client, user):
+    spend_now(user, 30)
+
+    page = admin_client.get("/admin/chatproxy/spend/")
+
+    assert spenders(page, "users") == [("alice", 30, Decimal(0), [])]

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
 import socket
-import threading
 import time
-import weakref
 from typing import Any
 
 import httpx2
@@ -19,17 +15,14 @@ from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from django.core.asgi import get_asgi_application
 from django.core.management import call_command
-from django.db import connections
-from django.db.backends.signals import connection_created
 
-from chatproxy import followers
-from chatproxy.database import THREAD_PREFIX
 from chatproxy.interception import Interceptor
 from chatproxy.models import Message
 from tests.conftest import (
     CSRF_TOKEN,
     FAILURES,
     answer_text,
+    assert_no_leaks,
     chat,
     frames_until_terminal,
     http_scope,
@@ -38,6 +31,7 @@ from tests.conftest import (
     read_events,
     session_cookie,
     shared_database_name,
+    snapshot,
 )
 from tests.fake_upstream import Reply
 from tests.server import ServerProcess
@@ -86,44 +80,6 @@ PHASES = {
         "ab",
     ),
 }
-
-
-# Every database connection Django opens, in any thread, to count those still open.
-_opened: weakref.WeakSet[Any] = weakref.WeakSet()
-connection_created.connect(lambda sender, connection, **kw: _opened.add(connection), weak=False)
-
-
-def open_connections() -> int:
-    # chatproxy's SQLite database thread keeps one connection open on purpose (chatproxy.database).
-    writers = {t.ident for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)}
-    return sum(1 for c in _opened if c.connection is not None and c._thread_ident not in writers)
-
-
-def open_sockets() -> int:
-    """Open sockets (pipes and files vary with SQLite's own bookkeeping)."""
-    sockets = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            sockets += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-    return sockets
-
-
-async def snapshot() -> tuple[int, int]:
-    # The test's own queries open a connection on asgiref's shared thread: close it first, so
-    # only what the app leaves open is counted.
-    await sync_to_async(connections.close_all)()
-    return open_sockets(), open_connections()
-
-
-async def assert_no_leaks(before: tuple[int, int]) -> None:
-    sockets, connections_open = await snapshot()
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
-    # A cancelled channel-layer listener may still finish its Redis read (chatproxy.followers).
-    assert [t for t in tasks if t not in followers.lingering] == []
-    # A finished upstream stream leaves its connection in the pool (both ends of that loopback
-    # connection live in this process), and the Redis channel layer keeps one connection.
-    assert sockets <= before[0] + 3
-    assert connections_open <= before[1]
 
 
 @db

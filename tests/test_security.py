@@ -18,7 +18,7 @@ from django.test import AsyncClient, Client
 from django.utils import timezone
 
 from chatproxy.feedback import Rating
-from chatproxy.models import ApiKey, Conversation, Message
+from chatproxy.models import ApiKey, Conversation, Message, Spend
 from tests import sample_tools
 from tests.conftest import (
     FAILURES,
@@ -342,6 +342,43 @@ def test_matrix_admin_budgets(people, who):
     adding = c.get("/admin/chatproxy/budget/add/")
 
     assert (listing.status_code, adding.status_code) == BUDGET_PAGES[who]
+
+
+# Spend (what each turn spent, summed per user and group) is read with its view permission;
+# nobody adds, edits or deletes a row: the budgets count them. The budget list links to it
+# only for those who may read it.
+SPEND_PAGES = {
+    # who: (the spend list, its add page, a row's delete page, the budget list links to it)
+    "anonymous": (302, 302, 302, False),
+    "alice": (302, 302, 302, False),
+    "staff": (403, 403, 403, False),
+    "accountant": (200, 403, 403, True),
+    "superuser": (200, 403, 403, True),
+}
+
+
+@db
+@pytest.mark.parametrize("who", SPEND_PAGES)
+def test_matrix_admin_spend(people, django_user_model, who):
+    accountant = django_user_model.objects.create_user("accountant", is_staff=True)
+    accountant.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_spend", "view_budget"])
+    )
+    people["accountant"] = accountant
+    row = Spend.objects.create(user=people["alice"], tokens=10, cost=0)
+    c = Client()
+    if people[who] is not None:
+        c.force_login(people[who])
+
+    listing = c.get("/admin/chatproxy/spend/")
+    adding = c.get("/admin/chatproxy/spend/add/")
+    deleting = c.get(f"/admin/chatproxy/spend/{row.pk}/delete/")
+    budgets = c.get("/admin/chatproxy/budget/")
+
+    linked = ">Spend per user and group</a>" in budgets.content.decode()
+    assert (listing.status_code, adding.status_code, deleting.status_code, linked) == (
+        SPEND_PAGES[who]
+    )
 
 
 # Staff review: reading needs the view permission; adding marks needs the review permission.

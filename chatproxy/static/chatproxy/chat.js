@@ -409,6 +409,8 @@ class ChatPage {
     this.noConversations = part("no-conversations");
     this.search = part("search");
     this.moreButton = part("more");
+    this.budgetBox = part("budgets"); // only where budgets are on
+    this.budgetList = part("budget-list");
     this.nextPage = null;
     this.radios = [...root.querySelectorAll('input[name="transport"]')];
     this.urls = root.dataset;
@@ -469,6 +471,7 @@ class ChatPage {
       this.transport = saved.value;
     }
     this.refreshConversations();
+    this.refreshBudgets();
     const named = new URLSearchParams(location.search).get("c");
     if (named) this.openConversation(named);
     this.prompt.focus();
@@ -616,6 +619,7 @@ class ChatPage {
       this.showError(end.error); // drawing the transcript cleared it
     }
     await this.refreshConversations();
+    await this.refreshBudgets(); // what the turn spent, or what a refusal left
     if (saved) await this.decorateTurn(said, answer);
     if (end.event === "completed" && end.finish_reason === "approval_required") {
       this.pendingCalls = end.tool_calls ?? []; // sent with the approvals
@@ -941,6 +945,16 @@ class ChatPage {
     this.markCurrent();
   }
 
+  /** Show the caller's budgets (GET budgets): each one's label, what is left and when it
+   * resets. Hidden while there are none; absent where budgets are off. */
+  async refreshBudgets() {
+    if (!this.budgetBox) return;
+    const data = await this.getJson(this.urls.budgetsUrl);
+    if (!data) return;
+    this.budgetList.replaceChildren(...data.budgets.map(budgetItem));
+    this.budgetBox.hidden = data.budgets.length === 0;
+  }
+
   listAction(label, conversation, onClick) {
     const button = el("button", "chatproxy-conversation-action chatproxy-action", label);
     button.type = "button";
@@ -1038,6 +1052,23 @@ function showPiece(answer, event) {
   if (event.event === "reasoning") answer.addReasoning(event.content ?? "");
   else if (event.event === "tool_call") answer.addToolCall(event);
   else if (event.event === "tool_result") answer.addToolResult(event);
+}
+
+/** One budget of GET budgets as the sidebar lists it: "Your daily budget", "120 of 200000
+ * tokens left", "Resets <time>". */
+function budgetItem(budget) {
+  const item = el("li", "chatproxy-budget");
+  item.append(el("span", "chatproxy-budget__label", budget.label));
+  const left = [];
+  if (budget.tokens) left.push(`${budget.tokens.remaining} of ${budget.tokens.limit} tokens`);
+  if (budget.cost) left.push(`${budget.cost.remaining} of ${budget.cost.limit} in cost`);
+  item.append(el("span", "chatproxy-budget__left", `${left.join(" and ")} left`));
+  const resets = el("span", "chatproxy-budget__resets chatproxy-muted", "Resets ");
+  const when = el("time", "", new Date(budget.resets_at).toLocaleString());
+  when.dateTime = budget.resets_at;
+  resets.append(when);
+  item.append(resets);
+  return item;
 }
 
 /** Where the turn that wrote `messages[i]` starts: past the rows the server wrote in it (its
