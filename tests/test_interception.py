@@ -171,8 +171,9 @@ async def test_guardrail_stops_the_stream_before_the_blocked_word_reaches_the_cl
         "content_blocked",
         delivered,
     )
-    # "forbidden" is final only once the next character shows it is a whole word.
-    assert answer.raw_content == "This is forbidden text"
+    # "forbidden" is final only once the next character shows it is a whole word: the raw
+    # text runs to the read that brought " text" (a loaded machine reads " and more" with it).
+    assert answer.raw_content in {"This is forbidden text", "This is forbidden text and more"}
     assert await upstream.requests[0].wait_closed_by_client()
 
 
