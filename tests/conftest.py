@@ -121,6 +121,16 @@ def other_user(django_user_model: Any) -> Any:
     return django_user_model.objects.create_user("bob", password="pw")
 
 
+def staff_with(username: str, codenames: list[str]) -> Any:
+    """A new staff user (no password) holding the permissions of these codenames."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
+
+    staff = get_user_model().objects.create_user(username, is_staff=True)
+    staff.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    return staff
+
+
 @pytest.fixture
 async def client(user: Any) -> AsyncClient:
     """An async test client logged in as ``user``."""

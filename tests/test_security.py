@@ -30,6 +30,7 @@ from tests.conftest import (
     read_body,
     read_events,
     session_cookie,
+    staff_with,
 )
 from tests.fake_upstream import Reply
 
@@ -360,11 +361,7 @@ SPEND_PAGES = {
 @db
 @pytest.mark.parametrize("who", SPEND_PAGES)
 def test_matrix_admin_spend(people, django_user_model, who):
-    accountant = django_user_model.objects.create_user("accountant", is_staff=True)
-    accountant.user_permissions.add(
-        *Permission.objects.filter(codename__in=["view_spend", "view_budget"])
-    )
-    people["accountant"] = accountant
+    people["accountant"] = staff_with("accountant", ["view_spend", "view_budget"])
     row = Spend.objects.create(user=people["alice"], tokens=10, cost=0)
     c = Client()
     if people[who] is not None:
@@ -395,11 +392,7 @@ REVIEW = {
 @db
 @pytest.mark.parametrize("who", REVIEW)
 def test_matrix_admin_review(people, django_user_model, who):
-    reviewer = django_user_model.objects.create_user("reviewer", is_staff=True)
-    reviewer.user_permissions.add(
-        *Permission.objects.filter(codename__in=["view_conversation", "review_conversation"])
-    )
-    people["reviewer"] = reviewer
+    people["reviewer"] = staff_with("reviewer", ["view_conversation", "review_conversation"])
     conversation = Conversation.objects.create(owner=people["alice"], title="Hi")
     c = Client()
     if people[who] is not None:
@@ -432,8 +425,7 @@ def test_matrix_admin_export(people, django_user_model, who):
         ("reviewer", ["view_conversation", "review_conversation"]),
         ("exporter", ["view_conversation", "export_conversation"]),
     ]:
-        people[name] = django_user_model.objects.create_user(name, is_staff=True)
-        people[name].user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+        people[name] = staff_with(name, codenames)
     conversation = Conversation.objects.create(owner=people["alice"], title="Hi")
     c = Client()
     if people[who] is not None:
@@ -476,9 +468,7 @@ def key_people(people, django_user_model):
         "key keeper": ["view_apikey", "change_apikey"],
     }
     for who, codenames in grants.items():
-        staff = django_user_model.objects.create_user(who.replace(" ", "_"), is_staff=True)
-        staff.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
-        people[who] = staff
+        people[who] = staff_with(who.replace(" ", "_"), codenames)
     return people
 
 
