@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,7 +31,9 @@ def test_parts_benchmark_measures_every_part_once(tmp_path):
     assert [row.split(" | ")[0] for row in rows[1:]] == ["| db", "| read", "| asgi"]
     results = json.loads(output.read_text())["results"]["this tree"]
     assert results["db"][0]["value"] > 0
-    assert results["read"][0]["reads_per_token"] >= 1  # every token read, none lost
+    # About a read per token, as they arrive one at a time (a loaded machine merges a few);
+    # that none is lost the part itself asserts, or it would have failed above.
+    assert results["read"][0]["reads_per_token"] == pytest.approx(1, abs=0.2)
     assert results["asgi"][0]["turn_ms"] > results["asgi"][0]["floor_ms"] > 0
 
 
