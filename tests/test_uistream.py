@@ -355,13 +355,15 @@ async def test_the_ai_sdks_stop_saves_the_answer_interrupted(
 
     result = await run_node("ui_chat.mjs", server.url, key, "stop", "chat-stop")
 
-    assert result["deltas"] == 2
+    # Aborted at the second delta; a loaded machine may have read one or two more with it.
+    assert 2 <= result["deltas"] < 10
     assert any("abort" in error.lower() for error in result["errors"]), result["errors"]
     conversation_id = conversation_for(f"user:{user.pk}", "chat-stop")
     answer = await Message.objects.aget(conversation_id=conversation_id, role="assistant")
     assert await upstream.requests[-1].wait_closed_by_client()
     answer = await settled(str(answer.pk))
     assert (answer.status, answer.error_code) == ("interrupted", "client_disconnected")
+    assert "w99 " not in answer.content
 
 
 @pytest.mark.server
