@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 import orjson
+from django.http import HttpRequest
 
 from .events import TERMINAL_EVENTS, answering_json
 
@@ -27,24 +28,15 @@ PING = b": ping\n\n"
 TOOL_EVENTS = frozenset({"tool_call", "tool_result"})
 
 
-def wants_sse(accept: str) -> bool:
-    """Whether an ``Accept`` header prefers ``text/event-stream`` to NDJSON: it names it (``*/*``
-    does not), with a higher ``q`` than ``application/x-ndjson`` if it names that too. NDJSON
-    stays the answer to a client that takes either, as the seed's clients do."""
+def wants_sse(request: HttpRequest) -> bool:
+    """Whether the request's ``Accept`` prefers ``text/event-stream`` to NDJSON: it names it
+    (``*/*`` does not), with a higher ``q`` than ``application/x-ndjson`` if it names that too.
+    NDJSON stays the answer to a client that takes either, as the seed's clients do."""
     weights: dict[str, float] = {}
-    for entry in accept.split(","):
-        kind, *params = (piece.strip() for piece in entry.split(";"))
-        weight = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip() == "q":
-                try:
-                    weight = float(value)
-                except ValueError:
-                    weight = 0.0
-        weights[kind.lower()] = max(weight, weights.get(kind.lower(), 0.0))
-    sse = weights.get(CONTENT_TYPE, 0.0)
-    return sse > 0 and sse > weights.get("application/x-ndjson", 0.0)
+    for media in request.accepted_types:  # Django's parsing: q=0 is left out
+        kind = f"{media.main_type}/{media.sub_type}".lower()
+        weights[kind] = max(media.quality, weights.get(kind, 0.0))
+    return weights.get(CONTENT_TYPE, 0.0) > weights.get("application/x-ndjson", 0.0)
 
 
 @dataclasses.dataclass(slots=True)

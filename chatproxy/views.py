@@ -175,7 +175,7 @@ def stream_response(
     """Stream a turn's lines as NDJSON, or as server-sent events when ``Accept`` asks for
     ``text/event-stream`` (then skipping what the ``Last-Event-ID`` cursor ``after`` covers)."""
     headers = {**STREAM_HEADERS, "Vary": "Cookie, Authorization, Accept"}
-    if sse.wants_sse(request.headers.get("Accept", "")):
+    if sse.wants_sse(request):
         return StreamingHttpResponse(
             sse.encode(lines, after), content_type=sse.CONTENT_TYPE, headers=headers
         )

@@ -8,6 +8,8 @@ import httpx2
 import orjson
 import pytest
 from asgiref.sync import sync_to_async
+from django.http import HttpRequest
+from django.test import RequestFactory
 
 from chatproxy.models import ApiKey
 from chatproxy.sse import Cursor, wants_sse
@@ -77,16 +79,20 @@ async def test_accept_any_or_ndjson_keeps_ndjson(client, upstream, accept):
 
 
 def test_wants_sse_only_when_event_stream_is_named_and_preferred():
-    assert wants_sse("text/event-stream")
-    assert wants_sse("application/json, text/event-stream;q=0.9")
-    assert wants_sse("application/x-ndjson;q=0.5, text/event-stream")
-    assert not wants_sse("*/*")
-    assert not wants_sse("")
-    assert not wants_sse("text/event-stream;q=0")
+    assert wants_sse(accepting("text/event-stream"))
+    assert wants_sse(accepting("application/json, text/event-stream;q=0.9"))
+    assert wants_sse(accepting("application/x-ndjson;q=0.5, text/event-stream"))
+    assert not wants_sse(accepting("*/*"))
+    assert not wants_sse(accepting(""))
+    assert not wants_sse(accepting("text/event-stream;q=0"))
     # A client that takes both gets the native NDJSON, whatever the order.
-    assert not wants_sse("text/event-stream, application/x-ndjson, */*")
-    assert not wants_sse("application/x-ndjson, text/event-stream")
-    assert not wants_sse("text/event-stream;q=0.8, application/x-ndjson;q=0.9")
+    assert not wants_sse(accepting("text/event-stream, application/x-ndjson, */*"))
+    assert not wants_sse(accepting("application/x-ndjson, text/event-stream"))
+    assert not wants_sse(accepting("text/event-stream;q=0.8, application/x-ndjson;q=0.9"))
+
+
+def accepting(accept: str) -> HttpRequest:
+    return RequestFactory().get("/completions", headers={"accept": accept} if accept else {})
 
 
 @db
