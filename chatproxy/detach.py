@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+
+from asgiref.sync import ThreadSensitiveContext
 
 Lines = AsyncGenerator[bytes, None]
 
@@ -26,13 +29,17 @@ async def detached(lines: Lines) -> Lines:
     reading = True
 
     async def run() -> None:
+        # The turn outlives the request, and so the request's thread: its synchronous work
+        # (a sync receiver of turn_finished, say) gets a thread of its own, started if needed.
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatproxy-detached")
         try:
-            async with aclosing(lines):
+            async with ThreadSensitiveContext(executor=thread), aclosing(lines):
                 async for line in lines:
                     if reading:  # once nobody reads, the lines are dropped, not kept
                         queue.put_nowait(line)
         finally:
             queue.put_nowait(None)
+            thread.shutdown(wait=False)
 
     task = asyncio.create_task(run())
     _running.add(task)

@@ -15,10 +15,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from chatproxy.origin import OriginValidator  # noqa: E402
 from chatproxy.routing import websocket_urlpatterns  # noqa: E402
+from chatproxy.threads import ReusedThreads  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # Each request's synchronous work on a thread an earlier request finished with, not
+        # on two threads started and joined per request (docs/deployment.md).
+        "http": ReusedThreads(django_asgi_app),
         "websocket": OriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
