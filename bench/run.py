@@ -13,7 +13,7 @@ also runs the throughput scenario's turns over each wire format, alternated (``b
 Per scenario, on a fresh copy of a migrated SQLite database (IMMEDIATE/WAL, as the demo project):
 
 1. the fake upstream (``tests.fake_upstream``) starts with the scenario's token count and delay;
-2. the demo project starts under uvicorn (one worker, uvloop + httptools, ``--backlog 2048``,
+2. the demo project starts under uvicorn (one worker, asyncio's loop, httptools, ``--backlog 2048``,
    no access log) with ``bench.settings``, pinned to core 0; this process (the load client) and
    the upstream are pinned to core 1;
 3. preflight: no session gets 401, a session without the CSRF header gets 403, then 3 warm-up
@@ -837,8 +837,7 @@ def machine_info() -> dict[str, Any]:
 def uvicorn_args() -> tuple[str, ...]:
     args = ["--no-access-log", "--backlog", "2048", "--lifespan", "off"]
     args += ["--timeout-graceful-shutdown", "5"]
-    if importlib.util.find_spec("uvloop"):
-        args += ["--loop", "uvloop"]
+    args += ["--loop", "asyncio"]  # as docs/deployment.md runs it: uvloop measured slower
     if importlib.util.find_spec("httptools"):
         args += ["--http", "httptools"]
     return tuple(args)

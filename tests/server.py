@@ -47,7 +47,8 @@ class ServerProcess:
     def start(self, timeout: float = 30) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "project.asgi:application",
-             "--host", "127.0.0.1", "--port", str(self.port), "--timeout-graceful-shutdown", "5"],
+             "--host", "127.0.0.1", "--port", str(self.port), "--timeout-graceful-shutdown", "5",
+             "--loop", "asyncio"],
             cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         self.reader = threading.Thread(target=self._read_output, daemon=True)
