@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 from asgiref.sync import ThreadSensitiveContext
+
+from .threads import RequestThread
 
 Lines = AsyncGenerator[bytes, None]
 
@@ -31,7 +32,7 @@ async def detached(lines: Lines) -> Lines:
     async def run() -> None:
         # The turn outlives the request, and so the request's thread: its synchronous work
         # (a sync receiver of turn_finished, say) gets a thread of its own, started if needed.
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatproxy-detached")
+        thread = RequestThread("chatproxy-detached")
         try:
             async with ThreadSensitiveContext(executor=thread), aclosing(lines):
                 async for line in lines:
@@ -39,7 +40,7 @@ async def detached(lines: Lines) -> Lines:
                         queue.put_nowait(line)
         finally:
             queue.put_nowait(None)
-            thread.shutdown(wait=False)
+            thread.retire()
 
     task = asyncio.create_task(run())
     _running.add(task)

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import ThreadSensitiveContext
+from django.db import connections
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -34,18 +35,28 @@ THREAD_PREFIX = "django-request"
 
 
 class RequestThread(ThreadPoolExecutor):
-    """One thread, and whether work given to it is still running (a request that ended while
-    a sync call of its ran: the call goes on to its end, and the thread is not handed out)."""
+    """One thread, started by the first work given to it, and whether that work is still
+    running (a request that ended while a sync call of its ran: the call goes on to its end,
+    and the thread is not handed out)."""
 
-    def __init__(self) -> None:
-        super().__init__(max_workers=1, thread_name_prefix=THREAD_PREFIX)
+    def __init__(self, prefix: str = THREAD_PREFIX) -> None:
+        super().__init__(max_workers=1, thread_name_prefix=prefix)
         self.pending: set[Future[Any]] = set()
+        self.used = False
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        self.used = True
         future = super().submit(fn, *args, **kwargs)
         self.pending.add(future)
         future.add_done_callback(self.pending.discard)
         return future
+
+    def retire(self) -> None:
+        """End the thread once its work is done, closing the database connections the work
+        opened on it (Django's are per thread, and nothing else would close them)."""
+        if self.used:
+            super().submit(connections.close_all)
+        self.shutdown(wait=False)
 
 
 class ReusedThreads:
@@ -68,6 +79,6 @@ class ReusedThreads:
                 await self.app(scope, receive, send)
         finally:
             if thread.pending or len(self.idle) >= self.keep:
-                thread.shutdown(wait=False)  # its thread ends once its work has
+                thread.retire()  # its thread ends once its work has
             else:
                 self.idle.append(thread)

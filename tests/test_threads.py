@@ -11,7 +11,9 @@ from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from django.core.asgi import get_asgi_application
 from django.core.signals import request_started
+from django.db import connections
 
+from chatproxy.signals import turn_finished
 from chatproxy.threads import THREAD_PREFIX, ReusedThreads
 from tests.conftest import asgi_application, http_scope, session_cookie
 from tests.fake_upstream import Reply
@@ -173,6 +175,41 @@ async def test_a_detached_turn_runs_sync_receivers_after_its_request_ended(
 
     assert str(saved.pk) == analyzing["message_id"]
     assert (saved.status, saved.content) == ("completed", "".join(f"w{i} " for i in range(30)))
+
+
+@db
+async def test_a_detached_turn_closes_the_connection_its_thread_opened(
+    user, upstream, saved_answers
+):
+    seen: list[tuple[threading.Thread, Any, bool]] = []
+
+    def receiver(sender: Any, message: Any, **kwargs: Any) -> None:
+        wrapper = connections["default"]  # this thread's: the turn read its answer on it
+        seen.append((threading.current_thread(), wrapper, wrapper.connection is not None))
+
+    turn_finished.connect(receiver)
+    try:
+        upstream.enqueue(Reply(tokens=["a ", "b "]))
+        app = ApplicationCommunicator(
+            asgi_application(), http_scope("/completions", cookies=await session_cookie(user))
+        )
+        await app.send_input(
+            {"type": "http.request", "body": b'{"messages":[{"role":"user","content":"Hi"}],'
+             b'"detach":true}'}
+        )  # fmt: skip
+        assert (await app.receive_output(5))["status"] == 200
+        await app.send_input({"type": "http.disconnect"})
+        await app.wait(5)
+        await asyncio.wait_for(saved_answers.get(), 10)
+    finally:
+        turn_finished.disconnect(receiver)
+
+    [(thread, wrapper, was_open)] = seen
+    # The thread ends once the turn has, after closing what it opened.
+    await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
+    assert thread.name.startswith("chatproxy-detached")
+    assert was_open and not thread.is_alive()
+    assert wrapper.connection is None
 
 
 async def _never() -> dict[str, Any]:
