@@ -33,8 +33,8 @@ def wants_sse(request: HttpRequest) -> bool:
     (``*/*`` does not), with a higher ``q`` than ``application/x-ndjson`` if it names that too.
     NDJSON stays the answer to a client that takes either, as the seed's clients do."""
     weights: dict[str, float] = {}
-    for media in request.accepted_types:  # Django's parsing: q=0 is left out
-        kind = f"{media.main_type}/{media.sub_type}".lower()
+    for media in request.accepted_types:  # Django's parsing: lowercased, q=0 left out
+        kind = f"{media.main_type}/{media.sub_type}"
         weights[kind] = max(media.quality, weights.get(kind, 0.0))
     return weights.get(CONTENT_TYPE, 0.0) > weights.get("application/x-ndjson", 0.0)
 

@@ -82,6 +82,7 @@ def test_wants_sse_only_when_event_stream_is_named_and_preferred():
     assert wants_sse(accepting("text/event-stream"))
     assert wants_sse(accepting("application/json, text/event-stream;q=0.9"))
     assert wants_sse(accepting("application/x-ndjson;q=0.5, text/event-stream"))
+    assert wants_sse(accepting("Text/Event-Stream;q=0.9, APPLICATION/X-NDJSON;q=0.5"))
     assert not wants_sse(accepting("*/*"))
     assert not wants_sse(accepting(""))
     assert not wants_sse(accepting("text/event-stream;q=0"))
