@@ -8,6 +8,7 @@ through the production checklist (docs/deployment.md) and run ``manage.py check 
 """
 
 import os
+import sys
 from pathlib import Path
 
 import dj_database_url
@@ -37,7 +38,6 @@ if os.environ.get("DJANGO_HTTPS") == "1":
     CSRF_COOKIE_SECURE = True
 
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -47,6 +47,11 @@ INSTALLED_APPS = [
     "channels",
     "chatproxy",
 ]
+# Daphne only for its runserver, which serves HTTP and the WebSocket in development (it must
+# come first to replace Django's). Importing it loads Twisted: about 25 MB in every process,
+# for nothing under uvicorn (docs/deployment.md).
+if sys.argv[1:2] == ["runserver"]:
+    INSTALLED_APPS.insert(0, "daphne")
 
 
 class Middleware(list[str]):
