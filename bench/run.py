@@ -29,7 +29,9 @@ Scenarios:
 - ``hold``: 1,000 connections, one turn each of 100 tokens 50 ms apart (about 5 s per turn).
 - ``tools``: 50 connections, 500 turns, each 100 reasoning tokens, then 200 answer tokens, then
   two tool calls (their arguments in pieces of 8 characters), no delay: the throughput load with
-  the rest of the protocol. Its CPU is per 1,000 answer tokens, like the others'.
+  the rest of the protocol. Its CPU is per 1,000 answer tokens, like the others', and per
+  1,000 deltas of any kind (reasoning, answer, tool-call pieces: 310 a turn), which compares
+  it with a text-only turn.
 
 Figures (times in ms, from writing the request; percentiles over the turns that succeeded):
 
@@ -106,6 +108,7 @@ from typing import Any, Literal
 
 from bench import formats
 from bench.client import Mode, TurnResult, http_request, run_load
+from tests.fake_upstream import bench_reply
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CORE, CLIENT_CORE = 0, 1
@@ -135,6 +138,11 @@ class Scenario:
     floor: Literal["", "alternated", "after"] = ""
     reasoning: int = 0  # reasoning tokens before the answer
     tool_calls: int = 0  # tool calls after it
+
+    @property
+    def deltas(self) -> int:
+        """The upstream chunks carrying a delta per turn: reasoning, tokens, tool-call pieces."""
+        return bench_reply(self.tokens, self.delay, None, self.reasoning, self.tool_calls).deltas()
 
 
 SCENARIOS = {
@@ -594,6 +602,11 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
             "server_thread_cpu_s": threads,
             "listen_backlog_drops": drops,
             "server_cpu_ms_per_1k_tokens": cpu["server"] * 1e6 / relayed if relayed else None,
+            # Per upstream delta of any kind: what compares a turn with reasoning and tool
+            # calls with a text-only one (the same as per token for text).
+            "server_cpu_ms_per_1k_deltas": (
+                cpu["server"] * 1e6 / (proxy["ok"] * sc.deltas) if relayed else None
+            ),
             "server_core_pct": 100 * cpu["server"] / wall,
             "client_core_pct": 100 * (cpu["client"] + cpu["upstream"]) / wall,
             "others_core_pct": 100 * cpu["others"] / wall,
@@ -784,7 +797,12 @@ def table(results: list[dict[str, Any]]) -> str:
             two(p["added_total_ms"], "p50", "p90"),
             f"{_f(p['turns_per_s'], 1)} ({_f(d['turns_per_s'], 1)})",
             f"{_f(p['tokens_per_s'])} ({_f(d['tokens_per_s'])})",
-            _f(p["server_cpu_ms_per_1k_tokens"], 1),
+            _f(p["server_cpu_ms_per_1k_tokens"], 1)
+            + (
+                f" ({_f(p['server_cpu_ms_per_1k_deltas'], 1)} per 1k deltas)"
+                if Scenario(**r["scenario"]).deltas != r["scenario"]["tokens"]
+                else ""
+            ),
             _f(p["server_core_pct"]),
             _f(p["server_peak_rss_kb"] / 1024, 1),
             str(p["server_peak_threads"]),

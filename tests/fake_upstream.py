@@ -70,6 +70,11 @@ class Reply:
     body: Any = None
     ignore_stream: bool = False
 
+    def deltas(self) -> int:
+        """How many chunks of the stream carry a delta: each reasoning piece, content token
+        and tool-call piece (the role, finish and usage chunks not counted)."""
+        return len(self.reasoning) + len(self.tokens) + len(_tool_call_deltas(self))
+
 
 @dataclass
 class RecordedRequest:
@@ -539,21 +544,29 @@ class _BenchUpstream(FakeUpstream):
         super().__init__(host, port)
         self.record_requests = False  # would grow without bound
         self.tokens, self.delay, self.text = tokens, delay, text
-        self.reasoning = [f"r{i} " for i in range(reasoning)]
-        self.tool_calls = [
-            {"id": f"call_{i}", "name": "lookup", "arguments": f'{{"query": "item {i}", "n": 3}}'}
-            for i in range(tool_calls)
-        ]
+        self.reasoning, self.tool_calls = reasoning, tool_calls
 
     def _pick_reply(self, rec: RecordedRequest) -> Reply:
         count = int(rec.headers.get("x-fake-tokens", self.tokens))
         delay = float(rec.headers.get("x-fake-delay", self.delay))
-        return Reply(
-            tokens=_bench_tokens(count, self.text),
-            delay=delay,
-            reasoning=self.reasoning,
-            tool_calls=self.tool_calls,
-        )
+        return bench_reply(count, delay, self.text, self.reasoning, self.tool_calls)
+
+
+@functools.lru_cache(maxsize=64)
+def bench_reply(
+    tokens: int, delay: float, text: str | None = None, reasoning: int = 0, tool_calls: int = 0
+) -> Reply:
+    """The benchmark's answer: ``reasoning`` pieces, ``tokens`` tokens, then ``tool_calls``
+    calls of ``lookup``."""
+    return Reply(
+        tokens=_bench_tokens(tokens, text),
+        delay=delay,
+        reasoning=[f"r{i} " for i in range(reasoning)],
+        tool_calls=[
+            {"id": f"call_{i}", "name": "lookup", "arguments": f'{{"query": "item {i}", "n": 3}}'}
+            for i in range(tool_calls)
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import pytest
+
+from tests.fake_upstream import bench_reply
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,3 +61,24 @@ def test_benchmark_relays_every_token_and_measures_the_floors_in_each_scenario(t
         assert {floor["ok"] for floor in floors.values()} == {8}, name
         assert all(floor["first_line_ms"]["p50"] > 0 for floor in floors.values()), name
     assert "| latency | 8/8 | 0 | 0 |" in stdout
+    tools = scenarios["tools"]["proxy"]  # 310 deltas a turn, of which 200 answer tokens
+    per_delta = tools["server_cpu_ms_per_1k_tokens"] * 200 / 310
+    assert tools["server_cpu_ms_per_1k_deltas"] == pytest.approx(per_delta)
+    assert f"({per_delta:,.1f} per 1k deltas)" in stdout
+
+
+async def test_bench_reply_counts_each_chunk_that_carries_a_delta(upstream):
+    reply = bench_reply(5, 0.0, None, reasoning=3, tool_calls=2)
+    upstream.enqueue(reply)
+    client = openai.AsyncOpenAI(api_key="sk-bench", base_url=upstream.base_url)
+    stream = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    carrying = 0
+    async for chunk in stream:
+        delta = chunk.choices[0].delta if chunk.choices else None
+        extra = (delta.model_extra or {}) if delta else {}
+        if delta and (delta.content or delta.tool_calls or extra.get("reasoning_content")):
+            carrying += 1
+    await client.close()
+    assert carrying == reply.deltas() == 3 + 5 + 2 * 5  # each call: its head, 4 pieces of 27
