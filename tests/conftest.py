@@ -10,6 +10,8 @@ import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import termios
 import threading
 import unittest.mock
@@ -60,6 +62,16 @@ FAILURES = [
 ]
 
 FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_demo_project(*args: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python <args>`` in the repository's root with the demo project's settings (and
+    ``environ`` on top of this process's environment), as a server or a deploy would."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", **environ}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def fixture(name: str) -> bytes:

@@ -5,11 +5,8 @@ own by Django's deploy checks."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import secrets
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ from django.utils.deprecation import MiddlewareMixin
 
 from project import settings as project_settings
 from project.middleware import CsrfViewMiddleware, MessageMiddleware, OnTheLoop, SessionMiddleware
+from tests.conftest import run_demo_project
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -206,16 +204,8 @@ def test_demo_takes_its_seven_middleware_from_project_middleware_as_the_docs_say
 def deploy_check(**environ: str) -> str:
     """Run ``manage.py check --deploy`` on the demo project, as on a server: DEBUG off and a
     real secret key."""
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", "DJANGO_DEBUG": "0"}
-    env |= {"DJANGO_SECRET_KEY": secrets.token_urlsafe(50), **environ}
-    done = subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy"],
-        cwd=Path(__file__).resolve().parent.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    environ = {"DJANGO_DEBUG": "0", "DJANGO_SECRET_KEY": secrets.token_urlsafe(50), **environ}
+    done = run_demo_project("manage.py", "check", "--deploy", **environ)
     return done.stdout + done.stderr
 
 

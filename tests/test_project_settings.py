@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import run_demo_project
 
 
 def run_python(*args: str) -> str:
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings"}
-    done = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    done = run_demo_project(*args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
