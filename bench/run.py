@@ -604,6 +604,7 @@ async def run_scenario(sc: Scenario, ctx: Context) -> dict[str, Any]:
             "server_cpu_ms_per_1k_tokens": cpu["server"] * 1e6 / relayed if relayed else None,
             # Per upstream delta of any kind: what compares a turn with reasoning and tool
             # calls with a text-only one (the same as per token for text).
+            "deltas_per_turn": sc.deltas,
             "server_cpu_ms_per_1k_deltas": (
                 cpu["server"] * 1e6 / (proxy["ok"] * sc.deltas) if relayed else None
             ),
@@ -800,7 +801,7 @@ def table(results: list[dict[str, Any]]) -> str:
             _f(p["server_cpu_ms_per_1k_tokens"], 1)
             + (
                 f" ({_f(p['server_cpu_ms_per_1k_deltas'], 1)} per 1k deltas)"
-                if Scenario(**r["scenario"]).deltas != r["scenario"]["tokens"]
+                if p["deltas_per_turn"] != r["scenario"]["tokens"]
                 else ""
             ),
             _f(p["server_core_pct"]),
