@@ -582,7 +582,7 @@ class CuttingProxy:
 
 def doc_blocks(page: str, section: str) -> list[str]:
     """The fenced code blocks of the section ``## <section>`` of docs/<page>, in order."""
-    text = (Path(__file__).parent.parent / "docs" / page).read_text()
+    text = (ROOT / "docs" / page).read_text()
     body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     return [block.split("\n", 1)[1] for block in body.split("```")[1::2]]
 
